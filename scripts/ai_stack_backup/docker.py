@@ -1,0 +1,358 @@
+"""The one gateway to the ``docker`` CLI, and the helper container.
+
+Every call goes through ``run_docker`` (argument lists, explicit return-code
+checks, the tail of stderr in the error, timeouts) or ``Helper`` (a
+short-lived container of the helper image that moves a tar stream in or out of
+a volume). Output is parsed from ``--format '{{json .}}'``.
+
+Data crosses into and out of the helper through a FIFO in a private folder
+under the backup folder: several times faster than ``docker run`` stdout, and
+visible to the daemon even when the service runs with ``PrivateTmp=yes``.
+"""
+
+import collections
+import contextlib
+import csv
+import errno
+import fcntl
+import io
+import json
+import os
+import re
+import secrets
+import select
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+
+from .common import WORK_PREFIX, BackupError, log
+
+QUERY_TIMEOUT = 60  # seconds for inspect/ls/ps: the engine answers these at once or is broken
+CHANGE_TIMEOUT = 180  # docker stop waits up to 10 s per container, start can be slow
+PULL_TIMEOUT = 600
+STDERR_TAIL_LINES = 20
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; fcntl has the name from 3.10
+
+HELPER_LABEL = "ai-stack-backup.helper"
+VOLUME_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # what the engine accepts
+
+# Wraps every helper script. The script runs in the background; the watchdog
+# reads the container's stdin, which is our pipe: when our process dies (even
+# by SIGKILL) the pipe closes, the watchdog kills the script's processes and
+# the container ends, so no helper outlives us. A non-interactive shell gives
+# background jobs /dev/null as stdin, hence the copy on fd 3.
+_WATCHDOG = """exec 3<&0 0</dev/null
+( cat <&3 >/dev/null 2>&1; kill -TERM 0 2>/dev/null ) &
+(
+{script}
+) &
+wait $!
+"""
+
+
+def _tail(data):
+    lines = data.decode("utf-8", "replace").strip().splitlines()
+    return " / ".join(lines[-STDERR_TAIL_LINES:]) or "no error output"
+
+
+def run_docker(arguments, what, timeout=QUERY_TIMEOUT):
+    """Run ``docker <arguments>``; give its stdout as text.
+
+    ``what`` says what failed for the error message. Raises BackupError when
+    docker is missing, times out or exits non-zero (with the tail of stderr).
+    """
+    command = ["docker"] + list(arguments)
+    try:
+        # A session of its own: Ctrl-C reaches only us, and our cleanup decides.
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, start_new_session=True)
+    except FileNotFoundError:
+        raise BackupError("%s: the docker command was not found in PATH" % what)
+    with process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise BackupError("%s: 'docker %s' did not finish within %d seconds"
+                              % (what, arguments[0], timeout))
+        except BaseException:
+            process.kill()
+            raise
+    if process.returncode != 0:
+        raise BackupError("%s: %s" % (what, _tail(stderr)))
+    return stdout.decode("utf-8", "replace")
+
+
+def _json_lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def check_volume_name(volume):
+    """Raise BackupError unless ``volume`` is a valid Docker volume name.
+
+    Refusing anything else also keeps a host path (``/etc``) from ever being
+    handed to ``docker run`` as a bind mount.
+    """
+    if not VOLUME_NAME_PATTERN.fullmatch(volume):
+        raise BackupError("%r is not a valid Docker volume name" % volume)
+
+
+def volume_exists(volume):
+    """Give True when the volume exists; raises BackupError when the engine cannot be asked."""
+    listing = run_docker(["volume", "ls", "--filter", "name=" + volume, "--format", "{{json .}}"],
+                         "cannot list Docker volumes")
+    return any(entry.get("Name") == volume for entry in _json_lines(listing))
+
+
+def create_volume(volume):
+    run_docker(["volume", "create", volume], "cannot create volume %s" % volume)
+
+
+def ensure_image(image):
+    """Make sure the helper image is present, pulling it once if it is not; raises BackupError."""
+    try:
+        run_docker(["image", "inspect", "--format", "{{json .Id}}", image], "image check")
+        return
+    except BackupError:
+        pass
+    log("helper image %s is not present; pulling it" % image)
+    try:
+        run_docker(["pull", image], "pull", timeout=PULL_TIMEOUT)
+    except BackupError as error:
+        raise BackupError("helper image %s is not available and could not be pulled (%s); pull it "
+                          "on a connected host or set BACKUP_HELPER_IMAGE to a local image with "
+                          "busybox tar" % (image, str(error).split(": ", 1)[-1]))
+
+
+def containers_using_volume(volume):
+    """Give ``[(id, name), …]`` of the running containers that mount the volume."""
+    listing = run_docker(["ps", "--filter", "volume=" + volume, "--format", "{{json .}}"],
+                         "cannot list containers using volume %s" % volume)
+    candidates = [(entry["ID"], entry.get("Names", entry["ID"])) for entry in _json_lines(listing)]
+    if not candidates:
+        return []
+    # The filter also matches mount destinations; keep only real mounts of this volume.
+    mounts = run_docker(["container", "inspect", "--format", "{{json .Mounts}}"]
+                        + [identifier for identifier, _ in candidates],
+                        "cannot inspect containers using volume %s" % volume)
+    users = []
+    for (identifier, name), container_mounts in zip(candidates, _json_lines(mounts)):
+        if any(mount.get("Type") == "volume" and mount.get("Name") == volume
+               for mount in container_mounts or []):
+            users.append((identifier, name))
+    return users
+
+
+@contextlib.contextmanager
+def containers_stopped(volume):
+    """Stop the running containers that mount ``volume``; start exactly those again on exit.
+
+    They are started again whatever happens inside, also on SIGTERM/SIGINT. A
+    container that will not start again is reported; the error is raised
+    unless another one is already on its way out.
+    """
+    containers = containers_using_volume(volume)
+    stopped = []
+    failure = None
+    try:
+        for identifier, name in containers:
+            log("stopping container %s (it uses volume %s)" % (name, volume))
+            run_docker(["stop", identifier], "cannot stop container %s" % name,
+                       timeout=CHANGE_TIMEOUT)
+            stopped.append((identifier, name))
+        yield [name for _, name in containers]
+    finally:
+        problems = []
+        for identifier, name in stopped:
+            log("starting container %s again" % name)
+            try:
+                run_docker(["start", identifier], "cannot start container %s again" % name,
+                           timeout=CHANGE_TIMEOUT)
+            except BackupError as error:
+                log("ERROR: %s; start it with: docker start %s" % (error, name))
+                problems.append(str(error))
+        if problems:
+            failure = BackupError("; ".join(problems))
+    if failure is not None:
+        raise failure
+
+
+# --- the helper container -----------------------------------------------------
+
+def _mount_option(**fields):
+    """Give a ``--mount`` value; fields are CSV-quoted so commas or colons in paths are safe."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="").writerow(
+        ["%s=%s" % (key, value) if value is not True else key for key, value in fields.items()])
+    return buffer.getvalue()
+
+
+class TransferFolder:
+    """A private folder (0700) under ``parent`` holding the FIFO ``stream``.
+
+    The folder is named ``.ai_stack_backup-transfer-…`` and held with a shared
+    flock while in use, so a later run can remove it if this process is killed.
+    """
+
+    def __init__(self, parent):
+        try:
+            self.path = tempfile.mkdtemp(prefix=WORK_PREFIX + "transfer-", dir=parent)
+        except OSError as error:
+            raise BackupError("cannot create a transfer folder in %s: %s"
+                              % (parent, error.strerror))
+        self._lock = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(self._lock, fcntl.LOCK_SH)
+        self.fifo = os.path.join(self.path, "stream")
+        os.mkfifo(self.fifo, 0o600)
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def close(self):
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._lock)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class Helper:
+    """A running helper container: ``sh`` with ``script`` under the stdin watchdog.
+
+    The volume is mounted at ``/volume`` (read-only if asked), the transfer
+    folder at ``/transfer``. With ``capture_stdout`` the container's stdout is
+    readable at ``stdout_fd``. Use as a context manager: leaving it kills the
+    container if it still runs.
+    """
+
+    def __init__(self, image, volume, script, read_only=False, transfer=None,
+                 capture_stdout=False):
+        self.name = "ai-stack-backup-%d-%s" % (os.getpid(), secrets.token_hex(4))
+        volume_mount = dict(type="volume", source=volume, target="/volume")
+        if read_only:
+            volume_mount["readonly"] = True
+        arguments = ["run", "-i", "--rm", "--name", self.name, "--label", HELPER_LABEL + "=1",
+                     "--network", "none", "--log-driver", "none",
+                     "--security-opt", "no-new-privileges",
+                     "--mount", _mount_option(**volume_mount)]
+        if transfer is not None:
+            arguments += ["--mount", _mount_option(type="bind", source=transfer.path,
+                                                   target="/transfer")]
+        arguments += ["--entrypoint", "sh", image, "-euc",
+                      _WATCHDOG.replace("{script}", script)]
+        self._stderr = collections.deque(maxlen=STDERR_TAIL_LINES)
+        try:
+            self.process = subprocess.Popen(
+                ["docker"] + arguments, stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
+                stderr=subprocess.PIPE, start_new_session=True)
+        except FileNotFoundError:
+            raise BackupError("the docker command was not found in PATH")
+        self.stdout_fd = self.process.stdout.fileno() if capture_stdout else None
+        self._stderr_reader = threading.Thread(target=self._collect_stderr, daemon=True)
+        self._stderr_reader.start()
+
+    def _collect_stderr(self):
+        for line in self.process.stderr:
+            self._stderr.append(line.decode("utf-8", "replace").rstrip("\n"))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    def running(self):
+        return self.process.poll() is None
+
+    def error_output(self):
+        """Give the helper's last stderr lines in one string."""
+        self._stderr_reader.join(timeout=5)
+        return " / ".join(self._stderr) or "no error output"
+
+    def warnings(self):
+        self._stderr_reader.join(timeout=5)
+        return list(self._stderr)
+
+    def wait(self, timeout=None):
+        """Wait for the container to end; give its exit code (None if ``timeout`` ran out)."""
+        try:
+            returncode = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self._stderr_reader.join(timeout=5)
+        return returncode
+
+    def stop(self):
+        """Kill the container if it still runs and reap the docker client."""
+        if self.process.poll() is None:
+            with contextlib.suppress(BackupError):
+                run_docker(["kill", self.name], "cannot kill helper %s" % self.name)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        self._stderr_reader.join(timeout=5)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+
+
+def _set_blocking_and_widen(descriptor):
+    flags = fcntl.fcntl(descriptor, fcntl.F_GETFL)
+    fcntl.fcntl(descriptor, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+    with contextlib.suppress(OSError):  # a larger pipe means fewer, bigger copies
+        fcntl.fcntl(descriptor, F_SETPIPE_SZ, PIPE_SIZE)
+
+
+def open_fifo_for_reading(fifo, helper, what):
+    """Open the FIFO once the helper has connected; give a blocking descriptor.
+
+    Never hangs on a helper that fails to start: until a writer connects, poll
+    reports nothing (Linux), and the helper's exit is checked in between.
+    Raises BackupError with the helper's stderr if it ends first.
+    """
+    descriptor = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        poller = select.poll()
+        poller.register(descriptor, select.POLLIN | select.POLLHUP)
+        while not poller.poll(100):
+            if not helper.running():
+                raise BackupError("%s: the helper container ended before sending data (exit %d): %s"
+                                  % (what, helper.wait(), helper.error_output()))
+        _set_blocking_and_widen(descriptor)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor
+
+
+def open_fifo_for_writing(fifo, helper, what):
+    """Open the FIFO once the helper reads it; give a blocking descriptor.
+
+    Raises BackupError with the helper's stderr if the helper ends first.
+    """
+    while True:
+        try:
+            descriptor = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as error:
+            if error.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+        if not helper.running():
+            raise BackupError("%s: the helper container ended before reading data (exit %d): %s"
+                              % (what, helper.wait(), helper.error_output()))
+        time.sleep(0.02)
+    _set_blocking_and_widen(descriptor)
+    return descriptor

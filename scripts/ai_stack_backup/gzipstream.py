@@ -1,0 +1,215 @@
+"""gzip in the standard library: a parallel compressor and a strict decompressor.
+
+The compressor works like pigz: the input is cut into chunks of 1 MiB, each is
+deflated by its own compressor primed with the last 32 KiB of the previous chunk
+(so the ratio stays that of one stream) and ended with a sync flush; one writer
+puts the pieces out in order, keeps the CRC-32 and length, and closes the stream
+with an empty final block and the gzip trailer. The result is a single ordinary
+gzip member. zlib releases the GIL while it works, so threads use every core.
+
+The decompressor checks every member's CRC-32 and length, accepts concatenated
+members and trailing zero padding, and refuses everything else.
+"""
+
+import collections
+import concurrent.futures
+import os
+import struct
+import zlib
+
+from .common import ArchiveError, BackupError
+
+CHUNK_SIZE = 1 << 20
+DICTIONARY_SIZE = 32 * 1024
+READ_SIZE = 1 << 20
+OUTPUT_LIMIT = 1 << 20  # bounds memory for highly compressible (or hostile) input
+GZIP_MAGIC = b"\x1f\x8b"
+EMPTY_FINAL_BLOCK = b"\x03\x00"  # what a raw deflate stream's flush() gives with no input
+DEFAULT_LEVEL = 6
+
+
+def default_threads():
+    """Give the number of CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def settings_from_environment(environ=None):
+    """Give ``(level, threads)`` from BACKUP_GZIP_LEVEL and BACKUP_THREADS; raises BackupError."""
+    environ = os.environ if environ is None else environ
+    level, threads = DEFAULT_LEVEL, default_threads()
+    raw_level = environ.get("BACKUP_GZIP_LEVEL", "").strip()
+    if raw_level:
+        if not raw_level.isdigit() or not 1 <= int(raw_level) <= 9:
+            raise BackupError("BACKUP_GZIP_LEVEL must be a whole number from 1 to 9, not %r"
+                              % raw_level)
+        level = int(raw_level)
+    raw_threads = environ.get("BACKUP_THREADS", "").strip()
+    if raw_threads:
+        if not raw_threads.isdigit() or int(raw_threads) < 1:
+            raise BackupError("BACKUP_THREADS must be a whole number of at least 1, not %r"
+                              % raw_threads)
+        threads = int(raw_threads)
+    return level, threads
+
+
+def _deflate_chunk(level, chunk, dictionary):
+    """Give ``chunk`` as raw deflate data ending on a byte boundary (sync flush)."""
+    if dictionary:
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS,
+                                      zlib.DEF_MEM_LEVEL, zlib.Z_DEFAULT_STRATEGY, dictionary)
+    else:
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(chunk) + compressor.flush(zlib.Z_SYNC_FLUSH)
+
+
+class ParallelGzipWriter:
+    """A write-only file object that gzips into ``output`` with a pool of threads.
+
+    ``close()`` finishes the stream; after an error, call ``abort()`` instead so
+    that no trailer is written and the output never looks complete. At most
+    ``2 * threads`` chunks are in flight. A worker's exception surfaces from
+    ``write()`` or ``close()``.
+    """
+
+    def __init__(self, output, level=DEFAULT_LEVEL, threads=1):
+        self.output = output
+        self.level = level
+        self.crc = 0
+        self.size = 0
+        self.compressed_size = 0
+        self._buffer = bytearray()
+        self._dictionary = b""
+        self._pending = collections.deque()
+        self._max_pending = 2 * threads
+        self._executor = (concurrent.futures.ThreadPoolExecutor(threads, "gzip")
+                          if threads > 1 else None)
+        extra_flags = 2 if level == 9 else 4 if level == 1 else 0
+        # magic, deflate, no flags, mtime 0 (reproducible), extra flags, OS = Unix
+        self._put(GZIP_MAGIC + b"\x08\x00" + b"\x00\x00\x00\x00" + bytes((extra_flags, 3)))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _put(self, data):
+        self.output.write(data)
+        self.compressed_size += len(data)
+
+    def _submit(self, chunk):
+        dictionary, self._dictionary = self._dictionary, chunk[-DICTIONARY_SIZE:]
+        if self._executor is None:
+            self._put(_deflate_chunk(self.level, chunk, dictionary))
+            return
+        self._pending.append(self._executor.submit(_deflate_chunk, self.level, chunk, dictionary))
+        while len(self._pending) > self._max_pending:
+            self._put(self._pending.popleft().result())
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        self.crc = zlib.crc32(view, self.crc)
+        self.size += len(view)
+        if self._buffer:
+            room = CHUNK_SIZE - len(self._buffer)
+            self._buffer += view[:room]
+            view = view[room:]
+            if len(self._buffer) < CHUNK_SIZE:
+                return len(data)
+            self._submit(bytes(self._buffer))
+            self._buffer.clear()
+        while len(view) >= CHUNK_SIZE:
+            self._submit(view[:CHUNK_SIZE].tobytes())
+            view = view[CHUNK_SIZE:]
+        self._buffer += view
+        return len(data)
+
+    def close(self):
+        """Compress what is left, wait for every chunk, write the final block and trailer."""
+        try:
+            if self._buffer:
+                self._submit(bytes(self._buffer))
+                self._buffer.clear()
+            while self._pending:
+                self._put(self._pending.popleft().result())
+            self._put(EMPTY_FINAL_BLOCK + struct.pack("<II", self.crc, self.size & 0xFFFFFFFF))
+        finally:
+            self.abort()
+
+    def abort(self):
+        """Drop pending work without finishing the stream."""
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+def _zlib_problem(error):
+    text = str(error)
+    if "incorrect data check" in text:
+        return "gzip CRC-32 mismatch (the data is corrupt)"
+    if "incorrect length check" in text:
+        return "gzip length mismatch (the data is corrupt)"
+    if "incorrect header check" in text or "unknown compression method" in text:
+        return "not a gzip file"
+    return "corrupt gzip data (%s)" % text
+
+
+def iter_gunzip(read):
+    """Yield the decompressed bytes of a gzip stream read with ``read(size)``.
+
+    Raises ArchiveError for an empty input, data that is not gzip, a CRC-32 or
+    length mismatch in any member, truncation, or trailing bytes that are
+    neither another gzip member nor zero padding.
+    """
+    data = read(READ_SIZE)
+    if not data:
+        raise ArchiveError("the archive is empty")
+    while len(data) < 2:
+        more = read(READ_SIZE)
+        if not more:
+            break
+        data += more
+    if data[:2] != GZIP_MAGIC:
+        raise ArchiveError("not a gzip file")
+    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    while True:
+        try:
+            while True:
+                output = decompressor.decompress(data, OUTPUT_LIMIT)
+                if output:
+                    yield output
+                data = decompressor.unconsumed_tail
+                if decompressor.eof or (not data and len(output) < OUTPUT_LIMIT):
+                    break
+        except zlib.error as error:
+            raise ArchiveError(_zlib_problem(error))
+        if decompressor.eof:
+            rest = decompressor.unused_data
+            while len(rest) < 2:
+                more = read(READ_SIZE)
+                if not more:
+                    break
+                rest += more
+            if not rest:
+                return
+            if rest[:2] == GZIP_MAGIC:  # concatenated member, as gzip(1) allows
+                decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                data = rest
+                continue
+            while rest:
+                if rest.count(0) != len(rest):
+                    raise ArchiveError("trailing garbage after the gzip data")
+                rest = read(READ_SIZE)
+            return
+        data = read(READ_SIZE)
+        if not data:
+            raise ArchiveError("the archive is truncated (the gzip stream ends early)")

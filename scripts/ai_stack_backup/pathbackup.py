@@ -1,0 +1,409 @@
+"""Backing up a host path with ``tarfile``, and restoring it by staging and rename.
+
+The archive holds one top-level entry, the source's basename, as
+``tar -czf OUT -C DIRNAME BASENAME`` made it. Headers are GNU format, written
+by ``tarfile``: long and non-UTF-8 names survive, and GNU tar and busybox
+extract it without a warning. Modes, owners, mtimes, symlinks (not followed),
+hard links, empty folders and FIFOs are kept; sockets and device files are
+skipped with a warning (restore refuses device files).
+"""
+
+import errno
+import grp
+import os
+import pwd
+import shutil
+import stat
+import sys
+import tarfile
+import tempfile
+import time
+
+from .archive import checked_members, scan_archive, spooled_stdin
+from .common import DEFAULT_BACKUP_DIR, WORK_PREFIX, ArchiveError, AtomicArchive, BackupError, \
+    Progress, archive_name, describe_os_error, ensure_backup_dir, fsync_directory, log, safe_name, \
+    say, utc_timestamp, warn
+from .gzipstream import ParallelGzipWriter, settings_from_environment
+from .tarstream import BLOCK_SIZE, DIRECTORY, END_OF_ARCHIVE, FIFO, FILE, HARDLINK, SYMLINK, \
+    padding
+from .volume import BackupResult
+
+READ_SIZE = 1 << 20
+RECORD_SIZE = 20 * BLOCK_SIZE  # tar and tarfile pad archives to whole 10 KiB records
+
+
+class TreeWriter:
+    """Writes tar members for a file tree into ``output`` (anything with ``write``).
+
+    ``exclude`` holds ``(st_dev, st_ino)`` pairs never to archive (the archive
+    being written, if it lies inside the tree). Hard links are tracked only
+    for files with more than one link, and folders are listed one at a time,
+    so memory does not grow with the number of files.
+    """
+
+    def __init__(self, output, exclude=(), progress=None):
+        self.output = output
+        self.exclude = set(exclude)
+        self.progress = progress
+        self.members = 0
+        self.data_bytes = 0
+        self._first_path = {}
+        self._users = {}
+        self._groups = {}
+        self._buffer = bytearray(READ_SIZE)
+
+    def _user(self, uid):
+        if uid not in self._users:
+            try:
+                self._users[uid] = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                self._users[uid] = ""
+        return self._users[uid]
+
+    def _group(self, gid):
+        if gid not in self._groups:
+            try:
+                self._groups[gid] = grp.getgrgid(gid).gr_name
+            except KeyError:
+                self._groups[gid] = ""
+        return self._groups[gid]
+
+    def _header(self, arcname, status, kind, linkname="", size=0):
+        info = tarfile.TarInfo(arcname)
+        info.type = kind
+        info.mode = stat.S_IMODE(status.st_mode)
+        info.uid, info.gid = status.st_uid, status.st_gid
+        info.uname, info.gname = self._user(status.st_uid), self._group(status.st_gid)
+        info.mtime = status.st_mtime_ns // 1000000000
+        info.size = size
+        info.linkname = linkname
+        self.output.write(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+        self.members += 1
+
+    def _copy_file(self, path, arcname, status):
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as error:
+            if error.errno in (errno.ENOENT, errno.ELOOP):
+                warn("%s vanished while it was backed up; skipped" % path)
+                return
+            raise BackupError("cannot read %s: %s" % (path, describe_os_error(error)))
+        with open(descriptor, "rb", buffering=0) as file:
+            opened = os.fstat(descriptor)
+            if not stat.S_ISREG(opened.st_mode):
+                warn("%s changed type while it was backed up; skipped" % path)
+                return
+            self._header(arcname, opened, tarfile.REGTYPE, size=opened.st_size)
+            remaining = opened.st_size
+            view = memoryview(self._buffer)
+            while remaining:
+                try:
+                    count = file.readinto(view[:min(remaining, READ_SIZE)])
+                except OSError as error:
+                    raise BackupError("cannot read %s: %s" % (path, describe_os_error(error)))
+                if not count:
+                    warn("%s shrank by %d bytes while it was read; the rest is zeros"
+                         % (path, remaining))
+                    while remaining:
+                        filler = min(remaining, READ_SIZE)
+                        self.output.write(bytes(filler))
+                        remaining -= filler
+                    break
+                self.output.write(view[:count])
+                remaining -= count
+                if self.progress is not None:
+                    self.progress.advance(count)
+            self.output.write(padding(opened.st_size))
+            self.data_bytes += opened.st_size
+
+    def add(self, path, arcname, status):
+        """Archive one entry (not its children); give True when it is a folder to descend into."""
+        mode = status.st_mode
+        if stat.S_ISREG(mode):
+            if status.st_nlink > 1:
+                key = (status.st_dev, status.st_ino)
+                if key in self._first_path:
+                    self._header(arcname, status, tarfile.LNKTYPE, linkname=self._first_path[key])
+                    return False
+                self._first_path[key] = arcname
+            self._copy_file(path, arcname, status)
+        elif stat.S_ISDIR(mode):
+            self._header(arcname, status, tarfile.DIRTYPE)
+            return True
+        elif stat.S_ISLNK(mode):
+            self._header(arcname, status, tarfile.SYMTYPE, linkname=os.readlink(path))
+        elif stat.S_ISFIFO(mode):
+            self._header(arcname, status, tarfile.FIFOTYPE)  # never opened, never read
+        elif stat.S_ISSOCK(mode):
+            warn("%s is a socket; skipped" % path)
+        else:
+            warn("%s is a device file; skipped (restore refuses device files)" % path)
+        return False
+
+    def _names(self, folder):
+        try:
+            return sorted(os.listdir(folder))
+        except OSError as error:
+            raise BackupError("cannot list folder %s: %s" % (folder, describe_os_error(error)))
+
+    def add_tree(self, path, arcname):
+        """Archive ``path`` (followed if a symlink) and everything below it, as ``arcname``."""
+        try:
+            status = os.stat(path)
+        except OSError as error:
+            raise BackupError("cannot read %s: %s" % (path, describe_os_error(error)))
+        if not self.add(path, arcname, status):
+            return
+        stack = [(path, arcname, iter(self._names(path)))]
+        while stack:
+            folder, folder_arcname, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                continue
+            child = os.path.join(folder, name)
+            try:
+                status = os.lstat(child)
+            except FileNotFoundError:
+                warn("%s vanished while it was backed up; skipped" % child)
+                continue
+            if (status.st_dev, status.st_ino) in self.exclude:
+                continue
+            child_arcname = folder_arcname + "/" + name
+            if self.add(child, child_arcname, status):
+                stack.append((child, child_arcname, iter(self._names(child))))
+
+    def finish(self, tar_bytes):
+        """Write the end-of-archive marker, padded to a whole record like tar does."""
+        total = tar_bytes + len(END_OF_ARCHIVE)
+        self.output.write(END_OF_ARCHIVE + bytes(-total % RECORD_SIZE))
+
+
+class _CountingWriter:
+    def __init__(self, output):
+        self.output = output
+        self.count = 0
+
+    def write(self, data):
+        self.output.write(data)
+        self.count += len(data)
+
+
+def write_path_archive(source, output, exclude=(), quiet=True):
+    """Write a gzip tar of ``source`` (one top-level entry, its basename) into ``output``.
+
+    Gives the TreeWriter with its counts. Raises BackupError.
+    """
+    top = source.rstrip("/")
+    if not top:
+        raise BackupError("refusing to back up / as a path; name the folder to back up")
+    if os.path.islink(top):
+        log("%s is a symlink; backing up what it points to" % source)
+    level, threads = settings_from_environment()
+    progress = Progress("Backing up %s" % source, enabled=not quiet)
+    gzip_writer = ParallelGzipWriter(output, level, threads)
+    try:
+        counter = _CountingWriter(gzip_writer)
+        tree = TreeWriter(counter, exclude, progress)
+        tree.add_tree(top, os.path.basename(top))
+        tree.finish(counter.count)
+        gzip_writer.close()
+    except BaseException:
+        gzip_writer.abort()
+        raise
+    finally:
+        progress.finish()
+    return tree
+
+
+def backup_path(source, destination=DEFAULT_BACKUP_DIR, messages=None, quiet=True):
+    """Back up a host folder or file into ``destination`` (or stdout for ``-``).
+
+    Prints ``Backing up path:``, ``Output:``, ``OK``. Gives a BackupResult;
+    raises BackupError (``ERROR: path not found: …`` for a missing source).
+    """
+    if not (os.path.isdir(source) or os.path.isfile(source)):
+        raise BackupError("path not found: %s" % source, legacy=True)
+    to_stdout = destination == "-"
+    if messages is None:
+        messages = sys.stderr if to_stdout else sys.stdout
+    started = time.monotonic()
+    if to_stdout:
+        say(messages, "Backing up path: %s" % source)
+        say(messages, "Output: -")
+        try:
+            tree = write_path_archive(source, sys.stdout.buffer, quiet=quiet)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            raise BackupError("backing up %s failed: stdout was closed" % source)
+        say(messages, "OK")
+        return BackupResult(source, "-", None, tree.members, time.monotonic() - started)
+    ensure_backup_dir(destination)
+    path = os.path.join(destination, archive_name(safe_name(source), utc_timestamp()))
+    say(messages, "Backing up path: %s" % source)
+    say(messages, "Output: %s" % path)
+    with AtomicArchive(path) as archive:
+        temp_status = os.fstat(archive.file.fileno())
+        try:
+            tree = write_path_archive(source, archive.file,
+                                      exclude={(temp_status.st_dev, temp_status.st_ino)},
+                                      quiet=quiet)
+        except OSError as error:
+            raise BackupError("cannot write %s: %s" % (path, describe_os_error(error)))
+        archive.publish()
+        size = os.fstat(archive.file.fileno()).st_size
+    say(messages, "OK")
+    return BackupResult(safe_name(source), path, size, tree.members, time.monotonic() - started)
+
+
+# --- restore ----------------------------------------------------------------
+
+def _top_level_name(archive_file):
+    """Give the one top-level entry name (bytes) of a checked path archive; raises ArchiveError."""
+    reader, members, _ = checked_members(archive_file)
+    top = None
+    for member in members:
+        first = member.path.split(b"/", 1)[0]
+        if not first:
+            raise ArchiveError("it holds the root entry %r, as volume archives do; restore it "
+                               "with restore_docker_volume.py" % member.name.decode("utf-8",
+                                                                                    "replace"))
+        if top is None:
+            top = first
+        elif first != top:
+            raise ArchiveError("it has more than one top-level entry, so it is not the archive "
+                               "of one path")
+    if top is None:
+        raise ArchiveError("it holds no members")
+    return top
+
+
+class _HostExtractor:
+    """Creates checked members below ``root`` (a fresh private folder), metadata as archived."""
+
+    def __init__(self, root):
+        self.root = os.fsencode(root)
+        self.as_root = os.geteuid() == 0
+        self.folders = []
+
+    def _owner(self, path, member, follow=True):
+        if self.as_root:
+            os.chown(path, member.uid, member.gid, follow_symlinks=follow)
+
+    def create(self, member, data):
+        path = os.path.join(self.root, member.path)
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            os.makedirs(parent, 0o700)
+        if member.kind != DIRECTORY and os.path.lexists(path):
+            os.unlink(path)  # a later member of the same name replaces the earlier one
+        if member.kind == FILE:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o600)
+            with open(descriptor, "wb", buffering=0) as file:
+                for piece in data:
+                    while piece:
+                        piece = piece[file.write(piece):]
+                self._owner(descriptor, member)
+                os.chmod(descriptor, member.mode)  # after chown, which clears setuid
+            os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+        elif member.kind == DIRECTORY:
+            if not os.path.isdir(path):
+                os.mkdir(path, 0o700)
+            self.folders.append(member)  # metadata last: their contents change them
+        elif member.kind == SYMLINK:
+            os.symlink(member.linkname, path)
+            self._owner(path, member, follow=False)
+            os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+        elif member.kind == HARDLINK:
+            os.link(os.path.join(self.root, member.link_path), path, follow_symlinks=False)
+        elif member.kind == FIFO:
+            os.mkfifo(path, 0o600)
+            self._owner(path, member)
+            os.chmod(path, member.mode)
+            os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+
+    def finish(self):
+        for member in reversed(self.folders):
+            path = os.path.join(self.root, member.path)
+            self._owner(path, member)
+            os.chmod(path, member.mode)
+            os.utime(path, (member.mtime, member.mtime))
+
+
+def restore_path(archive_path, target, messages=None, quiet=True, environ=None):
+    """Make ``target`` exactly what a backup_path archive holds (``-``: read it from stdin).
+
+    The archive is checked completely, extracted into a staging folder next
+    to ``target`` and swapped in by rename; on any failure ``target`` stays as
+    it was. Raises BackupError.
+    """
+    environ = os.environ if environ is None else environ
+    messages = sys.stdout if messages is None else messages
+    from_stdin = archive_path == "-"
+    if not from_stdin and not os.path.isfile(archive_path):
+        raise BackupError("archive not found: %s" % archive_path, legacy=True)
+    target = target.rstrip("/") or "/"
+    parent = os.path.dirname(os.path.abspath(target))
+    if target == "/" or not os.path.isdir(parent):
+        raise BackupError("cannot restore to %s: its parent folder %s does not exist"
+                          % (target, parent))
+    say(messages, "Restoring path: %s" % target)
+    say(messages, "From: %s" % archive_path)
+    spool_folder = ensure_backup_dir(environ.get("BACKUP_DIR", "").strip() or DEFAULT_BACKUP_DIR) \
+        if from_stdin else None
+    with spooled_stdin(spool_folder) if from_stdin else open(archive_path, "rb") as archive_file:
+        progress = Progress("Checking archive", total=os.fstat(archive_file.fileno()).st_size,
+                            enabled=not quiet)
+        try:
+            scan_archive(archive_file, progress)
+            archive_file.seek(0)
+            top = _top_level_name(archive_file)
+        except ArchiveError as error:
+            raise BackupError("the archive %s is refused: %s; %s was not changed"
+                              % (archive_path, error, target))
+        finally:
+            progress.finish()
+        try:
+            staging = tempfile.mkdtemp(prefix=WORK_PREFIX + "restore-", dir=parent)
+        except OSError as error:
+            raise BackupError("cannot create a staging folder in %s: %s"
+                              % (parent, describe_os_error(error)))
+        try:
+            archive_file.seek(0)
+            extractor = _HostExtractor(staging)
+            reader, members, _ = checked_members(archive_file)
+            try:
+                for member in members:
+                    extractor.create(member, reader.data())
+                extractor.finish()
+            except ArchiveError as error:
+                raise BackupError("the archive %s changed while it was restored: %s; %s was not "
+                                  "changed" % (archive_path, error, target))
+            except OSError as error:
+                raise BackupError("extracting %s failed: %s; %s was not changed"
+                                  % (archive_path, describe_os_error(error), target))
+            _swap_in(os.path.join(staging, os.fsdecode(top)), target, staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    say(messages, "OK")
+
+
+def _swap_in(new, target, staging):
+    """Replace ``target`` by ``new`` with renames; the old one ends up in ``staging``."""
+    previous = os.path.join(staging, ".previous")
+    had_target = os.path.lexists(target)
+    try:
+        if had_target:
+            os.rename(target, previous)
+        try:
+            os.rename(new, target)
+        except OSError:
+            if had_target:
+                os.rename(previous, target)
+            raise
+    except OSError as error:
+        raise BackupError("cannot put the restored %s in place: %s; %s was not changed"
+                          % (target, describe_os_error(error), target))
+    fsync_directory(os.path.dirname(os.path.abspath(target)))
+

@@ -1,0 +1,479 @@
+"""Reading, checking and writing tar streams.
+
+``TarReader`` parses a tar stream itself (ustar, GNU long names, pax records,
+base-256 numbers) so that end-of-archive, truncation and trailing data are
+decided exactly and the same way on every Python version. ``ArchiveRules``
+applies the restore safety rules to each member by string alone, never by
+looking at a disk. ``member_header`` re-emits a checked member in one plain
+format (GNU tar headers, written by ``tarfile``) for the helper's busybox tar,
+so that the helper extracts exactly what was checked.
+"""
+
+import array
+import hashlib
+import json
+import os
+import re
+import struct
+import tarfile
+
+from .common import ArchiveError
+
+BLOCK_SIZE = 512
+ZERO_BLOCK = bytes(BLOCK_SIZE)
+END_OF_ARCHIVE = bytes(2 * BLOCK_SIZE)
+EXTENDED_HEADER_LIMIT = 1 << 20  # GNU long names and pax records larger than this are hostile
+
+# Member kinds. The path table stores them in 3 bits, so they stay below 8.
+FILE, DIRECTORY, SYMLINK, FIFO, HARDLINK, CHAR_DEVICE, BLOCK_DEVICE = range(1, 8)
+KIND_NAMES = {FILE: "regular file", DIRECTORY: "directory", SYMLINK: "symlink", FIFO: "FIFO",
+              HARDLINK: "hard link", CHAR_DEVICE: "character device",
+              BLOCK_DEVICE: "block device"}
+_KIND_BY_TYPEFLAG = {b"0": FILE, b"\0": FILE, b"7": FILE, b"1": HARDLINK, b"2": SYMLINK,
+                     b"3": CHAR_DEVICE, b"4": BLOCK_DEVICE, b"5": DIRECTORY, b"6": FIFO}
+_TARFILE_TYPE = {FILE: tarfile.REGTYPE, DIRECTORY: tarfile.DIRTYPE, SYMLINK: tarfile.SYMTYPE,
+                 FIFO: tarfile.FIFOTYPE, HARDLINK: tarfile.LNKTYPE,
+                 CHAR_DEVICE: tarfile.CHRTYPE, BLOCK_DEVICE: tarfile.BLKTYPE}
+
+_POSIX_MAGIC = b"ustar\x0000"
+_OCTAL = re.compile(rb"[0-7]*")
+_DECIMAL = re.compile(rb"-?[0-9]+")
+_PAX_TIME = re.compile(rb"(-?[0-9]+)(?:\.[0-9]*)?")
+_PAX_RECORD = re.compile(rb"([0-9]+) ([^=\n]+)=")
+_SIGNED_SUM = struct.Struct("148b8x356b")
+
+
+def show(name):
+    """Give a member name (bytes) quoted for a message, control characters escaped."""
+    return json.dumps(name.decode("utf-8", "backslashreplace"), ensure_ascii=False)
+
+
+class Member:
+    """One archive member as the tar stream describes it.
+
+    ``name`` and ``linkname`` are the raw bytes; ``path`` and ``link_path`` are
+    set by ``ArchiveRules.check`` (normalised, no ``./``, ``b""`` for the root).
+    """
+
+    __slots__ = ("name", "kind", "mode", "uid", "gid", "mtime", "size", "linkname",
+                 "uname", "gname", "devmajor", "devminor", "path", "link_path")
+
+    def __init__(self, name, kind, mode=0o644, uid=0, gid=0, mtime=0, size=0, linkname=b"",
+                 uname=b"", gname=b"", devmajor=0, devminor=0):
+        self.name, self.kind, self.mode, self.uid, self.gid = name, kind, mode, uid, gid
+        self.mtime, self.size, self.linkname = mtime, size, linkname
+        self.uname, self.gname, self.devmajor, self.devminor = uname, gname, devmajor, devminor
+        self.path = self.link_path = None
+
+
+# --- reading ----------------------------------------------------------------
+
+class _ChunkStream:
+    """Exact-size reads over an iterator of byte chunks; ``offset`` counts bytes consumed."""
+
+    def __init__(self, chunks):
+        self._chunks = iter(chunks)
+        self._buffer = b""
+        self._position = 0
+        self.offset = 0
+
+    def _refill(self):
+        for chunk in self._chunks:
+            if chunk:
+                self._buffer = chunk
+                self._position = 0
+                return True
+        return False
+
+    def read(self, size):
+        """Give ``size`` bytes, or fewer only at the end of the stream."""
+        end = self._position + size
+        if end <= len(self._buffer):
+            data = self._buffer[self._position:end]
+            self._position = end
+            self.offset += size
+            return data
+        parts = [self._buffer[self._position:]]
+        missing = size - len(parts[0])
+        self._buffer, self._position = b"", 0
+        while missing and self._refill():
+            piece = self._buffer[:missing]
+            self._position = len(piece)
+            parts.append(piece)
+            missing -= len(piece)
+        data = b"".join(parts)
+        self.offset += len(data)
+        return data
+
+    def pieces(self, size):
+        """Yield memoryviews that together are the next ``size`` bytes; raises ArchiveError."""
+        while size:
+            if self._position >= len(self._buffer) and not self._refill():
+                raise ArchiveError("the archive is truncated inside a member's data")
+            take = min(size, len(self._buffer) - self._position)
+            yield memoryview(self._buffer)[self._position:self._position + take]
+            self._position += take
+            self.offset += take
+            size -= take
+
+    def at_end(self):
+        return self._position >= len(self._buffer) and not self._refill()
+
+
+def _number(field, what, offset):
+    """Give the value of a numeric header field (octal or GNU base-256); raises ArchiveError."""
+    if field[0] & 0x80:
+        if field[0] not in (0x80, 0xFF):
+            raise ArchiveError("invalid %s field in the tar header at byte %d" % (what, offset))
+        return int.from_bytes(field, "big", signed=True) if field[0] == 0xFF \
+            else int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    if not _OCTAL.fullmatch(text):
+        raise ArchiveError("invalid %s field in the tar header at byte %d" % (what, offset))
+    return int(text, 8) if text else 0
+
+
+def _string(field):
+    return field.split(b"\0", 1)[0]
+
+
+def _parse_pax(data, offset):
+    """Give the records of a pax extended header as a dict of bytes; raises ArchiveError."""
+    records = {}
+    position = 0
+    while position < len(data):
+        if data.count(0, position) == len(data) - position:
+            break  # NUL padding after the last record
+        match = _PAX_RECORD.match(data, position)
+        if not match:
+            raise ArchiveError("malformed pax header at byte %d" % offset)
+        length = int(match.group(1))
+        end = position + length
+        if length <= match.end() - position or end > len(data) or data[end - 1] != 0x0A:
+            raise ArchiveError("malformed pax record at byte %d" % offset)
+        records[match.group(2)] = data[match.end():end - 1]
+        position = end
+    return records
+
+
+def _pax_integer(records, key, offset, pattern=_DECIMAL):
+    value = records.get(key)
+    if value is None:
+        return None
+    match = pattern.fullmatch(value)
+    if not match:
+        raise ArchiveError("invalid pax %s record at byte %d" % (key.decode(), offset))
+    return int(match.group(1) if match.groups() else match.group(0))
+
+
+class TarReader:
+    """Parse a tar stream from an iterator of byte chunks.
+
+    Iterating gives ``Member`` objects; ``data()`` gives the current member's
+    content as memoryviews (skipped if not read). Iteration ends only at a
+    proper end-of-archive (two zero blocks) followed by nothing but zeros up to
+    the end of the input. Raises ArchiveError for anything else: a bad header
+    checksum, truncation (also exactly at a member boundary), unsupported
+    member types, malformed extended headers, trailing data.
+    """
+
+    def __init__(self, chunks):
+        self._stream = _ChunkStream(chunks)
+        self._unread = 0
+        self._padding = 0
+        self._global = {}
+        self.members = 0
+        self.data_bytes = 0
+
+    @property
+    def offset(self):
+        return self._stream.offset
+
+    def __iter__(self):
+        while True:
+            member = self.next()
+            if member is None:
+                return
+            yield member
+
+    def data(self):
+        """Yield the current member's data as memoryviews."""
+        size, self._unread = self._unread, 0
+        yield from self._stream.pieces(size)
+
+    def _skip_rest(self):
+        for _ in self._stream.pieces(self._unread + self._padding):
+            pass
+        self._unread = self._padding = 0
+
+    def _read_header(self):
+        offset = self._stream.offset
+        block = self._stream.read(BLOCK_SIZE)
+        if not block:
+            raise ArchiveError("the archive is truncated: no end-of-archive marker after %d "
+                               "members" % self.members)
+        if len(block) < BLOCK_SIZE:
+            raise ArchiveError("the archive is truncated inside a tar header at byte %d" % offset)
+        return offset, block
+
+    def _check_end(self, offset):
+        second = self._stream.read(BLOCK_SIZE)
+        if second != ZERO_BLOCK:
+            if len(second) < BLOCK_SIZE and not second.strip(b"\0"):
+                raise ArchiveError("the archive is truncated inside its end-of-archive marker")
+            raise ArchiveError("a lone zero block at byte %d is not a valid end of archive"
+                               % offset)
+        while True:
+            rest = self._stream.read(1 << 20)
+            if not rest:
+                return
+            if rest.count(0) != len(rest):
+                raise ArchiveError("data follows the end-of-archive marker at byte %d" % offset)
+
+    def next(self):
+        """Give the next member, or None at a valid end of archive; raises ArchiveError."""
+        self._skip_rest()
+        long_name = long_link = None
+        local = {}
+        while True:
+            offset, block = self._read_header()
+            if block == ZERO_BLOCK:
+                if long_name is not None or long_link is not None or local:
+                    raise ArchiveError("an extended header at byte %d has no member" % offset)
+                self._check_end(offset)
+                return None
+            stored = _number(block[148:156], "checksum", offset)
+            unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+            if stored != unsigned and stored != sum(_SIGNED_SUM.unpack(block)) + 8 * 32:
+                if offset == 0:
+                    raise ArchiveError("not a tar archive (bad header checksum)")
+                raise ArchiveError("corrupt tar header at byte %d (checksum mismatch)" % offset)
+            typeflag = block[156:157]
+            size = _number(block[124:136], "size", offset)
+            if typeflag in (b"L", b"K", b"x", b"g"):
+                if not 0 <= size <= EXTENDED_HEADER_LIMIT:
+                    raise ArchiveError("an extended header at byte %d is too large (%d bytes)"
+                                       % (offset, size))
+                payload = self._stream.read(size)
+                if len(payload) < size:
+                    raise ArchiveError("the archive is truncated inside an extended header")
+                self._stream.read(-size % BLOCK_SIZE)
+                if typeflag == b"L":
+                    long_name = payload.rstrip(b"\0")
+                elif typeflag == b"K":
+                    long_link = payload.rstrip(b"\0")
+                else:
+                    records = _parse_pax(payload, offset)
+                    if any(key.startswith(b"GNU.sparse") for key in records):
+                        raise ArchiveError("sparse members are not supported (pax header at "
+                                           "byte %d)" % offset)
+                    target = self._global if typeflag == b"g" else local
+                    for key, value in records.items():
+                        if value:
+                            target[key] = value
+                        else:  # an empty value removes the record
+                            target.pop(key, None)
+                continue
+            return self._member(block, typeflag, size, offset, long_name, long_link,
+                                {**self._global, **local})
+
+    def _member(self, block, typeflag, size, offset, long_name, long_link, records):
+        kind = _KIND_BY_TYPEFLAG.get(typeflag)
+        if kind is None:
+            raise ArchiveError("member type %r at byte %d is not supported"
+                               % (typeflag.decode("latin-1"), offset))
+        name = _string(block[0:100])
+        if block[257:265] == _POSIX_MAGIC:
+            prefix = _string(block[345:500])
+            if prefix:
+                name = prefix + b"/" + name
+        if long_name is not None:
+            name = long_name
+        linkname = long_link if long_link is not None else _string(block[157:257])
+        name = records.get(b"path", name)
+        linkname = records.get(b"linkpath", linkname)
+        if kind == FILE and typeflag == b"\0" and name.endswith(b"/"):
+            kind = DIRECTORY  # old tars mark folders only by the slash
+        pax_size = _pax_integer(records, b"size", offset)
+        if pax_size is not None:
+            size = pax_size
+        if size < 0:
+            raise ArchiveError("negative size in the tar header at byte %d" % offset)
+        if kind != FILE and size:
+            raise ArchiveError("the %s %s at byte %d carries data" % (KIND_NAMES[kind], show(name),
+                                                                       offset))
+        uid = _pax_integer(records, b"uid", offset)
+        gid = _pax_integer(records, b"gid", offset)
+        mtime = _pax_integer(records, b"mtime", offset, _PAX_TIME)
+        member = Member(
+            name, kind,
+            mode=_number(block[100:108], "mode", offset) & 0o7777,
+            uid=_number(block[108:116], "uid", offset) if uid is None else uid,
+            gid=_number(block[116:124], "gid", offset) if gid is None else gid,
+            mtime=_number(block[136:148], "mtime", offset) if mtime is None else mtime,
+            size=size, linkname=linkname,
+            uname=records.get(b"uname", _string(block[265:297])),
+            gname=records.get(b"gname", _string(block[297:329])))
+        if member.uid < 0 or member.gid < 0:
+            raise ArchiveError("negative owner for %s at byte %d" % (show(name), offset))
+        if kind in (CHAR_DEVICE, BLOCK_DEVICE):
+            member.devmajor = _number(block[329:337], "devmajor", offset)
+            member.devminor = _number(block[337:345], "devminor", offset)
+        self._unread = size
+        self._padding = -size % BLOCK_SIZE
+        self.members += 1
+        self.data_bytes += size
+        return member
+
+
+# --- safety rules -----------------------------------------------------------
+
+class _PathTable:
+    """path -> member kind, in 8 bytes a path, for any number of members.
+
+    Paths are stored as 61-bit keyed BLAKE2 fingerprints in an open-addressing
+    table (a random key per table, so no archive can aim at a collision).
+    """
+
+    def __init__(self):
+        self._key = os.urandom(16)
+        self._slots = array.array("Q", bytes(8 * 1024))
+        self._mask = 1023
+        self._count = 0
+
+    def _fingerprint(self, path):
+        digest = hashlib.blake2b(path, digest_size=8, key=self._key).digest()
+        return (int.from_bytes(digest, "little") & ~7) or 8
+
+    def _find(self, fingerprint):
+        index = (fingerprint >> 3) & self._mask
+        while True:
+            slot = self._slots[index]
+            if slot == 0 or slot & ~7 == fingerprint:
+                return index
+            index = (index + 1) & self._mask
+
+    def get(self, path):
+        slot = self._slots[self._find(self._fingerprint(path))]
+        return slot & 7 if slot else None
+
+    def set(self, path, kind):
+        fingerprint = self._fingerprint(path)
+        index = self._find(fingerprint)
+        if not self._slots[index]:
+            self._count += 1
+        self._slots[index] = fingerprint | kind
+        if 2 * self._count > len(self._slots):
+            old = self._slots
+            self._slots = array.array("Q", bytes(16 * len(old)))
+            self._mask = len(self._slots) - 1
+            for slot in old:
+                if slot:
+                    self._slots[self._find(slot & ~7)] = slot
+
+
+def normalize(name, what="member"):
+    """Give ``name`` without ``./`` and repeated slashes (``b""``: the root); raises ArchiveError.
+
+    Refuses empty names, NUL bytes, absolute names and ``..`` components.
+    """
+    if not name:
+        raise ArchiveError("a %s has an empty name" % what)
+    if b"\0" in name:
+        raise ArchiveError("the %s %s contains a NUL byte" % (what, show(name)))
+    if name.startswith(b"/"):
+        raise ArchiveError("the %s %s has an absolute name" % (what, show(name)))
+    parts = [part for part in name.split(b"/") if part not in (b"", b".")]
+    if b".." in parts:
+        raise ArchiveError("the %s %s has a '..' component" % (what, show(name)))
+    return b"/".join(parts)
+
+
+class ArchiveRules:
+    """The restore safety rules, applied member by member in archive order.
+
+    A member is refused when it: has an empty, absolute or NUL-containing name
+    or a ``..`` component; is a character or block device; passes through a
+    symlink (or any non-folder) an earlier member created; is a hard link
+    whose target is not an earlier regular file; changes the type of a path
+    an earlier member created; makes the root anything but a folder.
+    """
+
+    def __init__(self):
+        self._kinds = _PathTable()
+
+    def check(self, member):
+        """Set ``member.path`` (and ``link_path``) or raise ArchiveError naming the member."""
+        path = normalize(member.name)
+        kind = member.kind
+        if kind in (CHAR_DEVICE, BLOCK_DEVICE):
+            raise ArchiveError("the member %s is a %s; device files are refused"
+                               % (show(member.name), KIND_NAMES[kind]))
+        if not path:
+            if kind != DIRECTORY:
+                raise ArchiveError("the member %s would make the root a %s"
+                                   % (show(member.name), KIND_NAMES[kind]))
+            member.path = path
+            return
+        parent = b""
+        for part in path.split(b"/")[:-1]:
+            parent = parent + b"/" + part if parent else part
+            existing = self._kinds.get(parent)
+            if existing is None:
+                self._kinds.set(parent, DIRECTORY)
+            elif existing == SYMLINK:
+                raise ArchiveError("the member %s passes through the symlink %s that an earlier "
+                                   "member created" % (show(member.name), show(parent)))
+            elif existing != DIRECTORY:
+                raise ArchiveError("the member %s uses %s as a folder, but an earlier member made "
+                                   "it a %s" % (show(member.name), show(parent),
+                                                KIND_NAMES[existing]))
+        recorded = FILE if kind == HARDLINK else kind
+        existing = self._kinds.get(path)
+        if existing is not None and existing != recorded:
+            raise ArchiveError("the member %s changes a %s an earlier member created into a %s"
+                               % (show(member.name), KIND_NAMES[existing], KIND_NAMES[kind]))
+        if kind == HARDLINK:
+            target = normalize(member.linkname, "hard link target")
+            if target == path or self._kinds.get(target) != FILE:
+                raise ArchiveError("the hard link %s points to %s, which is not an earlier "
+                                   "regular file of the archive"
+                                   % (show(member.name), show(member.linkname)))
+            member.link_path = target
+        elif kind == SYMLINK:
+            if not member.linkname or b"\0" in member.linkname:
+                raise ArchiveError("the symlink %s has an empty or NUL-containing target"
+                                   % show(member.name))
+        self._kinds.set(path, recorded)
+        member.path = path
+
+
+# --- writing ----------------------------------------------------------------
+
+def _text(name):
+    return name.decode("utf-8", "surrogateescape")
+
+
+def member_header(member, uname="", gname=""):
+    """Give the GNU-format header blocks for a checked member, named ``./<path>``.
+
+    Long names and link targets become GNU long-name records; numbers too large
+    for octal become base-256; names are written as their original bytes.
+    """
+    info = tarfile.TarInfo(_text(b"./" + member.path))
+    info.type = _TARFILE_TYPE[member.kind]
+    info.mode = member.mode
+    info.uid, info.gid = member.uid, member.gid
+    info.uname, info.gname = uname, gname
+    info.mtime = member.mtime
+    info.size = member.size if member.kind == FILE else 0
+    if member.kind == HARDLINK:
+        info.linkname = _text(b"./" + member.link_path)
+    elif member.kind == SYMLINK:
+        info.linkname = _text(member.linkname)
+    return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
+def padding(size):
+    """Give the zero bytes that pad ``size`` bytes of member data to a whole block."""
+    return bytes(-size % BLOCK_SIZE)
