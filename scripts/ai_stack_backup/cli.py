@@ -29,6 +29,14 @@ def _parser(prog, description, examples):
         epilog="examples:\n" + "\n".join("  " + line for line in examples))
 
 
+def _parse(parser, argv):
+    """Give ``(arguments, None)``, or ``(None, exit code)`` after --help or a usage error."""
+    try:
+        return parser.parse_args(argv), None
+    except SystemExit as exit:
+        return None, exit.code
+
+
 def _run(prog, operation):
     """Run ``operation()`` with signal handling; give its exit code (an int result) or 0."""
     try:
@@ -65,7 +73,9 @@ def backup_docker_volume_main(argv=None):
                         help="stop the running containers that use the volume for a consistent "
                              "copy, and start them again afterwards (also on failure)")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    args = parser.parse_args(argv)
+    args, exit_code = _parse(parser, argv)
+    if args is None:
+        return exit_code
     return _run(prog, lambda: backup_volume(args.volume_name, args.backup_dir,
                                             args.stop_containers, quiet=args.quiet))
 
@@ -83,7 +93,9 @@ def backup_path_main(argv=None):
                         help="folder for the archive; '-' writes it to stdout "
                              "(default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    args = parser.parse_args(argv)
+    args, exit_code = _parse(parser, argv)
+    if args is None:
+        return exit_code
     return _run(prog, lambda: backup_path(args.path, args.backup_dir, quiet=args.quiet))
 
 
@@ -119,7 +131,9 @@ def restore_docker_volume_main(argv=None):
                         help="stop the running containers that use the volume, and start them "
                              "again afterwards; without it, a volume in use is refused")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    args = parser.parse_args(argv)
+    args, exit_code = _parse(parser, argv)
+    if args is None:
+        return exit_code
     refused = _require_force(parser, args)
     if refused is not None:
         return refused
@@ -141,7 +155,9 @@ def restore_path_main(argv=None):
     parser.add_argument("--force", action="store_true",
                         help="required: confirms that TARGET's current contents go")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    args = parser.parse_args(argv)
+    args, exit_code = _parse(parser, argv)
+    if args is None:
+        return exit_code
     refused = _require_force(parser, args)
     if refused is not None:
         return refused
@@ -157,7 +173,9 @@ def verify_backup_main(argv=None):
                          "verify_backup.py /srv/ai-stack/backups/*.tar.gz"])
     parser.add_argument("archives", nargs="+", metavar="ARCHIVE")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    args = parser.parse_args(argv)
+    args, exit_code = _parse(parser, argv)
+    if args is None:
+        return exit_code
 
     def verify_all():
         failed = 0
@@ -216,7 +234,9 @@ def list_backups_main(argv=None):
                         default=os.environ.get("BACKUP_DIR") or DEFAULT_BACKUP_DIR,
                         help="default: $BACKUP_DIR or %s" % DEFAULT_BACKUP_DIR)
     parser.add_argument("--json", action="store_true", help="print a JSON list of objects")
-    args = parser.parse_args(argv)
+    args, exit_code = _parse(parser, argv)
+    if args is None:
+        return exit_code
 
     def show():
         entries = list_archives(args.backup_dir)
@@ -252,7 +272,9 @@ def backup_all_main(argv=None):
     parser.add_argument("--dry-run", action="store_true",
                         help="print what would be backed up and deleted; change nothing")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    args = parser.parse_args(argv)
+    args, exit_code = _parse(parser, argv)
+    if args is None:
+        return exit_code
 
     def run():
         outcomes = run_backup_all(Settings(), dry_run=args.dry_run, quiet=args.quiet)

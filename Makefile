@@ -1,0 +1,46 @@
+# ai_stack backup: `make demo` runs a backup and restore on throwaway volumes,
+# `make test` runs the tests. Both first install and start what they need.
+PYTHON ?= python3
+PYENV_ROOT ?= $(shell pyenv root 2>/dev/null)
+# The oldest and newest supported interpreters, where pyenv has them.
+OTHER_PYTHONS ?= $(foreach version,3.8 3.13,$(firstword $(wildcard $(PYENV_ROOT)/versions/$(version).*/bin/python3)))
+PYTEST ?= -m pytest -q -rs -p no:cacheprovider
+
+CHECKOUT := $(abspath .)
+SERVICE_USER ?= $(shell stat -c %U $(CHECKOUT))
+SERVICE_GROUP ?= $(shell id -gn $(SERVICE_USER))
+UNIT_DIR ?= /etc/systemd/system
+
+.PHONY: prepare demo test bench install-systemd lint
+
+prepare:
+	@PYTHONS="$(PYTHON) $(OTHER_PYTHONS)" sh dev/prepare-machine.sh
+
+demo: prepare
+	$(PYTHON) dev/demo.py
+
+# Everything on python3; the tests that need no engine, plus one engine round
+# trip, on the oldest and newest interpreters too.
+test: prepare
+	$(PYTHON) $(PYTEST) tests
+	@for python in $(OTHER_PYTHONS); do \
+		echo "== $$python"; \
+		$$python $(PYTEST) -m "not engine or compat" tests || exit 1; \
+	done
+
+bench: prepare
+	$(PYTHON) bench/bench.py
+
+# Renders the unit templates for this checkout (paths, user) and installs them.
+install-systemd:
+	install -d $(DESTDIR)$(UNIT_DIR)
+	sed -e 's#/home/wasti/ai_stack/#$(CHECKOUT)/#g' \
+	    -e 's#^User=wasti$$#User=$(SERVICE_USER)#' \
+	    -e 's#^Group=wasti$$#Group=$(SERVICE_GROUP)#' \
+	    -e 's#^\# Template for .*#\# Rendered by make install-systemd for $(CHECKOUT).#' \
+	    systemd/ai_stack_backup.service > $(DESTDIR)$(UNIT_DIR)/ai_stack_backup.service
+	install -m 644 systemd/ai_stack_backup.timer $(DESTDIR)$(UNIT_DIR)/ai_stack_backup.timer
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+
+lint:
+	$(PYTHON) -m ruff check --select F,E,W,B --ignore B904,B905 --line-length 100 scripts tests dev bench

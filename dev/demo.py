@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""`make demo`: the main job on throwaway volumes, as an operator would run it.
+
+Creates a volume with sample data, backs it up with backup_docker_volume.sh,
+verifies and lists the archive, restores it into a second volume with
+restore_docker_volume.sh, compares both volumes inside a helper container, and
+cleans everything up. Uses BACKUP_HELPER_IMAGE, else alpine:3.20 if present,
+else builds the tests' busybox helper image (no registry needed).
+"""
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(REPOSITORY, "scripts")
+sys.path.insert(0, os.path.join(REPOSITORY, "tests"))
+
+import helpers  # noqa: E402
+
+COMPARE = ("cd /volume && ls -lnAR --full-time . > /tmp/a && cd /copy && "
+           "ls -lnAR --full-time . > /tmp/b && diff /tmp/a /tmp/b && diff -r /volume /copy")
+
+
+def step(title, command):
+    print("\n$ " + " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def helper_image():
+    image = os.environ.get("BACKUP_HELPER_IMAGE")
+    if image:
+        return image
+    if subprocess.run(["docker", "image", "inspect", "alpine:3.20"],
+                      capture_output=True).returncode == 0:
+        return "alpine:3.20"
+    with tempfile.TemporaryDirectory() as workdir:
+        helpers.build_helper_image(workdir)
+    return helpers.HELPER_IMAGE
+
+
+def main():
+    image = helper_image()
+    os.environ["BACKUP_HELPER_IMAGE"] = image
+    suffix = secrets.token_hex(3)
+    source, copy = "aisb-demo-%s" % suffix, "aisb-demo-copy-%s" % suffix
+    workdir = tempfile.mkdtemp(prefix="aisb-demo-", dir="/var/tmp")
+    backups = os.path.join(workdir, "backups")
+    try:
+        sample = os.path.join(workdir, "sample")
+        os.makedirs(os.path.join(sample, "app", "backend", "data"))
+        with open(os.path.join(sample, "app", "backend", "data", "webui.db"), "wb") as file:
+            file.write(b"SQLite format 3\0" + os.urandom(200000))
+        with open(os.path.join(sample, ".env"), "w") as file:
+            file.write("TOKEN=demo\n")
+        os.chmod(os.path.join(sample, ".env"), 0o600)
+        os.symlink("app/backend/data/webui.db", os.path.join(sample, "db-link"))
+        helpers.docker("volume", "create", source)
+        helpers.fill_volume(source, sample)
+        print("helper image: %s; sample volume: %s" % (image, source), flush=True)
+        step("back up", [os.path.join(SCRIPTS, "backup_docker_volume.sh"), source, backups])
+        archive = os.path.join(backups, os.listdir(backups)[0])
+        step("verify", [os.path.join(SCRIPTS, "verify_backup.py"), archive])
+        step("list", [os.path.join(SCRIPTS, "list_backups.py"), backups])
+        step("restore", [os.path.join(SCRIPTS, "restore_docker_volume.sh"), copy, archive,
+                         "--force"])
+        step("compare", ["docker", "run", "--rm", "--network", "none",
+                         "-v", source + ":/volume:ro", "-v", copy + ":/copy:ro",
+                         image, "sh", "-euc", COMPARE])
+        print("\ndemo: the restored volume %s is identical to %s" % (copy, source))
+    finally:
+        for volume in (source, copy):
+            subprocess.run(["docker", "volume", "rm", "-f", volume], capture_output=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

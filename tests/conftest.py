@@ -1,0 +1,97 @@
+"""Shared fixtures: the package on sys.path, and the real Docker engine for engine tests.
+
+Engine tests use the ``engine`` fixture. Without an engine they are skipped,
+unless AI_STACK_REQUIRE_DOCKER=1 (set by CI and ``make test``), which turns
+every skip into a failure.
+"""
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(REPOSITORY, "scripts")
+sys.path.insert(0, SCRIPTS)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import helpers  # noqa: E402  (needs the path above)
+
+REQUIRE_DOCKER = os.environ.get("AI_STACK_REQUIRE_DOCKER") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_DOCKER and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = "skipped although AI_STACK_REQUIRE_DOCKER=1: %s" % (report.longrepr,)
+
+
+def _engine_problem():
+    try:
+        result = subprocess.run(["docker", "info", "--format", "{{json .ServerVersion}}"],
+                                capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return "docker is not usable: %s" % error
+    if result.returncode != 0:
+        return "no Docker engine: %s" % result.stderr.decode(errors="replace").strip()
+    if not os.path.exists("/bin/busybox"):
+        return "/bin/busybox (busybox-static) is needed to build the helper image"
+    return None
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory):
+    """A reachable Docker engine with the test helper image built; gives the image name."""
+    problem = _engine_problem()
+    if problem:
+        if REQUIRE_DOCKER:
+            pytest.fail(problem)
+        pytest.skip(problem)
+    helpers.build_helper_image(tmp_path_factory.mktemp("helper-image"))
+    return helpers.HELPER_IMAGE
+
+
+@pytest.fixture
+def helper_env(engine, monkeypatch):
+    """Point the tool at the test helper image; never at a registry."""
+    monkeypatch.setenv("BACKUP_HELPER_IMAGE", engine)
+    monkeypatch.delenv("BACKUP_DIR", raising=False)
+    return engine
+
+
+@pytest.fixture
+def make_volume(engine):
+    """Factory for uniquely named volumes (``create=False`` only reserves a name); removes them."""
+    names = []
+
+    def make(create=True):
+        name = "aisb-test-%s" % secrets.token_hex(5)
+        names.append(name)
+        if create:
+            helpers.docker("volume", "create", name)
+        return name
+    yield make
+    for name in names:
+        for container in helpers.docker("ps", "-aq", "--filter", "volume=" + name).split():
+            subprocess.run(["docker", "rm", "-f", container], capture_output=True)
+        subprocess.run(["docker", "volume", "rm", "-f", name], capture_output=True)
+
+
+@pytest.fixture
+def public_tmp():
+    """A fresh folder outside /tmp, removed afterwards.
+
+    For the few tests where another user must reach files (pytest's own temp
+    root is 0700) or where /tmp is replaced by a private tmpfs (PrivateTmp).
+    """
+    path = tempfile.mkdtemp(prefix="aisb-test-", dir="/var/tmp")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,173 @@
+"""Test helpers: tricky file trees, exact tree comparison, docker shortcuts."""
+
+import hashlib
+import io
+import os
+import stat
+import subprocess
+import tarfile
+
+HELPER_IMAGE = "ai-stack-backup-test-helper:latest"
+OTHER_UID, OTHER_GID = 1234, 5678
+SYMLINK_UID, SYMLINK_GID = 4321, 4322
+
+T0 = 1_600_000_000  # 2020-09-13, a whole second: tar keeps whole seconds
+
+
+# --- docker -----------------------------------------------------------------
+
+def docker(*arguments, check=True, input=None):
+    """Run docker; give stdout as text; raise AssertionError with stderr when it fails."""
+    result = subprocess.run(["docker"] + list(arguments), capture_output=True, input=input)
+    if check and result.returncode != 0:
+        raise AssertionError("docker %s failed: %s" % (" ".join(arguments),
+                                                        result.stderr.decode(errors="replace")))
+    return result.stdout.decode(errors="replace")
+
+
+def build_helper_image(workdir):
+    """Build the helper image from the host's static busybox (no registry needed)."""
+    if subprocess.run(["docker", "image", "inspect", HELPER_IMAGE],
+                      capture_output=True).returncode == 0:
+        return
+    applets = subprocess.run(["/bin/busybox", "--list"], capture_output=True,
+                             check=True).stdout.decode().split()
+    rootfs = io.BytesIO()
+    with tarfile.open(fileobj=rootfs, mode="w") as archive:
+        for folder in ("bin", "tmp", "etc", "volume", "transfer"):
+            info = tarfile.TarInfo(folder)
+            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if folder == "tmp" else 0o755
+            archive.addfile(info)
+        archive.add("/bin/busybox", "bin/busybox")
+        for applet in applets:
+            if applet != "busybox":
+                info = tarfile.TarInfo("bin/" + applet)
+                info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+                archive.addfile(info)
+    docker("import", "-", HELPER_IMAGE, input=rootfs.getvalue())
+
+
+def mountpoint(volume):
+    """The volume's folder on this host (tests run as root and may read it)."""
+    return docker("volume", "inspect", "--format", "{{.Mountpoint}}", volume).strip()
+
+
+def fill_volume(volume, source):
+    """Copy a host tree into a volume through docker, keeping owners, modes and mtimes."""
+    container = docker("create", "--network", "none", "-v", volume + ":/volume",
+                       HELPER_IMAGE, "true").strip()
+    try:
+        docker("cp", "-a", str(source) + "/.", container + ":/volume")
+    finally:
+        docker("rm", "-f", container)
+
+
+def volume_state(volume):
+    return tree_state(mountpoint(volume))
+
+
+def volume_exists(volume):
+    return volume in docker("volume", "ls", "--format", "{{.Name}}").split()
+
+
+# --- trees ------------------------------------------------------------------
+
+def _write(path, data, mode=0o644, owner=None, mtime=T0):
+    with open(path, "wb") as file:
+        file.write(data)
+    if owner:
+        os.chown(path, *owner)
+    os.chmod(path, mode)  # after chown, which clears setuid
+    os.utime(path, (mtime, mtime))
+
+
+def make_tricky_tree(root, big=3 * 1024 * 1024 + 17):
+    """Fill ``root`` with what backups get wrong; give it. Needs root for the owners."""
+    root = os.fsencode(str(root))
+    join = lambda *parts: os.path.join(root, *parts)  # noqa: E731
+    os.makedirs(join(b"app", b"backend", b"data"))
+    os.makedirs(join(b".hidden-dir", b"inner"))
+    os.makedirs(join(b"empty-dir"))
+    os.makedirs(join(b"owned-dir"))
+    _write(join(b"app", b"backend", b"data", b"webui.db"), b"SQLite format 3\0" + bytes(5000))
+    _write(join(b".env"), b"TOKEN=secret\n", 0o600)
+    _write(join(b".hidden-dir", b"inner", b".dotfile"), b"hidden\n")
+    _write(join(b"setuid-tool"), b"#!/bin/sh\n", 0o4755, owner=(OTHER_UID, OTHER_GID))
+    _write(join(b"setgid-sticky"), b"x", 0o3750)
+    _write(join(b"private"), b"only me", 0o600)
+    _write(join(b"other-owner"), b"theirs", 0o640, owner=(OTHER_UID, OTHER_GID))
+    _write(join(b"big.bin"), os.urandom(big))
+    _write(join(b"hard-a"), b"same inode")
+    os.link(join(b"hard-a"), join(b"app", b"hard-b"))
+    _write(join(b"bad-\xff\xfe-name"), b"not utf-8")
+    _write(join(b"new\nline and space"), b"odd")
+    _write(join(b" leading space"), b"odd2")
+    long_name = b"L" * 150
+    _write(join(long_name), b"long")
+    deep = join(b"d" * 90, b"e" * 90, b"f" * 90)
+    os.makedirs(deep)
+    _write(os.path.join(deep, b"g" * 120), b"deep and long")
+    os.symlink(b"app/backend/data/webui.db", join(b"link-relative"))
+    os.symlink(b"/app/backend/data", join(b"link-absolute"))
+    os.symlink(b"does/not/exist", join(b"link-dangling"))
+    os.symlink(b"../hard-a", join(b"app", b"link-up"))
+    os.lchown(join(b"link-relative"), SYMLINK_UID, SYMLINK_GID)
+    os.mkfifo(join(b"fifo"), 0o620)
+    os.chown(join(b"owned-dir"), OTHER_UID, OTHER_GID)
+    os.chmod(join(b"owned-dir"), 0o2770)
+    for index, name in enumerate([b"link-relative", b"link-absolute", b"link-dangling",
+                                  os.path.join(b"app", b"link-up")]):
+        os.utime(join(name), (T0 + index, T0 + index), follow_symlinks=False)
+    os.utime(join(b"fifo"), (T0 - 5, T0 - 5))
+    # Folders last, deepest first: creating entries changes a folder's mtime.
+    for folder, _, _ in sorted(os.walk(root), key=lambda item: -len(item[0])):
+        offset = len(folder)
+        os.utime(folder, (T0 - offset, T0 - offset))
+    return root
+
+
+def tree_state(root):
+    """Give ``{relative path: (kind, mode, uid, gid, mtime, payload, hard-link group)}``.
+
+    mtime is in whole seconds (what tar keeps). payload is the SHA-256 of a
+    file or a symlink's target. The hard-link group lists every path of the
+    inode, so link structure is compared too.
+    """
+    root = os.fsencode(str(root))
+    inodes = {}
+    entries = {}
+    for folder, folders, files in os.walk(root):
+        names = [folder] if folder == root else []
+        names += [os.path.join(folder, name) for name in folders + files]
+        for path in names:
+            status = os.lstat(path)
+            relative = os.path.relpath(path, root)
+            mode = status.st_mode
+            if stat.S_ISREG(mode):
+                with open(path, "rb") as file:
+                    payload = hashlib.sha256(file.read()).hexdigest()
+                kind = "file"
+                inodes.setdefault(status.st_ino, []).append(relative)
+            elif stat.S_ISLNK(mode):
+                kind, payload = "symlink", os.readlink(path)
+            elif stat.S_ISDIR(mode):
+                kind, payload = "dir", None
+            elif stat.S_ISFIFO(mode):
+                kind, payload = "fifo", None
+            else:
+                kind, payload = "other", None
+            entries[relative] = [kind, oct(stat.S_IMODE(mode)), status.st_uid, status.st_gid,
+                                 int(status.st_mtime), payload, status.st_ino]
+    for relative, entry in entries.items():
+        group = inodes.get(entry[6]) if entry[0] == "file" else None
+        entry[6] = tuple(sorted(group)) if group and len(group) > 1 else None
+        entries[relative] = tuple(entry)
+    return entries
+
+
+def without_root_mtime(state):
+    """The state without the root folder's mtime (``docker cp`` cannot set it)."""
+    state = dict(state)
+    kind, mode, uid, gid, _, payload, group = state[b"."]
+    state[b"."] = (kind, mode, uid, gid, None, payload, group)
+    return state
