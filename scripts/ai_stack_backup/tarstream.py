@@ -242,7 +242,10 @@ class TarReader:
                     raise ArchiveError("an extended header at byte %d has no member" % offset)
                 self._check_end(offset)
                 return None
-            stored = _number(block[148:156], "checksum", offset)
+            try:
+                stored = _number(block[148:156], "checksum", offset)
+            except ArchiveError:
+                stored = None
             unsigned = sum(block) - sum(block[148:156]) + 8 * 32
             if stored != unsigned and stored != sum(_SIGNED_SUM.unpack(block)) + 8 * 32:
                 if offset == 0:

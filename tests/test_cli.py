@@ -1,0 +1,160 @@
+"""Command lines: help, usage errors, exit codes, and the operator tools that need no engine."""
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from ai_stack_backup import cli, common
+from conftest import SCRIPTS
+
+MAINS = {
+    "backup_docker_volume": cli.backup_docker_volume_main,
+    "backup_path": cli.backup_path_main,
+    "restore_docker_volume": cli.restore_docker_volume_main,
+    "restore_path": cli.restore_path_main,
+    "backup_all": cli.backup_all_main,
+    "verify_backup": cli.verify_backup_main,
+    "list_backups": cli.list_backups_main,
+}
+NEED_ARGUMENTS = ["backup_docker_volume", "backup_path", "restore_docker_volume",
+                  "restore_path", "verify_backup"]
+
+
+@pytest.mark.parametrize("name", sorted(MAINS))
+def test_help_shows_real_examples(name, capsys):
+    assert MAINS[name](["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: %s.py" % name) and "\nexamples:\n  " in out
+
+
+@pytest.mark.parametrize("name", NEED_ARGUMENTS)
+def test_no_arguments_is_a_usage_error(name, capsys):
+    assert MAINS[name]([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("usage: ")
+
+
+def test_abbreviations_are_not_accepted(capsys):
+    assert cli.restore_docker_volume_main(["v", "a.tar.gz", "--for"]) == 2
+    assert cli.backup_docker_volume_main(["v", "--stop"]) == 2
+
+
+@pytest.mark.parametrize("script", sorted(name + ".py" for name in MAINS) +
+                         ["backup_docker_volume.sh", "backup_path.sh",
+                          "restore_docker_volume.sh", "backup_all.sh"])
+def test_each_script_runs_as_a_program(script):
+    result = subprocess.run([os.path.join(SCRIPTS, script), "--help"], capture_output=True,
+                            cwd="/", timeout=60)
+    assert result.returncode == 0 and b"examples:" in result.stdout
+
+
+def test_restore_needs_force_before_anything_else(tmp_path, capsys):
+    assert cli.restore_docker_volume_main(["owui-data", str(tmp_path / "missing.tar.gz")]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("ERROR: restore requires --force\nusage: restore_docker_volume")
+
+
+def test_invalid_volume_names_are_refused_before_docker(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no docker at all: it must not be asked
+    for name in ("/etc", "-rf", "a b", "../x"):
+        assert cli.backup_docker_volume_main(["--", name, str(tmp_path)]) == 1
+        assert "is not a valid Docker volume name" in capsys.readouterr().err
+
+
+def test_missing_docker_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert cli.backup_docker_volume_main(["owui-data", str(tmp_path / "b")]) == 1
+    assert "the docker command was not found" in capsys.readouterr().err
+    assert os.listdir(str(tmp_path / "b")) == []
+
+
+def make_archive(folder, source, timestamp, content=b"data"):
+    data_folder = folder / ("data-" + timestamp)
+    data_folder.mkdir()
+    (data_folder / "file").write_bytes(content)
+    assert cli.backup_path_main([str(data_folder), str(folder / "tmp-out")]) == 0
+    produced = folder / "tmp-out" / os.listdir(str(folder / "tmp-out"))[0]
+    final = folder / common.archive_name(source, timestamp)
+    os.rename(str(produced), str(final))
+    return str(final)
+
+
+def test_verify_backup_reports_each_archive(tmp_path, capsys):
+    good = make_archive(tmp_path, "owui-data", "20260118T120000Z", b"x" * 5000)
+    bad = tmp_path / "bad.tar.gz"
+    data = bytearray(open(good, "rb").read())
+    data[-3] ^= 1  # the length field of the gzip trailer
+    bad.write_bytes(bytes(data))
+    not_gzip = tmp_path / "notes.tar.gz"
+    not_gzip.write_text("hello")
+    capsys.readouterr()
+    assert cli.verify_backup_main([good]) == 0
+    assert capsys.readouterr().out == "OK %s: 2 members, 4.9 KiB uncompressed\n" % good
+    assert cli.verify_backup_main([good, str(bad), str(not_gzip), str(tmp_path / "none")]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("OK ")
+    assert lines[1].startswith("FAILED %s: " % bad) and "length mismatch" in lines[1]
+    assert lines[2] == "FAILED %s: not a gzip file" % not_gzip
+    assert lines[3].startswith("FAILED %s: cannot read" % (tmp_path / "none"))
+
+
+def test_list_backups_groups_by_source_and_ignores_lookalikes(tmp_path, capsys):
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    newest = common.utc_timestamp(time.time() - 3600)
+    for source, timestamp in (("owui-data", "20260101T000000Z"), ("owui-data", newest),
+                              ("tm-data", "20260105T120000Z"), ("my__vol", "20260102T000000Z")):
+        (folder / common.archive_name(source, timestamp)).write_bytes(b"x" * 1000)
+    for lookalike in ("owui-data__20261399T999999Z.tar.gz", "notes.tar.gz",
+                      ".ai_stack_backup-abc.part", "owui-data__20260101T000000Z.tar.gz.bak"):
+        (folder / lookalike).write_bytes(b"x")
+    (folder / "dir__20260101T000000Z.tar.gz").mkdir()
+    os.symlink("/etc/hostname", str(folder / "link__20260101T000000Z.tar.gz"))
+    assert cli.list_backups_main([str(folder), "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert [(e["source"], e["timestamp"], e["newest"]) for e in entries] == [
+        ("my__vol", "20260102T000000Z", True), ("owui-data", newest, True),
+        ("owui-data", "20260101T000000Z", False), ("tm-data", "20260105T120000Z", True)]
+    assert entries[0]["size"] == 1000 and entries[0]["path"] == str(
+        folder / "my__vol__20260102T000000Z.tar.gz")
+    assert cli.list_backups_main([str(folder)]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0] == "my__vol" and "%s  1000 B" % newest not in text
+    assert "  %s      1000 B     1h 0m old  (newest)" % newest in text.splitlines()
+    assert "lookalike" not in text and "notes" not in text and "link" not in text
+
+
+def test_list_backups_default_folder_comes_from_backup_dir(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BACKUP_DIR", str(tmp_path))
+    (tmp_path / common.archive_name("x", "20260101T000000Z")).write_bytes(b"")
+    assert cli.list_backups_main([]) == 0
+    assert capsys.readouterr().out.startswith("x\n")
+
+
+def test_backup_all_dry_run_changes_nothing(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    old = folder / common.archive_name("home_x_output", "20200101T000000Z")
+    old.write_bytes(b"x")
+    for timestamp in ("20200102T000000Z", "20200103T000000Z", "20200104T000000Z"):
+        (folder / common.archive_name("home_x_output", timestamp)).write_bytes(b"x")
+    output_root = tmp_path / "home" / "x" / "output"
+    output_root.mkdir(parents=True)
+    monkeypatch.setenv("BACKUP_DIR", str(folder))
+    monkeypatch.setenv("OUTPUT_ROOT", str(output_root))
+    monkeypatch.setenv("VOLUMES", "owui-data tm-data")
+    monkeypatch.setenv("PATH", str(tmp_path))  # a dry run asks no engine
+    source = common.safe_name(str(output_root))
+    for timestamp in ("20200101T000000Z", "20200102T000000Z", "20200103T000000Z",
+                      "20200104T000000Z"):
+        (folder / common.archive_name(source, timestamp)).write_bytes(b"x")
+    before = sorted(os.listdir(str(folder)))
+    assert cli.backup_all_main(["--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["would back up volume owui-data", "would back up volume tm-data",
+                   "would back up path %s" % output_root,
+                   "would delete %s" % (folder / common.archive_name(source, "20200101T000000Z"))]
+    assert sorted(os.listdir(str(folder))) == sorted(before + [common.LOCK_NAME])

@@ -1,0 +1,174 @@
+"""Names, timestamps, atomic archives, leftovers of killed runs, retention and the lock."""
+
+import fcntl
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ai_stack_backup import backupall, common
+from ai_stack_backup.backupall import BackupLock, LockedError, Settings, retention_plan
+from ai_stack_backup.common import AtomicArchive, BackupError
+from conftest import SCRIPTS
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("/home/wasti/x y", "home_wasti_x_y"),
+    ("/home/wasti/ai_stack_data/transcript-miner/output",
+     "home_wasti_ai_stack_data_transcript-miner_output"),
+    ("relative/dir", "relative_dir"),
+    ("//double", "_double"),
+    ("/tmp/ä+b.c-d_e", "tmp___b.c-d_e"),
+])
+def test_safe_name_is_the_old_rule(path, expected):
+    assert common.safe_name(path) == expected
+
+
+def test_timestamps_and_archive_names():
+    assert common.utc_timestamp(1768737600) == "20260118T120000Z"
+    assert re.fullmatch(r"\d{8}T\d{6}Z", common.utc_timestamp())
+    assert common.parse_timestamp("20260118T120000Z") == 1768737600
+    assert common.archive_name("owui-data", "20260118T120000Z") == \
+        "owui-data__20260118T120000Z.tar.gz"
+    assert common.parse_archive_name("my__vol__20260118T120000Z.tar.gz") == \
+        ("my__vol", "20260118T120000Z")
+    for lookalike in ("owui-data__20261399T999999Z.tar.gz", "owui-data__20260118T120000Z.tar",
+                      "owui-data_20260118T120000Z.tar.gz", "__20260118T120000Z.tar.gz",
+                      "owui-data__20260118T120000Z.tar.gz.part", "owui-data.tar.gz",
+                      "x__20260118T120000.tar.gz"):
+        assert common.parse_archive_name(lookalike) is None, lookalike
+
+
+def test_atomic_archive_publishes_without_overwriting(tmp_path):
+    final = tmp_path / "a__20260118T120000Z.tar.gz"
+    with AtomicArchive(str(final)) as archive:
+        assert not archive.temp_path.endswith(".tar.gz")
+        assert os.path.dirname(archive.temp_path) == str(tmp_path)
+        assert stat.S_IMODE(os.stat(archive.temp_path).st_mode) == 0o600
+        archive.file.write(b"data")
+        archive.publish()
+    assert final.read_bytes() == b"data" and os.listdir(str(tmp_path)) == [final.name]
+    with pytest.raises(BackupError, match="already exists"):
+        AtomicArchive(str(final))
+    with AtomicArchive(str(tmp_path / "b.tar.gz")) as archive:
+        (tmp_path / "b.tar.gz").write_bytes(b"someone else's")
+        archive.file.write(b"mine")
+        with pytest.raises(BackupError, match="already exists"):
+            archive.publish()
+    assert (tmp_path / "b.tar.gz").read_bytes() == b"someone else's"
+    assert sorted(os.listdir(str(tmp_path))) == ["a__20260118T120000Z.tar.gz", "b.tar.gz"]
+
+
+def test_failure_before_publish_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with AtomicArchive(str(tmp_path / "x.tar.gz")) as archive:
+            archive.file.write(b"half")
+            raise RuntimeError("boom")
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_backup_folder_is_created_private(tmp_path):
+    folder = tmp_path / "new" / "backups"
+    old_umask = os.umask(0)
+    try:
+        common.ensure_backup_dir(str(folder))
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(os.stat(str(folder)).st_mode) == 0o700
+    os.chmod(str(folder), 0o755)
+    common.ensure_backup_dir(str(folder))
+    assert stat.S_IMODE(os.stat(str(folder)).st_mode) == 0o755  # the single scripts leave it
+    common.ensure_backup_dir(str(folder), enforce_mode=True)
+    assert stat.S_IMODE(os.stat(str(folder)).st_mode) == 0o700  # backup_all sets it
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BackupError, match="not a folder"):
+        common.ensure_backup_dir(str(tmp_path / "file"))
+
+
+def test_only_dead_leftovers_are_removed(tmp_path):
+    with AtomicArchive(str(tmp_path / "live.tar.gz")) as live:
+        dead = tmp_path / (common.WORK_PREFIX + "dead.part")
+        dead.write_bytes(b"left by a killed run")
+        dead_folder = tmp_path / (common.WORK_PREFIX + "transfer-old")
+        (dead_folder / "sub").mkdir(parents=True)
+        keep = ["notes.txt", "a__20260118T120000Z.tar.gz", common.LOCK_NAME]
+        for name in keep:
+            (tmp_path / name).write_text("keep")
+        removed = common.remove_stale_work_files(str(tmp_path))
+        assert sorted(removed) == sorted([str(dead), str(dead_folder)])
+        assert sorted(os.listdir(str(tmp_path))) == sorted(keep + [os.path.basename(
+            live.temp_path)])
+
+
+# --- backup_all settings, retention, lock -------------------------------------------
+
+def test_settings_defaults_and_overrides():
+    settings = Settings({})
+    assert settings.backup_dir == "/srv/ai-stack/backups"
+    assert settings.volumes == ["owui-data", "tm-data", "context6-data", "context6-cache",
+                                "qdrant-data"]
+    assert (settings.retention_days, settings.min_keep, settings.stop_containers) == (14, 3, False)
+    assert settings.output_root == backupall.DEFAULT_OUTPUT_ROOT
+    settings = Settings({"OPEN_WEBUI_VOLUME": "webui", "TOOL_TM_VOLUME": "tm",
+                         "STOP_CONTAINERS": "1", "RETENTION_DAYS": "0"})
+    assert settings.volumes[:2] == ["webui", "tm"] and settings.stop_containers
+    assert Settings({"VOLUMES": " a, b  c,,d "}).volumes == ["a", "b", "c", "d"]
+    for bad in ({"RETENTION_DAYS": "-1"}, {"RETENTION_DAYS": "two"},
+                {"RETENTION_MIN_KEEP": "0"}, {"STOP_CONTAINERS": "maybe"}):
+        with pytest.raises(BackupError):
+            Settings(bad)
+
+
+def _archive(folder, source, days_old, now):
+    name = common.archive_name(source, common.utc_timestamp(now - days_old * 86400))
+    path = folder / name
+    path.write_bytes(b"x")
+    return str(path)
+
+
+def test_retention_plan(tmp_path):
+    now = time.time()
+    old = [_archive(tmp_path, "owui-data", days, now) for days in (30, 20, 16, 15)]
+    recent = [_archive(tmp_path, "owui-data", days, now) for days in (1, 2)]
+    failed_source = [_archive(tmp_path, "tm-data", days, now) for days in (40, 30, 20, 10)]
+    few = [_archive(tmp_path, "qdrant-data", days, now) for days in (100, 90)]
+    unknown = _archive(tmp_path, "retired-volume", 100, now)
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    nested = _archive(sub, "owui-data", 100, now)
+    lookalike = tmp_path / "owui-data__20200101T000000Z.tar.gz.bak"
+    lookalike.write_bytes(b"x")
+    os.symlink(old[0], str(tmp_path / "owui-data__20190101T000000Z.tar.gz"))
+    # Age comes from the name, not the mtime.
+    os.utime(recent[0], (now - 400 * 86400, now - 400 * 86400))
+    plan = retention_plan(str(tmp_path), {"owui-data", "qdrant-data"}, 14, 3, now)
+    assert plan == old[:3]  # 15 days old is kept as one of the 3 newest
+    assert retention_plan(str(tmp_path), {"owui-data"}, 14, 1, now) == old
+    assert retention_plan(str(tmp_path), {"owui-data"}, 40, 1, now) == []
+    for kept in failed_source + few + [unknown, nested]:
+        assert kept not in plan
+
+
+def test_lock_is_exclusive_and_names_the_holder(tmp_path):
+    with BackupLock(str(tmp_path)):
+        with pytest.raises(LockedError, match="PID %d" % os.getpid()) as raised:
+            with BackupLock(str(tmp_path)):
+                pass
+        assert raised.value.exit_code == 75
+        result = subprocess.run([sys.executable, os.path.join(SCRIPTS, "backup_all.py")],
+                                env=dict(os.environ, BACKUP_DIR=str(tmp_path)),
+                                capture_output=True, timeout=60)
+        assert result.returncode == 75
+        assert b"(PID %d) holds the lock" % os.getpid() in result.stderr
+    with pytest.raises(RuntimeError):
+        with BackupLock(str(tmp_path)):
+            raise RuntimeError("a failing run")
+    with BackupLock(str(tmp_path)):  # released on every exit path
+        descriptor = os.open(str(tmp_path / common.LOCK_NAME), os.O_RDONLY)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(descriptor)

@@ -1,0 +1,201 @@
+"""The parallel gzip writer and the strict gzip reader."""
+
+import gzip
+import io
+import os
+import random
+import shutil
+import struct
+import subprocess
+import tarfile
+import zlib
+
+import pytest
+
+from ai_stack_backup import gzipstream
+from ai_stack_backup.common import ArchiveError, BackupError
+from ai_stack_backup.gzipstream import CHUNK_SIZE, ParallelGzipWriter, iter_gunzip
+
+
+def text_like(size, seed=7):
+    """Compressible data that is not trivially repetitive, like logs and JSON."""
+    generator = random.Random(seed)
+    words = [bytes(generator.choice(b"abcdefghijklmnop{}:\", ") for _ in range(generator.randint(2, 9)))
+             for _ in range(3000)]
+    out = bytearray()
+    while len(out) < size:
+        out += b" ".join(generator.choice(words) for _ in range(1000)) + b"\n"
+    return bytes(out[:size])
+
+
+def compress(data, threads=2, level=6, piece=None):
+    output = io.BytesIO()
+    with ParallelGzipWriter(output, level, threads) as writer:
+        piece = piece or max(1, len(data))
+        for start in range(0, len(data), piece):
+            writer.write(data[start:start + piece])
+    return output.getvalue()
+
+
+def gunzip_all(data):
+    return b"".join(iter_gunzip(io.BytesIO(data).read))
+
+
+SIZES = [0, 1, 100, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 3 * CHUNK_SIZE + 12345]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_exact_round_trip(size, threads):
+    data = text_like(size) if size > 1000 else os.urandom(size)
+    compressed = compress(data, threads, piece=65537)
+    assert gzip.decompress(compressed) == data
+    assert gunzip_all(compressed) == data
+    assert zlib.crc32(data) == struct.unpack("<I", compressed[-8:-4])[0]
+
+
+@pytest.mark.parametrize("tool", [["gzip", "-dc"], ["busybox", "gunzip", "-c"]])
+def test_other_tools_read_it(tool):
+    executable = shutil.which(tool[0]) or ("/bin/busybox" if tool[0] == "busybox" else None)
+    if executable is None or not os.path.exists(executable):
+        pytest.skip("%s is not installed" % tool[0])
+    data = text_like(2 * CHUNK_SIZE + 999) + os.urandom(CHUNK_SIZE)
+    result = subprocess.run([executable] + tool[1:], input=compress(data), capture_output=True)
+    assert result.returncode == 0 and result.stderr == b""
+    assert result.stdout == data
+
+
+def test_tarfile_reads_a_tar_written_through_it(tmp_path):
+    tar_bytes = io.BytesIO()
+    with tarfile.open(fileobj=tar_bytes, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        for index in range(50):
+            payload = text_like(40000 + index, seed=index)
+            info = tarfile.TarInfo("folder/file-%d" % index)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    path = tmp_path / "t.tar.gz"
+    path.write_bytes(compress(tar_bytes.getvalue(), threads=3, piece=7777))
+    with tarfile.open(str(path), "r:gz") as archive:
+        names = archive.getnames()
+        assert archive.extractfile("folder/file-49").read() == text_like(40049, seed=49)
+    assert len(names) == 50
+
+
+def test_ratio_stays_that_of_one_stream():
+    data = text_like(6 * CHUNK_SIZE)
+    single = len(gzip.compress(data, 6))
+    assert len(compress(data, threads=4)) <= single * 1.02
+
+
+def test_more_than_four_gib_wraps_the_length_field():
+    """A multi-GB stream: ISIZE is the length modulo 2**32, CRC over everything."""
+    total = 4 * 1024 ** 3 + 12345
+    block = bytes(range(256)) * 4096  # 1 MiB
+    output = io.BytesIO()
+    crc = 0
+    with ParallelGzipWriter(output, 1, 2) as writer:
+        written = 0
+        while written < total:
+            piece = block[:min(len(block), total - written)]
+            writer.write(piece)
+            crc = zlib.crc32(piece, crc)
+            written += len(piece)
+    compressed = output.getvalue()
+    assert struct.unpack("<II", compressed[-8:]) == (crc, total % 2 ** 32)
+    count, check = 0, 0
+    for piece in iter_gunzip(io.BytesIO(compressed).read):
+        count += len(piece)
+        check = zlib.crc32(piece, check)
+    assert (count, check) == (total, crc)
+
+
+def test_in_flight_chunks_are_bounded(monkeypatch):
+    pending_seen = []
+    original_submit = ParallelGzipWriter._submit
+
+    def watched_submit(self, chunk):
+        original_submit(self, chunk)
+        pending_seen.append(len(self._pending))
+    monkeypatch.setattr(ParallelGzipWriter, "_submit", watched_submit)
+    compress(text_like(20 * CHUNK_SIZE), threads=2)
+    assert pending_seen and max(pending_seen) <= 4
+
+
+def test_a_failing_worker_is_an_error_never_a_short_archive(monkeypatch):
+    calls = []
+    original = gzipstream._deflate_chunk
+
+    def failing(level, chunk, dictionary):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("simulated worker failure")
+        return original(level, chunk, dictionary)
+    monkeypatch.setattr(gzipstream, "_deflate_chunk", failing)
+    output = io.BytesIO()
+    with pytest.raises(MemoryError):
+        with ParallelGzipWriter(output, 6, 2) as writer:
+            for _ in range(8):
+                writer.write(text_like(CHUNK_SIZE))
+    with pytest.raises(ArchiveError, match="truncated"):
+        gunzip_all(output.getvalue())
+
+
+def test_environment_settings():
+    assert gzipstream.settings_from_environment({"BACKUP_GZIP_LEVEL": "1", "BACKUP_THREADS": "3"}) \
+        == (1, 3)
+    level, threads = gzipstream.settings_from_environment({})
+    assert level == 6 and threads == gzipstream.default_threads() >= 1
+    for bad in ({"BACKUP_GZIP_LEVEL": "0"}, {"BACKUP_GZIP_LEVEL": "fast"},
+                {"BACKUP_THREADS": "0"}, {"BACKUP_THREADS": "-2"}):
+        with pytest.raises(BackupError):
+            gzipstream.settings_from_environment(bad)
+
+
+# --- the strict reader --------------------------------------------------------
+
+def test_reader_refuses_empty_and_non_gzip():
+    with pytest.raises(ArchiveError, match="empty"):
+        gunzip_all(b"")
+    with pytest.raises(ArchiveError, match="not a gzip file"):
+        gunzip_all(b"PK\x03\x04 this is a zip")
+    with pytest.raises(ArchiveError, match="not a gzip file"):
+        gunzip_all(b"\x1f")
+
+
+def test_reader_checks_crc_and_length():
+    good = bytearray(gzip.compress(b"hello world" * 1000))
+    bad_crc = bytearray(good)
+    bad_crc[-8] ^= 1
+    with pytest.raises(ArchiveError, match="CRC"):
+        gunzip_all(bytes(bad_crc))
+    bad_length = bytearray(good)
+    bad_length[-1] ^= 1
+    with pytest.raises(ArchiveError, match="length"):
+        gunzip_all(bytes(bad_length))
+
+
+@pytest.mark.parametrize("cut", [10, 100, -9, -4, -1])
+def test_reader_refuses_truncation(cut):
+    data = compress(text_like(300000))
+    with pytest.raises(ArchiveError, match="truncated"):
+        gunzip_all(data[:cut])
+
+
+def test_reader_trailing_data():
+    data = gzip.compress(b"payload")
+    assert gunzip_all(data + bytes(5000)) == b"payload"  # zero padding, as tapes add
+    assert gunzip_all(data + gzip.compress(b" and more")) == b"payload and more"
+    with pytest.raises(ArchiveError, match="trailing garbage"):
+        gunzip_all(data + b"\0\0garbage")
+    with pytest.raises(ArchiveError, match="trailing garbage"):
+        gunzip_all(data + bytes(3) + gzip.compress(b"hidden"))
+
+
+def test_reader_output_is_bounded_for_a_bomb():
+    bomb = gzip.compress(bytes(200 * 1024 * 1024), 9)  # 200 MiB of zeros in ~200 KiB
+    largest = 0
+    total = 0
+    for piece in iter_gunzip(io.BytesIO(bomb).read):
+        largest = max(largest, len(piece))
+        total += len(piece)
+    assert total == 200 * 1024 * 1024 and largest <= gzipstream.OUTPUT_LIMIT

@@ -1,0 +1,269 @@
+"""backup_path and restore_path on the host (no engine needed)."""
+
+import gzip
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+import helpers
+from ai_stack_backup import cli, pathbackup
+from conftest import SCRIPTS
+
+
+@pytest.fixture
+def root_only():
+    if os.geteuid() != 0:
+        pytest.skip("owners other than our own need root")
+
+
+@pytest.fixture
+def tricky(tmp_path, root_only):
+    """A tricky tree at tmp_path/src/output; gives its path and state."""
+    source = tmp_path / "src" / "output"
+    source.parent.mkdir()
+    helpers.make_tricky_tree(source)
+    return str(source), helpers.tree_state(str(source))
+
+
+def backup(source, folder, capsys=None):
+    assert cli.backup_path_main([source, str(folder)]) == 0
+    names = os.listdir(str(folder))
+    assert len(names) == 1
+    return os.path.join(str(folder), names[0])
+
+
+def test_round_trip_is_exact(tricky, tmp_path, capsys):
+    source, state = tricky
+    archive = backup(source, tmp_path / "backups")
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["Backing up path: %s" % source, "Output: %s" % archive, "OK"]
+    name = os.path.basename(archive)
+    assert name.startswith(source.lstrip("/").replace("/", "_") + "__")
+    assert stat.S_IMODE(os.stat(archive).st_mode) == 0o600
+    with tarfile.open(archive) as listing:
+        names = listing.getnames()
+    assert names[0] == "output" and all(n == "output" or n.startswith("output/") for n in names)
+    target = tmp_path / "restored" / "output"
+    target.parent.mkdir()
+    assert cli.restore_path_main([archive, str(target), "--force"]) == 0
+    assert helpers.tree_state(str(target)) == state
+    assert os.listdir(str(target.parent)) == ["output"]  # no staging left behind
+
+
+@pytest.mark.parametrize("tool", ["gnu", "busybox"])
+def test_other_tars_extract_it_without_a_warning(tricky, tmp_path, tool):
+    source, state = tricky
+    archive = backup(source, tmp_path / "backups")
+    destination = tmp_path / tool
+    destination.mkdir()
+    if tool == "gnu":
+        command = ["tar", "-xzf", archive, "-C", str(destination)]
+    else:
+        if not os.path.exists("/bin/busybox"):
+            pytest.skip("busybox is not installed")
+        command = ["/bin/busybox", "tar", "-xzf", archive, "-C", str(destination)]
+    result = subprocess.run(command, capture_output=True)
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+    restored = helpers.tree_state(str(destination / "output"))
+    if tool == "busybox":  # busybox sets no symlink owner or mtime and folder mtimes too early
+        keep = lambda s: {p: (e[0], e[1], None if e[0] == "symlink" else e[2],  # noqa: E731
+                              None if e[0] == "symlink" else e[3],
+                              None if e[0] in ("symlink", "dir") else e[4], e[5], e[6])
+                          for p, e in s.items()}
+        assert keep(restored) == keep(state)
+    else:
+        assert restored == state
+
+
+def test_fifos_are_never_read_and_sockets_and_devices_are_skipped(tmp_path, root_only):
+    source = tmp_path / "src"
+    source.mkdir()
+    os.mkfifo(str(source / "fifo"))  # no writer: reading it would hang for ever
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(source / "sock"))
+    os.mknod(str(source / "null"), stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    (source / "file").write_text("data")
+    result = subprocess.run([sys.executable, os.path.join(SCRIPTS, "backup_path.py"), str(source),
+                             str(tmp_path / "b")], capture_output=True, timeout=60)
+    listener.close()
+    assert result.returncode == 0, result.stderr
+    assert b"sock is a socket; skipped" in result.stderr
+    assert b"null is a device file; skipped" in result.stderr
+    archive = os.path.join(str(tmp_path / "b"), os.listdir(str(tmp_path / "b"))[0])
+    with tarfile.open(archive) as listing:
+        assert sorted(listing.getnames()) == ["src", "src/fifo", "src/file"]
+        assert listing.getmember("src/fifo").isfifo()
+
+
+def test_archive_inside_the_source_is_not_archived(tmp_path):
+    source = tmp_path / "data"
+    (source / "backups").mkdir(parents=True)
+    (source / "file").write_bytes(os.urandom(50000))
+    archive = backup(str(source), source / "backups")
+    with tarfile.open(archive) as listing:
+        assert sorted(listing.getnames()) == ["data", "data/backups", "data/file"]
+
+
+def test_symlinked_source_backs_up_its_target(tmp_path, capsys):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "f").write_text("x")
+    os.symlink(str(real), str(tmp_path / "output"))
+    archive = backup(str(tmp_path / "output") + "/", tmp_path / "b")
+    assert "is a symlink; backing up what it points to" in capsys.readouterr().err
+    with tarfile.open(archive) as listing:
+        assert listing.getnames() == ["output", "output/f"] and listing.getmember("output").isdir()
+
+
+def test_a_single_file_can_be_backed_up(tmp_path):
+    (tmp_path / "notes.txt").write_text("note")
+    archive = backup(str(tmp_path / "notes.txt"), tmp_path / "b")
+    assert os.path.basename(archive).startswith(str(tmp_path).lstrip("/").replace("/", "_")
+                                                + "_notes.txt__")
+    with tarfile.open(archive) as listing:
+        assert listing.getnames() == ["notes.txt"]
+
+
+def test_stdout_stream_is_the_file_form(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "f").write_bytes(os.urandom(3 * 1024 * 1024))
+    archive = backup(str(source), tmp_path / "b")
+    streamed = subprocess.run([sys.executable, os.path.join(SCRIPTS, "backup_path.py"),
+                               str(source), "-"], capture_output=True, timeout=60)
+    assert streamed.returncode == 0
+    assert streamed.stderr.decode().splitlines() == ["Backing up path: %s" % source,
+                                                     "Output: -", "OK"]
+    with open(archive, "rb") as file:
+        assert gzip.decompress(streamed.stdout) == gzip.decompress(file.read())
+
+
+def test_restore_path_from_stdin(tricky, tmp_path, monkeypatch):
+    source, state = tricky
+    archive = backup(source, tmp_path / "backups")
+    target = tmp_path / "elsewhere"
+    with open(archive, "rb") as stdin:
+        result = subprocess.run([sys.executable, os.path.join(SCRIPTS, "restore_path.py"), "-",
+                                 str(target), "--force"], stdin=stdin, capture_output=True,
+                                env=dict(os.environ, BACKUP_DIR=str(tmp_path / "spool")),
+                                timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert helpers.tree_state(str(target)) == state
+    assert os.listdir(str(tmp_path / "spool")) == []
+
+
+def test_restore_path_refusals_change_nothing(tricky, tmp_path, capsys):
+    source, _ = tricky
+    archive = backup(source, tmp_path / "backups")
+    target = tmp_path / "target"
+    (target / "keep").mkdir(parents=True)
+    (target / "keep" / "me").write_text("precious")
+    before = helpers.tree_state(str(target))
+
+    capsys.readouterr()
+    assert cli.restore_path_main([archive, str(target)]) == 1
+    assert capsys.readouterr().err.startswith("ERROR: restore requires --force\n")
+
+    damaged = tmp_path / "damaged.tar.gz"
+    data = bytearray(open(archive, "rb").read())
+    data[len(data) // 3] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    assert cli.restore_path_main([str(damaged), str(target), "--force"]) == 1
+    assert "is refused" in capsys.readouterr().err
+
+    volume_like = tmp_path / "volume.tar.gz"
+    with tarfile.open(str(volume_like), "w:gz") as archive_file:
+        for name in ("./", "./a", "./b"):
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.DIRTYPE
+            archive_file.addfile(info)
+    assert cli.restore_path_main([str(volume_like), str(target), "--force"]) == 1
+    assert "restore_docker_volume" in capsys.readouterr().err
+    assert helpers.tree_state(str(target)) == before
+    assert sorted(os.listdir(str(tmp_path))) == sorted(["backups", "damaged.tar.gz", "src",
+                                                        "target", "volume.tar.gz"])
+
+
+def test_failure_while_extracting_leaves_the_target(tricky, tmp_path, monkeypatch, capsys):
+    source, _ = tricky
+    archive = backup(source, tmp_path / "backups")
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "old").write_text("old contents")
+    before = helpers.tree_state(str(target))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(pathbackup.os, "link", disk_full)
+    assert cli.restore_path_main([archive, str(target), "--force"]) == 1
+    error = capsys.readouterr().err
+    assert "the disk is full" in error and "was not changed" in error
+    assert helpers.tree_state(str(target)) == before
+    assert sorted(os.listdir(str(tmp_path))) == ["backups", "src", "target"]  # no staging
+
+
+def test_unreadable_file_fails_the_backup_and_publishes_nothing(tmp_path, monkeypatch, capsys):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "secret").write_text("x")
+    original_open = os.open
+
+    def denied(path, flags, *args, **kwargs):
+        if os.fsdecode(path).endswith("secret"):
+            raise PermissionError(13, "Permission denied")
+        return original_open(path, flags, *args, **kwargs)
+    monkeypatch.setattr(pathbackup.os, "open", denied)
+    assert cli.backup_path_main([str(source), str(tmp_path / "b")]) == 1
+    assert "cannot read %s: Permission denied" % (source / "secret") in capsys.readouterr().err
+    assert os.listdir(str(tmp_path / "b")) == []
+
+
+def test_disk_full_while_writing_leaves_nothing(tmp_path, monkeypatch, capsys):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "f").write_bytes(os.urandom(4 * 1024 * 1024))
+    (tmp_path / "b").mkdir()
+    earlier = tmp_path / "b" / "earlier__20260101T000000Z.tar.gz"
+    earlier.write_bytes(b"an earlier archive")
+    from ai_stack_backup import common
+    original = common.AtomicArchive.__init__
+
+    def small_disk(self, final_path):
+        original(self, final_path)
+        real_write = self.file.write
+
+        class FullFile:
+            def __init__(self, file):
+                self._file, self.written = file, 0
+
+            def write(self, data):
+                self.written += len(data)
+                if self.written > 1024 * 1024:
+                    raise OSError(28, "No space left on device")
+                return real_write(data)
+
+            def __getattr__(self, name):
+                return getattr(self._file, name)
+        self.file = FullFile(self.file)
+    monkeypatch.setattr(common.AtomicArchive, "__init__", small_disk)
+    assert cli.backup_path_main([str(source), str(tmp_path / "b")]) == 1
+    assert "the disk is full" in capsys.readouterr().err
+    assert os.listdir(str(tmp_path / "b")) == [earlier.name]
+    assert earlier.read_bytes() == b"an earlier archive"
+
+
+def test_copying_scripts_alone_is_an_install(tmp_path):
+    install = tmp_path / "host" / "scripts"
+    shutil.copytree(SCRIPTS, str(install), ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "f").write_text("x")
+    result = subprocess.run(["sh", str(install / "backup_path.sh"), str(tmp_path / "data"),
+                             str(tmp_path / "b")], cwd="/", capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines()[-1] == "OK"
