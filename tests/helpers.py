@@ -25,11 +25,9 @@ def docker(*arguments, check=True, input=None):
     return result.stdout.decode(errors="replace")
 
 
-def build_helper_image(workdir):
-    """Build the helper image from the host's static busybox (no registry needed)."""
-    if subprocess.run(["docker", "image", "inspect", HELPER_IMAGE],
-                      capture_output=True).returncode == 0:
-        return
+def _busybox_rootfs(replacements=None):
+    """A rootfs tar of the host's static busybox; ``replacements`` maps a path to a script."""
+    replacements = replacements or {}
     applets = subprocess.run(["/bin/busybox", "--list"], capture_output=True,
                              check=True).stdout.decode().split()
     rootfs = io.BytesIO()
@@ -40,11 +38,42 @@ def build_helper_image(workdir):
             archive.addfile(info)
         archive.add("/bin/busybox", "bin/busybox")
         for applet in applets:
-            if applet != "busybox":
+            if applet != "busybox" and "bin/" + applet not in replacements:
                 info = tarfile.TarInfo("bin/" + applet)
                 info.type, info.linkname = tarfile.SYMTYPE, "busybox"
                 archive.addfile(info)
-    docker("import", "-", HELPER_IMAGE, input=rootfs.getvalue())
+        for path, script in replacements.items():
+            info = tarfile.TarInfo(path)
+            info.mode, info.size = 0o755, len(script)
+            archive.addfile(info, io.BytesIO(script))
+    return rootfs.getvalue()
+
+
+def build_helper_image(workdir=None):
+    """Build the helper image from the host's static busybox (no registry needed)."""
+    if subprocess.run(["docker", "image", "inspect", HELPER_IMAGE],
+                      capture_output=True).returncode == 0:
+        return
+    docker("import", "-", HELPER_IMAGE, input=_busybox_rootfs())
+
+
+def build_variant_image(name, tar_function):
+    """A helper image whose ``tar`` is the shell function body ``tar_function``; gives its name.
+
+    busybox's shell runs its own applets without looking at PATH, so ``sh`` is
+    a wrapper that defines the function and then runs the tool's script as is.
+    """
+    image = "ai-stack-backup-test-%s:latest" % name
+    wrapper = (b"#!/bin/busybox ash\n"
+               b"tar() { %s; }\n"
+               b"set -eu\n"
+               b'eval "$2"\n') % tar_function
+    docker("import", "-", image, input=_busybox_rootfs({"bin/sh": wrapper}))
+    return image
+
+
+FAILING_TAR = b"echo 'tar: simulated failure' >&2; return 2"
+HANGING_TAR = b"exec sleep 600"
 
 
 def mountpoint(volume):
@@ -171,3 +200,25 @@ def without_root_mtime(state):
     kind, mode, uid, gid, _, payload, group = state[b"."]
     state[b"."] = (kind, mode, uid, gid, None, payload, group)
     return state
+
+
+def start_app_container(volume, name):
+    """A running container that mounts ``volume`` and logs each start to /data/starts."""
+    docker("run", "-d", "--init", "--name", name, "--network", "none", "-v", volume + ":/data",
+           HELPER_IMAGE, "sh", "-c", "echo started >> /data/starts; exec sleep 100000")
+    return name
+
+
+def container_running(name):
+    return docker("container", "inspect", "--format", "{{.State.Running}}", name).strip() == "true"
+
+
+def starts(volume):
+    with open(os.path.join(mountpoint(volume), "starts")) as file:
+        return len(file.read().splitlines())
+
+
+def helper_containers():
+    """Names of helper containers of the tool that still exist."""
+    return docker("ps", "-a", "--filter", "label=ai-stack-backup.helper",
+                  "--format", "{{.Names}}").split()
