@@ -1,0 +1,340 @@
+"""Hostile archives, faults mid-flight, safety backup and rollback, volumes in use (real engine)."""
+
+import gzip
+import os
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+import helpers
+from ai_stack_backup import cli, common
+from conftest import SCRIPTS
+from test_tarstream import HOSTILE, entry, raw_tar
+
+pytestmark = pytest.mark.engine
+
+# busybox extracts nothing until the stream starts; this one sleeps after the wipe.
+SLOW_EXTRACT = b'case "$1" in -x*) sleep 600;; esac; busybox tar "$@"'
+
+
+@pytest.fixture
+def small_volume(make_volume, tmp_path):
+    """A volume with a few files; gives (name, state)."""
+    volume = make_volume()
+    data = tmp_path / "small"
+    (data / ".hidden").mkdir(parents=True)
+    (data / ".hidden" / "token").write_text("secret")
+    (data / "app.db").write_bytes(os.urandom(20000))
+    helpers.fill_volume(volume, data)
+    return volume, helpers.volume_state(volume)
+
+
+@pytest.fixture
+def big_volume(make_volume, tmp_path):
+    """A volume with 200 MB of incompressible data: slow enough to interrupt."""
+    volume = make_volume()
+    data = tmp_path / "big"
+    data.mkdir()
+    for index in range(8):
+        (data / ("blob%d" % index)).write_bytes(os.urandom(25 * 1024 * 1024))
+    helpers.fill_volume(volume, data)
+    return volume
+
+
+@pytest.fixture
+def small_disk(public_tmp):
+    """A 3 MiB tmpfs the engine can see; gives its path."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path = os.path.join(public_tmp, "small-disk")
+    os.mkdir(path)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", path], check=True)
+    yield path
+    subprocess.run(["umount", "-l", path], check=True)
+
+
+def gz(data):
+    return gzip.compress(data)
+
+
+def write(path, data):
+    with open(str(path), "wb") as file:
+        file.write(data)
+    return str(path)
+
+
+def wait_for(condition, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for " + what
+        time.sleep(0.1)
+
+
+def temp_files(folder):
+    return [name for name in os.listdir(str(folder)) if name.startswith(common.WORK_PREFIX)]
+
+
+# --- hostile and broken archives ------------------------------------------------
+
+BROKEN = {
+    "empty file": b"",
+    "not gzip": b"PK\x03\x04" + os.urandom(2000),
+    "gzip of something that is not tar": gz(b"hello world\n" * 1000),
+    "trailing garbage": gz(raw_tar([entry("./f", data=b"1")])) + b"garbage",
+    "no end-of-archive marker": gz(raw_tar([entry("./f", data=b"1")], end=b"")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE) + sorted(BROKEN))
+def test_hostile_or_broken_archive_changes_nothing(helper_env, small_volume, tmp_path, case,
+                                                   capsys):
+    volume, original = small_volume
+    if case in BROKEN:
+        data = BROKEN[case]
+    else:  # harmless members first: they must not reach the volume either
+        harmless = [entry("./", tarfile.DIRTYPE), entry("./harmless-first", data=b"x")]
+        fmt = tarfile.PAX_FORMAT if "pax" in case else tarfile.GNU_FORMAT
+        data = gz(raw_tar(harmless + HOSTILE[case], fmt))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    archive = write(folder / "hostile.tar.gz", data)
+    assert cli.restore_docker_volume_main([volume, archive, "--force"]) == 1
+    assert "is refused" in capsys.readouterr().err
+    assert helpers.volume_state(volume) == original
+    assert os.listdir(str(folder)) == ["hostile.tar.gz"]
+
+
+def test_helper_extracts_exactly_what_was_checked(helper_env, make_volume, tmp_path):
+    """pax records rename and resize members; busybox must see our reading, not its own."""
+    members = [entry("./", tarfile.DIRTYPE, mode=0o755),
+               entry("./plain-name", data=b"renamed by pax",
+                     pax={"path": "./pax-path-" + "p" * 120, "mtime": "1500000000.5",
+                          "uid": "3000000", "gid": "3000001"}),
+               entry("./link", tarfile.SYMTYPE, linkname="x", pax={"linkpath": "/pax/target"}),
+               entry("./global-comment", data=b"ok", pax={"comment": "ignored", "atime": "1"})]
+    archive = write(tmp_path / "pax.tar.gz", gz(raw_tar(members, tarfile.PAX_FORMAT)))
+    volume = make_volume(create=False)
+    assert cli.restore_docker_volume_main([volume, archive, "--force"]) == 0
+    state = helpers.volume_state(volume)
+    renamed = state[b"pax-path-" + b"p" * 120]
+    assert renamed[2:5] == (3_000_000, 3_000_001, 1_500_000_000)
+    assert state[b"link"][5] == b"/pax/target"
+    assert sorted(state) == sorted([b".", b"pax-path-" + b"p" * 120, b"link", b"global-comment"])
+
+
+# --- faults while running -----------------------------------------------------------
+
+def start_backup(volume, folder, **environment):
+    return subprocess.Popen(
+        [sys.executable, os.path.join(SCRIPTS, "backup_docker_volume.py"), volume, str(folder)],
+        env=dict(os.environ, BACKUP_THREADS="1", BACKUP_GZIP_LEVEL="9", **environment),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def growing_temp_file(folder):
+    def check():
+        names = temp_files(folder) if os.path.isdir(str(folder)) else []
+        return any(os.path.getsize(os.path.join(str(folder), name)) > 1024 * 1024
+                   for name in names if name.endswith(common.TEMP_SUFFIX))
+    return check
+
+
+def test_sigkill_leaves_no_archive_and_no_helper(helper_env, big_volume, tmp_path):
+    folder = tmp_path / "backups"
+    process = start_backup(big_volume, folder)
+    wait_for(growing_temp_file(folder), "the backup to be under way")
+    process.kill()
+    process.wait()
+    wait_for(lambda: not helpers.helper_containers(), "the helper to go", timeout=10)
+    assert not any(name.endswith(".tar.gz") for name in os.listdir(str(folder)))
+    # The next backup_all removes what the killed run left.
+    removed = common.remove_stale_work_files(str(folder))
+    assert removed and os.listdir(str(folder)) == []
+
+
+def test_helper_killed_mid_stream_publishes_nothing(helper_env, big_volume, tmp_path):
+    folder = tmp_path / "backups"
+    process = start_backup(big_volume, folder)
+    wait_for(growing_temp_file(folder), "the backup to be under way")
+    for name in helpers.helper_containers():
+        helpers.docker("kill", name, check=False)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert b"backing up volume %s failed" % big_volume.encode() in err
+    assert b"OK" not in out.splitlines()
+    assert os.listdir(str(folder)) == []
+
+
+def test_disk_full_is_said_plainly_and_leaves_earlier_archives(helper_env, big_volume,
+                                                              small_disk, capsys):
+    earlier = os.path.join(small_disk, common.archive_name(big_volume, "20260101T000000Z"))
+    write(earlier, b"an earlier archive")
+    assert cli.backup_docker_volume_main([big_volume, small_disk, "--quiet"]) == 1
+    assert "the disk is full" in capsys.readouterr().err
+    assert os.listdir(small_disk) == [os.path.basename(earlier)]
+    assert open(earlier, "rb").read() == b"an earlier archive"
+
+
+# --- safety backup and rollback ------------------------------------------------------
+
+def backup_of(volume, folder):
+    assert cli.backup_docker_volume_main([volume, str(folder), "--quiet"]) == 0
+    return os.path.join(str(folder), sorted(os.listdir(str(folder)))[-1])
+
+
+def test_safety_backup_is_an_ordinary_archive(helper_env, small_volume, make_volume, tmp_path,
+                                              capsys, monkeypatch):
+    volume, original = small_volume
+    other = make_volume()
+    helpers.fill_volume(other, helpers.make_tricky_tree(tmp_path / "tricky").decode())
+    archive = backup_of(other, tmp_path / "archives")
+    capsys.readouterr()
+    assert cli.restore_docker_volume_main([volume, archive, "--force"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    snapshots = [name for name in os.listdir(str(tmp_path / "archives"))
+                 if name.startswith(volume + "__")]
+    assert len(snapshots) == 1  # next to the archive, as BACKUP_DIR is not set
+    snapshot = os.path.join(str(tmp_path / "archives"), snapshots[0])
+    assert out[2] == "Safety backup of the current contents: %s" % snapshot
+    assert out[-1] == "Previous contents kept in: %s" % snapshot
+    assert helpers.volume_state(volume) == helpers.volume_state(other)
+    check = make_volume(create=False)
+    assert cli.restore_docker_volume_main([check, snapshot, "--force"]) == 0
+    assert helpers.volume_state(check) == original
+    # With BACKUP_DIR set, the safety backup goes there.
+    monkeypatch.setenv("BACKUP_DIR", str(tmp_path / "configured"))
+    assert cli.restore_docker_volume_main([check, archive, "--force", "--quiet"]) == 0
+    assert [name.split("__")[0] for name in os.listdir(str(tmp_path / "configured"))] == [check]
+
+
+def test_no_safety_backup_of_an_empty_volume_or_when_declined(helper_env, small_volume,
+                                                              make_volume, tmp_path, capsys):
+    volume, _ = small_volume
+    archive = backup_of(volume, tmp_path / "archives")
+    empty = make_volume()
+    assert cli.restore_docker_volume_main([empty, archive, "--force"]) == 0
+    assert cli.restore_docker_volume_main([volume, archive, "--force", "--no-safety-backup"]) == 0
+    assert "Safety backup" not in capsys.readouterr().out
+    assert os.listdir(str(tmp_path / "archives")) == [os.path.basename(archive)]
+
+
+def test_helper_killed_after_the_wipe_rolls_back(engine, small_volume, make_volume, tmp_path,
+                                                 monkeypatch):
+    volume, original = small_volume
+    other = make_volume()
+    helpers.fill_volume(other, helpers.make_tricky_tree(tmp_path / "tricky").decode())
+    monkeypatch.setenv("BACKUP_HELPER_IMAGE", engine)
+    archive = backup_of(other, tmp_path / "archives")
+    slow = helpers.build_variant_image("slow-extract", SLOW_EXTRACT)
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(SCRIPTS, "restore_docker_volume.py"), volume, archive,
+         "--force"], env=dict(os.environ, BACKUP_HELPER_IMAGE=slow),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in process.stdout:
+        if line.startswith(b"WARNING: deleting existing volume data"):
+            break
+    wait_for(lambda: not os.listdir(helpers.mountpoint(volume)), "the wipe")
+    helpers.docker("tag", engine, slow)  # the rollback's helper must not sleep too
+    for name in helpers.helper_containers():
+        helpers.docker("kill", name, check=False)
+    process.stdout.read()
+    error = process.stderr.read()
+    assert process.wait(timeout=120) == 1
+    assert b"was rolled back to its previous contents from the safety backup" in error
+    assert helpers.volume_state(volume) == original
+
+
+def test_disk_full_inside_the_volume_rolls_back(helper_env, make_volume, small_disk, tmp_path,
+                                               capsys):
+    folder = os.path.join(small_disk, "volume-data")
+    os.mkdir(folder)
+    volume = make_volume(create=False)
+    helpers.docker("volume", "create", "--driver", "local", "--opt", "type=none",
+                   "--opt", "o=bind", "--opt", "device=" + folder, volume)
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "precious").write_bytes(os.urandom(100000))
+    helpers.fill_volume(volume, tmp_path / "small")
+    original = helpers.volume_state(volume)
+    big = make_volume()
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "too-big").write_bytes(os.urandom(5 * 1024 * 1024))
+    helpers.fill_volume(big, tmp_path / "big")
+    archive = backup_of(big, tmp_path / "archives")
+    capsys.readouterr()
+    assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert "No space left on device" in error
+    assert "was rolled back to its previous contents" in error
+    assert helpers.volume_state(volume) == original
+
+
+def test_restore_stops_before_any_change_if_the_safety_backup_fails(
+        helper_env, big_volume, small_disk, tmp_path, monkeypatch, capsys):
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "f").write_text("x")
+    source = helpers.docker("volume", "create", "aisb-test-tiny-%s" % os.urandom(3).hex()).strip()
+    try:
+        helpers.fill_volume(source, tmp_path / "tiny")
+        archive = backup_of(source, tmp_path / "archives")
+    finally:
+        helpers.docker("volume", "rm", "-f", source)
+    before = helpers.volume_state(big_volume)
+    monkeypatch.setenv("BACKUP_DIR", small_disk)  # 3 MiB cannot hold 200 MB
+    assert cli.restore_docker_volume_main([big_volume, archive, "--force", "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert "cannot save the current contents" in error and "nothing was changed" in error
+    assert "the disk is full" in error
+    assert helpers.volume_state(big_volume) == before
+    assert os.listdir(small_disk) == []
+
+
+# --- volumes in use ----------------------------------------------------------------
+
+@pytest.fixture
+def app(make_volume):
+    names = []
+
+    def start(volume):
+        names.append("aisb-app-%s" % os.urandom(4).hex())
+        return helpers.start_app_container(volume, names[-1])
+    yield start
+    for name in names:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+
+
+def test_restore_refuses_a_volume_in_use(helper_env, small_volume, app, tmp_path, capsys):
+    volume, _ = small_volume
+    archive = backup_of(volume, tmp_path / "archives")
+    first, second = app(volume), app(volume)
+    time.sleep(0.5)
+    before = helpers.volume_state(volume)
+    capsys.readouterr()
+    assert cli.restore_docker_volume_main([volume, archive, "--force"]) == 1
+    error = capsys.readouterr().err
+    assert "in use by running container(s)" in error and first in error and second in error
+    assert "--stop-containers" in error
+    assert helpers.volume_state(volume) == before
+    assert cli.restore_docker_volume_main([volume, archive, "--force", "--stop-containers"]) == 0
+    assert helpers.container_running(first) and helpers.container_running(second)
+    time.sleep(0.5)
+    # The archive predates the containers: a replaced volume has a fresh "starts" file
+    # with one line per restart (4 would mean nothing was replaced).
+    assert helpers.starts(volume) == 2
+
+
+def test_stop_containers_restarts_them_when_the_restore_fails(engine, small_volume, app,
+                                                               tmp_path, monkeypatch, capsys):
+    volume, original = small_volume
+    monkeypatch.setenv("BACKUP_HELPER_IMAGE", engine)
+    archive = backup_of(volume, tmp_path / "archives")
+    running = app(volume)
+    monkeypatch.setenv("BACKUP_HELPER_IMAGE",
+                       helpers.build_variant_image("failing", helpers.FAILING_TAR))
+    assert cli.restore_docker_volume_main([volume, archive, "--force", "--stop-containers"]) == 1
+    error = capsys.readouterr().err
+    assert "cannot save the current contents" in error and "simulated failure" in error
+    assert "starting container %s again" % running in error
+    assert helpers.container_running(running)
