@@ -284,7 +284,7 @@ class _HostExtractor:
     def __init__(self, root):
         self.root = os.fsencode(root)
         self.as_root = os.geteuid() == 0
-        self.folders = []
+        self.folders = {}  # path -> its last folder member: a later entry wins, as in tar
 
     def _owner(self, path, member, follow=True):
         if self.as_root:
@@ -310,7 +310,7 @@ class _HostExtractor:
         elif member.kind == DIRECTORY:
             if not os.path.isdir(path):
                 os.mkdir(path, 0o700)
-            self.folders.append(member)  # metadata last: their contents change them
+            self.folders[member.path] = member  # metadata last: contents change them
         elif member.kind == SYMLINK:
             os.symlink(member.linkname, path)
             self._owner(path, member, follow=False)
@@ -324,7 +324,8 @@ class _HostExtractor:
             os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
 
     def finish(self):
-        for member in reversed(self.folders):
+        # Deepest first: a folder made read-only must not block its children's metadata.
+        for member in sorted(self.folders.values(), key=lambda folder: -folder.path.count(b"/")):
             path = os.path.join(self.root, member.path)
             self._owner(path, member)
             os.chmod(path, member.mode)

@@ -399,7 +399,8 @@ class ArchiveRules:
     or a ``..`` component; is a character or block device; passes through a
     symlink (or any non-folder) an earlier member created; is a hard link
     whose target is not an earlier regular file; changes the type of a path
-    an earlier member created; makes the root anything but a folder.
+    an earlier member created; repeats a path that is not a folder; makes the
+    root anything but a folder.
     """
 
     def __init__(self):
@@ -436,6 +437,11 @@ class ArchiveRules:
         if existing is not None and existing != recorded:
             raise ArchiveError("the member %s changes a %s an earlier member created into a %s"
                                % (show(member.name), KIND_NAMES[existing], KIND_NAMES[kind]))
+        if existing is not None and kind != DIRECTORY:
+            # busybox creates links only after the whole stream and cannot replace a name
+            # by then, so a second entry for a non-folder could not be extracted faithfully.
+            raise ArchiveError("the member %s appears a second time (only folders may)"
+                               % show(member.name))
         if kind == HARDLINK:
             target = normalize(member.linkname, "hard link target")
             if target == path or self._kinds.get(target) != FILE:
