@@ -178,6 +178,20 @@ def test_disk_full_is_said_plainly_and_leaves_earlier_archives(helper_env, big_v
     assert open(earlier, "rb").read() == b"an earlier archive"
 
 
+def test_restore_streams_twice_when_the_disk_cannot_stage_it(helper_env, make_volume, small_disk,
+                                                             tmp_path, monkeypatch, capsys):
+    source = make_volume()
+    helpers.fill_volume(source, helpers.make_tricky_tree(tmp_path / "tricky").decode())
+    assert cli.backup_docker_volume_main([source, str(tmp_path / "a"), "--quiet"]) == 0
+    archive = os.path.join(str(tmp_path / "a"), os.listdir(str(tmp_path / "a"))[0])
+    monkeypatch.setenv("BACKUP_DIR", small_disk)  # 3 MiB: no room to stage 3+ MiB of tar
+    target = make_volume(create=False)
+    assert cli.restore_docker_volume_main([target, archive, "--force", "--quiet"]) == 0
+    assert "streaming it in a second pass" in capsys.readouterr().err
+    assert helpers.volume_state(target) == helpers.volume_state(source)
+    assert os.listdir(small_disk) == []
+
+
 # --- safety backup and rollback ------------------------------------------------------
 
 def backup_of(volume, folder):

@@ -1,12 +1,13 @@
 """The tar parser, the safety rules and the header writer, on archives built in memory."""
 
 import io
+import sys
 import tarfile
 
 import pytest
 
 from ai_stack_backup.common import ArchiveError
-from ai_stack_backup.tarstream import DIRECTORY, END_OF_ARCHIVE, FILE, HARDLINK, SYMLINK, \
+from ai_stack_backup.tarstream import DIRECTORY, END_OF_ARCHIVE, FIFO, FILE, HARDLINK, SYMLINK, \
     ArchiveRules, Member, TarReader, _PathTable, member_header, normalize
 
 
@@ -234,3 +235,51 @@ def test_member_header_reemits_exactly(tmp_path):
     with tarfile.open(str(path)) as archive:  # and tarfile agrees
         assert archive.getmembers()[0].name.encode("utf-8", "surrogateescape") == \
             b"./" + member.path
+
+
+HEADER_CASES = [
+    (b"a.txt", FILE, dict(size=14)),
+    (b"n" * 98, FILE, dict(size=1)),                  # exactly 100 bytes with "./"
+    (b"n" * 99, FILE, dict(size=1)),                  # 101: a GNU long-name record
+    (b"d" * 98, DIRECTORY, {}),                       # the slash makes it 101
+    (b"bad-\xff\xfe\nname with space", FILE, dict(mode=0o7777)),
+    (b"big-owner", FILE, dict(uid=2 ** 21, gid=2 ** 40)),  # base-256
+    (b"far-future", FILE, dict(mtime=8 ** 11 + 5)),   # base-256 mtime
+    (b"huge", FILE, dict(size=9 * 1024 ** 3)),       # over 8 GiB: base-256 size
+    (b"fifo", FIFO, dict(mode=0o620)),
+    (b"link", SYMLINK, dict(linkname=b"/t" * 60)),     # a GNU long-link record
+    (b"l" * 120, HARDLINK, dict(link_path=b"h" * 110)),
+]
+
+
+def tarfile_header(member):
+    kinds = {FILE: tarfile.REGTYPE, DIRECTORY: tarfile.DIRTYPE, SYMLINK: tarfile.SYMTYPE,
+             HARDLINK: tarfile.LNKTYPE, FIFO: tarfile.FIFOTYPE}
+    info = tarfile.TarInfo((b"./" + member.path).decode("utf-8", "surrogateescape"))
+    info.type, info.mode, info.uid, info.gid = kinds[member.kind], member.mode, member.uid, \
+        member.gid
+    info.mtime, info.size = member.mtime, member.size if member.kind == FILE else 0
+    info.uname = info.gname = ""
+    if member.kind == HARDLINK:
+        info.linkname = (b"./" + member.link_path).decode("utf-8", "surrogateescape")
+    elif member.kind == SYMLINK:
+        info.linkname = member.linkname.decode("utf-8", "surrogateescape")
+    return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize("path, kind, fields", HEADER_CASES)
+def test_member_header_is_what_tarfile_writes(path, kind, fields):
+    fields = dict(fields)
+    link_path = fields.pop("link_path", None)
+    member = Member(b"./" + path, kind, **dict(dict(mode=0o644, mtime=1_600_000_000), **fields))
+    member.path, member.link_path = path, link_path
+    ours, theirs = member_header(member), tarfile_header(member)
+    if sys.version_info >= (3, 9):  # 3.8's tarfile writes octal zeros as device numbers
+        assert ours == theirs
+    parsed = [tarfile.open(fileobj=io.BytesIO(raw + bytes(member.size if kind == FILE and
+                                                            member.size < 10 ** 6 else 0)
+                                              + bytes(1024)), mode="r:").next()
+              if member.size < 10 ** 6 else None for raw in (ours, theirs)]
+    if parsed[0] is not None:
+        ours_info, theirs_info = (dict(one.get_info(), chksum=None) for one in parsed)
+        assert ours_info == theirs_info

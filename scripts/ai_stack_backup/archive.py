@@ -11,7 +11,7 @@ import sys
 import tempfile
 
 from .common import TEMP_SUFFIX, WORK_PREFIX, BackupError, Progress, describe_os_error
-from .gzipstream import iter_gunzip
+from .gzipstream import iter_gunzip, prefetched
 from .tarstream import ArchiveRules, TarReader
 
 READ_SIZE = 1 << 20
@@ -55,7 +55,7 @@ def checked_members(file, progress=None):
     ``reader.data()`` before taking the next member.
     """
     counter = CountingReader(file, progress)
-    reader = TarReader(iter_gunzip(counter.read))
+    reader = TarReader(prefetched(iter_gunzip(counter.read)))
     rules = ArchiveRules()
 
     def members():

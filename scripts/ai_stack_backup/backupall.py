@@ -187,7 +187,8 @@ def run_backup_all(settings, dry_run=False, messages=None, quiet=True):
         for volume in settings.volumes:
             outcomes.append(_back_up_and_verify(
                 "volume", volume, volume,
-                lambda: backup_volume(volume, folder, settings.stop_containers, messages, quiet),
+                lambda volume=volume: backup_volume(volume, folder, settings.stop_containers,
+                                                    messages, quiet),
                 messages))
         if have_output_root:
             outcomes.append(_back_up_and_verify(

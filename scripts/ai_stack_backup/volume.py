@@ -16,6 +16,7 @@ anything fails after the volume was emptied, the safety backup is restored.
 """
 
 import contextlib
+import errno
 import os
 import sys
 import time
@@ -25,18 +26,22 @@ from .archive import ArchiveSummary, checked_members, scan_archive, spooled_stdi
 from .common import DEFAULT_BACKUP_DIR, DEFAULT_HELPER_IMAGE, ArchiveError, AtomicArchive, \
     BackupError, Progress, archive_name, describe_os_error, ensure_backup_dir, log, say, \
     utc_timestamp, warn
-from .gzipstream import ParallelGzipWriter, settings_from_environment
+from .gzipstream import CHUNK_SIZE, ParallelGzipWriter, settings_from_environment
 from .tarstream import DIRECTORY, END_OF_ARCHIVE, FILE, SYMLINK, TarReader, member_header, \
     padding
 
-READ_SIZE = 1 << 20
 WRITE_BUFFER = 256 * 1024
 HELPER_EXIT_GRACE = 10  # seconds for a helper whose stream already ended to report its exit
+SPOOL_CHECK_EVERY = 64 << 20
+SPOOL_RESERVE_MIN = 1 << 30  # staging never leaves less free space than this...
+SPOOL_RESERVE_SHARE = 0.05  # ...or than this share of the filesystem
 
 BACKUP_SCRIPT = "tar -C /volume -cf /transfer/stream ."
 BACKUP_TO_STDOUT_SCRIPT = "tar -C /volume -cf - ."
 WIPE_COMMAND = "rm -rf /volume/..?* /volume/.[!.]* /volume/*"  # hidden entries too
-RESTORE_SCRIPT = """exec 4</transfer/stream
+# The helper reads the staged plain.tar if there is one, else the stream from the FIFO.
+RESTORE_SCRIPT = """if [ -e /transfer/plain.tar ]; then source=plain.tar; else source=stream; fi
+exec 4</transfer/$source
 %s
 tar -xf - -C /volume --numeric-owner <&4
 [ -e /transfer/complete ] || { echo "the archive stream ended early" >&2; exit 4; }
@@ -68,15 +73,26 @@ def _read_tar_from_helper(descriptor, helper, gzip_writer, volume, progress):
     marker included) and the helper exited 0.
     """
     def chunks():
+        # Whole chunks read straight into fresh buffers go to the compressor uncopied.
         while True:
-            data = os.read(descriptor, READ_SIZE)
-            if not data:
+            chunk = bytearray(CHUNK_SIZE)
+            filled = 0
+            while filled < CHUNK_SIZE:
+                count = os.readv(descriptor, [memoryview(chunk)[filled:]])
+                if not count:
+                    break
+                filled += count
+            if not filled:
                 return
-            gzip_writer.write(data)
-            progress.advance(len(data))
-            yield data
+            if filled < CHUNK_SIZE:
+                del chunk[filled:]
+            gzip_writer.write_chunk(chunk)
+            progress.advance(filled)
+            yield chunk
+            if filled < CHUNK_SIZE:
+                return
 
-    reader = TarReader(chunks())
+    reader = TarReader(chunks(), light=True)  # structure and end marker; restore reads fully
     try:
         for _ in reader:
             pass
@@ -217,8 +233,49 @@ class _PipeWriter:
             view = view[written:]
 
 
-def _emit_checked_stream(archive_file, descriptor, transfer, progress):
-    """Re-emit the archive's checked members as plain tar into the FIFO; give an ArchiveSummary.
+class _SpoolFull(Exception):
+    """Staging the uncompressed archive would eat into the disk's reserve."""
+
+
+class _SpoolWriter:
+    """Writes the re-emitted stream to ``plain.tar``, stopping well before the disk is full.
+
+    The free space is checked every 64 MiB; when less than the reserve
+    (5% of the filesystem, at least 1 GiB) would be left, _SpoolFull is raised.
+    """
+
+    def __init__(self, path):
+        self.file = open(path, "wb", buffering=WRITE_BUFFER)
+        self.unchecked = 0
+        self._check()
+
+    def _check(self):
+        status = os.fstatvfs(self.file.fileno())
+        reserve = max(SPOOL_RESERVE_MIN, status.f_blocks * status.f_frsize * SPOOL_RESERVE_SHARE)
+        if status.f_bavail * status.f_frsize - SPOOL_CHECK_EVERY < reserve:
+            raise _SpoolFull()
+
+    def write(self, data):
+        try:
+            self.file.write(data)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _SpoolFull()
+            raise
+        self.unchecked += len(data)
+        if self.unchecked >= SPOOL_CHECK_EVERY:
+            self.unchecked = 0
+            self._check()
+
+    def flush(self):
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def _emit_checked_stream(archive_file, output, transfer, progress):
+    """Re-emit the archive's checked members as plain tar into ``output``; give an ArchiveSummary.
 
     Folder headers also go to ``folders.tar``, which the helper extracts last:
     busybox sets a folder's mtime when it creates it, and creates hard links
@@ -227,8 +284,8 @@ def _emit_checked_stream(archive_file, descriptor, transfer, progress):
     listed for the helper to set. The ``complete`` marker is created only
     after the whole archive, gzip trailer included, checked out.
     """
+    archive_file.seek(0)
     reader, members, counter = checked_members(archive_file, progress)
-    output = _PipeWriter(descriptor)
     with open(transfer.file("folders.tar"), "wb") as folders, \
             open(transfer.file("symlinks"), "wb") as symlinks:
         for member in members:
@@ -255,38 +312,67 @@ def _emit_checked_stream(archive_file, descriptor, transfer, progress):
     return ArchiveSummary(reader.members, reader.data_bytes, reader.offset, counter.count)
 
 
-def _extract_into_volume(volume, archive_file, work_folder, image, label, quiet):
-    """Empty the volume and fill it with the checked members of ``archive_file``.
+def _check_archive(archive_file, transfer, label, quiet):
+    """Read and check the whole archive; give ``(ArchiveSummary, staged)``.
 
-    Gives the ArchiveSummary of what was sent. Raises BackupError (or
-    ArchiveError) if the helper or the stream fails; the volume may then be
-    partly filled, which the caller rolls back.
+    The re-emitted stream is staged as ``plain.tar`` in the transfer folder
+    when the disk has room, so the helper extracts a file and the archive is
+    decompressed only once; otherwise it is only checked here and streamed
+    in a second pass. Raises ArchiveError for a damaged or hostile archive.
     """
-    archive_file.seek(0)
     total = os.fstat(archive_file.fileno()).st_size
     progress = Progress(label, total=total, enabled=not quiet)
-    what = "restoring volume %s" % volume
     try:
-        with docker.TransferFolder(work_folder) as transfer, \
-                docker.Helper(image, volume, RESTORE_SCRIPT, transfer=transfer) as helper:
+        try:
+            spool = _SpoolWriter(transfer.file("plain.tar"))
+            try:
+                return _emit_checked_stream(archive_file, spool, transfer, progress), True
+            finally:
+                spool.close()
+        except _SpoolFull:
+            for name in ("plain.tar", "folders.tar", "symlinks", "complete"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(transfer.file(name))
+            log("too little free space in %s to stage the uncompressed archive; checking it "
+                "first and streaming it in a second pass" % os.path.dirname(transfer.path))
+        archive_file.seek(0)
+        progress.done = 0
+        return scan_archive(archive_file, progress), False
+    finally:
+        progress.finish()
+
+
+def _extract_into_volume(volume, archive_file, transfer, staged, image, quiet):
+    """Empty the volume and fill it with the checked archive (staged, or streamed again).
+
+    Gives the ArchiveSummary of a second pass, or None when the staged copy
+    was extracted. Raises BackupError if the helper or the stream fails; the
+    volume may then be partly filled, which the caller rolls back.
+    """
+    what = "restoring volume %s" % volume
+    sent = None
+    with docker.Helper(image, volume, RESTORE_SCRIPT, transfer=transfer) as helper:
+        if not staged:
+            progress = Progress("Restoring %s" % volume,
+                                total=os.fstat(archive_file.fileno()).st_size, enabled=not quiet)
             descriptor = docker.open_fifo_for_writing(transfer.fifo, helper, what)
             try:
-                summary = _emit_checked_stream(archive_file, descriptor, transfer, progress)
+                sent = _emit_checked_stream(archive_file, _PipeWriter(descriptor), transfer,
+                                            progress)
             except BrokenPipeError:
                 returncode = helper.wait(timeout=HELPER_EXIT_GRACE)
                 raise BackupError("%s failed: the helper stopped reading (exit %s): %s"
                                   % (what, returncode, helper.error_output()))
             finally:
                 os.close(descriptor)
-            returncode = helper.wait()
-            if returncode != 0:
-                raise BackupError("%s failed: the helper exited with %d: %s"
-                                  % (what, returncode, helper.error_output()))
-            for line in helper.warnings():
-                warn("volume %s: %s" % (volume, line))
-    finally:
-        progress.finish()
-    return summary
+                progress.finish()
+        returncode = helper.wait()
+        if returncode != 0:
+            raise BackupError("%s failed: the helper exited with %d: %s"
+                              % (what, returncode, helper.error_output()))
+        for line in helper.warnings():
+            warn("volume %s: %s" % (volume, line))
+    return sent
 
 
 def _wipe_volume(volume, image):
@@ -331,9 +417,10 @@ def _roll_back(volume, image, work_folder, existed, safety_backup, quiet):
         if safety_backup is None:
             _wipe_volume(volume, image)
             return "volume %s was emptied again, as it was before" % volume
-        with open(safety_backup, "rb") as snapshot:
-            _extract_into_volume(volume, snapshot, work_folder, image,
-                                 "Rolling back %s" % volume, quiet)
+        with open(safety_backup, "rb") as snapshot, \
+                docker.TransferFolder(work_folder) as transfer:
+            _, staged = _check_archive(snapshot, transfer, "Checking the safety backup", quiet)
+            _extract_into_volume(volume, snapshot, transfer, staged, image, quiet)
         return ("volume %s was rolled back to its previous contents from the safety backup %s"
                 % (volume, safety_backup))
     except BaseException as error:  # the original failure must still be reported
@@ -369,16 +456,14 @@ def restore_volume(volume, archive_path, safety_backup=True, stop_containers=Fal
     say(messages, "From: %s" % archive_path)
     existed = docker.volume_exists(volume)
     docker.ensure_image(image)
-    with spooled_stdin(work_folder) if from_stdin else open(archive_path, "rb") as archive_file:
+    with spooled_stdin(work_folder) if from_stdin else open(archive_path, "rb") as archive_file, \
+            docker.TransferFolder(work_folder) as transfer:
         before = os.fstat(archive_file.fileno())
-        progress = Progress("Checking archive", total=before.st_size, enabled=not quiet)
         try:
-            expected = scan_archive(archive_file, progress)
+            expected, staged = _check_archive(archive_file, transfer, "Checking archive", quiet)
         except ArchiveError as error:
             raise BackupError("the archive %s is refused: %s; volume %s was not changed"
                               % (archive_path, error, volume))
-        finally:
-            progress.finish()
         users = docker.containers_using_volume(volume) if existed else []
         if users and not stop_containers:
             names = " ".join(name for _, name in users)
@@ -394,17 +479,19 @@ def restore_volume(volume, archive_path, safety_backup=True, stop_containers=Fal
                 docker.create_volume(volume)
             say(messages, "WARNING: deleting existing volume data")
             try:
-                sent = _extract_into_volume(volume, archive_file, work_folder, image,
-                                            "Restoring %s" % volume, quiet)
+                sent = _extract_into_volume(volume, archive_file, transfer, staged, image, quiet)
                 after = os.fstat(archive_file.fileno())
-                if not sent.same_content(expected) or \
-                        (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                if sent is not None and (not sent.same_content(expected) or (
+                        after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns)):
+                    # Streamed a second time: it must be exactly what was checked.
                     raise BackupError("the archive changed while it was being restored")
             except BaseException as error:
                 if existed and not safety_backup:
                     outcome = ("no safety backup was taken (--no-safety-backup), so volume %s "
                                "may hold a partial restore" % volume)
                 else:
+                    with contextlib.suppress(FileNotFoundError):  # room for the rollback
+                        os.unlink(transfer.file("plain.tar"))
                     outcome = _roll_back(volume, image, work_folder, existed, snapshot, quiet)
                 log(outcome)
                 if isinstance(error, (BackupError, ArchiveError)):

@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""`make bench`: the tool against the old shell procedure, on the same data, in one run.
+
+Creates AI-stack-like data (a semi-compressible database, incompressible
+uploads, thousands of small text files) in a volume and on the host, and a
+volume of 200,000 small files. Runs the old procedure and ours alternately
+and prints, per step, the seconds of each (median of BENCH_ROUNDS runs), the
+ratio, the archive sizes and the peak RSS of our Python process. Benchmarks
+are not tests: nothing here asserts a time.
+"""
+
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(REPOSITORY, "scripts")
+sys.path.insert(0, os.path.join(REPOSITORY, "tests"))
+
+import helpers  # noqa: E402
+
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+MANY_FILES = int(os.environ.get("BENCH_MANY_FILES", "200000"))
+IMAGE = os.environ.get("BACKUP_HELPER_IMAGE") or helpers.HELPER_IMAGE
+MiB = 1024 * 1024
+
+
+# --- data -------------------------------------------------------------------
+
+def semi_compressible(generator, size, random_share=96):
+    """Database-like 4 KiB pages: JSON-ish rows, zero padding, a few random bytes (ids, hashes)."""
+    letters = b"abcdefghijklmnopqrstuvwxyz"
+    words = [bytes(generator.choice(letters) for _ in range(generator.randint(3, 10)))
+             for _ in range(4000)]
+    out = bytearray()
+    while len(out) < size:
+        rows = b"".join(b'{"id":%d,"user":"%s","text":"%s","score":%.4f}' % (
+            generator.getrandbits(32), generator.choice(words),
+            b" ".join(generator.choice(words) for _ in range(generator.randint(5, 30))),
+            generator.random()) for _ in range(generator.randint(4, 12)))
+        page = rows[:4096 - random_share - 200].ljust(4096 - random_share, b"\0")
+        out += page + os.urandom(random_share)
+    return bytes(out[:size])
+
+
+def make_stack_data(folder):
+    """About 389 MB shaped like the AI stack's volumes; gives its size in bytes.
+
+    A semi-compressible SQLite-like database, incompressible uploads and
+    thousands of small JSON/text files.
+    """
+    generator = random.Random(42)
+    data = os.path.join(folder, "app", "backend", "data")
+    os.makedirs(os.path.join(data, "uploads"))
+    os.makedirs(os.path.join(data, "cache"))
+    with open(os.path.join(data, "webui.db"), "wb") as file:
+        for _ in range(20):
+            file.write(semi_compressible(generator, 10 * MiB))
+    for index in range(12):
+        with open(os.path.join(data, "uploads", "upload-%02d.pdf" % index), "wb") as file:
+            file.write(os.urandom(5 * MiB))
+    for index in range(6000):
+        sub = os.path.join(data, "cache", "%02d" % (index % 60))
+        os.makedirs(sub, exist_ok=True)
+        with open(os.path.join(sub, "chunk-%05d.json" % index), "wb") as file:
+            file.write(semi_compressible(generator, 20 * 1024, random_share=16))
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(folder) for name in names)
+
+
+def make_many_files(folder, count):
+    for index in range(count):
+        sub = os.path.join(folder, "d%03d" % (index // 1000))
+        if index % 1000 == 0:
+            os.makedirs(sub)
+        with open(os.path.join(sub, "f%06d.txt" % index), "w") as file:
+            file.write("small file %d\n" % index)
+
+
+# --- running ----------------------------------------------------------------
+
+def run(command, env=None):
+    """Run a command; give (seconds, peak RSS in MiB of our Python process, or None).
+
+    Dirty pages are written out first, so that no run pays for the previous one's writeback.
+    """
+    os.sync()
+    rss_file = None
+    if command[0] == sys.executable:  # one of our scripts: measure that process alone
+        rss_file = tempfile.mktemp(prefix="aisb-rss-")
+        command = [sys.executable, os.path.join(REPOSITORY, "bench", "peak_rss.py"),
+                   rss_file] + command[1:]
+    started = time.monotonic()
+    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, **(env or {})))
+    seconds = time.monotonic() - started
+    if result.returncode != 0:
+        raise SystemExit("bench: %s failed: %s" % (" ".join(command), result.stderr.decode()))
+    rss = None
+    if rss_file:
+        with open(rss_file) as file:
+            rss = int(file.read()) / 1024
+        os.unlink(rss_file)
+    return seconds, rss
+
+
+def alternately(round_number, old, new):
+    """Run old and new, the old one first in even rounds: neither always gets a fresh disk."""
+    if round_number % 2:
+        new_result = new()
+        return old(), new_result
+    old_result = old()
+    return old_result, new()
+
+
+def old_backup(volume, folder, name):
+    return ["docker", "run", "--rm", "-v", volume + ":/volume:ro", "-v", folder + ":/backup",
+            IMAGE, "sh", "-euc", "cd /volume && tar -czf /backup/%s ." % name]
+
+
+def old_restore(volume, archive):
+    return ["docker", "run", "--rm", "-v", volume + ":/volume",
+            "-v", os.path.dirname(archive) + ":/backup:ro", IMAGE, "sh", "-euc",
+            "rm -rf /volume/* && tar -xzf /backup/%s -C /volume" % os.path.basename(archive)]
+
+
+def script(name, *arguments):
+    return [sys.executable, os.path.join(SCRIPTS, name)] + list(arguments) + ["--quiet"]
+
+
+def volume_remove(*names):
+    for name in names:
+        subprocess.run(["docker", "volume", "rm", "-f", name], capture_output=True)
+
+
+class Step:
+    def __init__(self, name):
+        self.name = name
+        self.old, self.new, self.rss = [], [], []
+        self.old_size = self.new_size = None
+
+    def line(self):
+        old, new = statistics.median(self.old), statistics.median(self.new)
+        sizes = ""
+        if self.old_size:
+            sizes = "  %7.1f MB  %7.1f MB (%+.2f%%)" % (
+                self.old_size / 1e6, self.new_size / 1e6,
+                100.0 * (self.new_size - self.old_size) / self.old_size)
+        return "%-34s %7.2f s %7.2f s  %5.2fx  %6.1f MiB%s" % (
+            self.name, old, new, new / old, max(self.rss), sizes)
+
+
+def bench_volume(step_backup, step_restore, volume, work, label):
+    archives = os.path.join(work, "archives-" + label)
+    os.mkdir(archives)
+    for round_number in range(ROUNDS):
+        old_name = "old-%d.tar.gz" % round_number
+        new_folder = os.path.join(archives, "new-%d" % round_number)
+        (seconds, _), (new_seconds, rss) = alternately(
+            round_number, lambda: run(old_backup(volume, archives, old_name)),
+            lambda: run(script("backup_docker_volume.py", volume, new_folder)))
+        step_backup.old.append(seconds)
+        step_backup.new.append(new_seconds)
+        step_backup.rss.append(rss)
+        new_archive = os.path.join(new_folder, os.listdir(new_folder)[0])
+        step_backup.old_size = os.path.getsize(os.path.join(archives, old_name))
+        step_backup.new_size = os.path.getsize(new_archive)
+        print("  %s round %d: backup old %.2f s, new %.2f s" % (
+            label, round_number + 1, step_backup.old[-1], step_backup.new[-1]), flush=True)
+
+        old_target, new_target = ("aisb-bench-restore-%s-%d" % (kind, os.getpid())
+                                  for kind in ("old", "new"))
+        for target in (old_target, new_target):  # an empty volume for both
+            volume_remove(target)
+            helpers.docker("volume", "create", target)
+        (seconds, _), (new_seconds, rss) = alternately(
+            round_number, lambda: run(old_restore(old_target, os.path.join(archives, old_name))),
+            lambda: run(script("restore_docker_volume.py", new_target, new_archive, "--force")))
+        step_restore.old.append(seconds)
+        step_restore.new.append(new_seconds)
+        step_restore.rss.append(rss)
+        volume_remove(old_target, new_target)
+        print("  %s round %d: restore old %.2f s, new %.2f s" % (
+            label, round_number + 1, seconds, new_seconds), flush=True)
+        os.unlink(os.path.join(archives, old_name))
+        shutil.rmtree(new_folder)
+
+
+def main():
+    helpers.build_helper_image()
+    os.environ["BACKUP_HELPER_IMAGE"] = IMAGE
+    work = tempfile.mkdtemp(prefix="aisb-bench-", dir=os.environ.get("BENCH_DIR", "/var/tmp"))
+    volume, many = "aisb-bench-stack-%d" % os.getpid(), "aisb-bench-many-%d" % os.getpid()
+    steps = []
+    try:
+        source = os.path.join(work, "stack")
+        size = make_stack_data(source)
+        helpers.docker("volume", "create", volume)
+        helpers.fill_volume(volume, source)
+        cores = len(os.sched_getaffinity(0))
+        print("bench: %d CPUs, Python %s, helper image %s, %d rounds; stack data %.0f MB"
+              % (cores, sys.version.split()[0], IMAGE, ROUNDS, size / 1e6), flush=True)
+
+        backup, restore = Step("volume backup (389 MB)"), Step("volume restore, empty volume")
+        bench_volume(backup, restore, volume, work, "stack")
+        steps += [backup, restore]
+
+        path_step = Step("path backup (389 MB)")
+        for round_number in range(ROUNDS):
+            old_archive = os.path.join(work, "path-old.tar.gz")
+            new_folder = os.path.join(work, "path-new")
+            (seconds, _), (new_seconds, rss) = alternately(
+                round_number, lambda: run(["tar", "-czf", old_archive, "-C", work, "stack"]),
+                lambda: run(script("backup_path.py", source, new_folder)))
+            path_step.old.append(seconds)
+            path_step.new.append(new_seconds)
+            path_step.rss.append(rss)
+            path_step.old_size = os.path.getsize(old_archive)
+            path_step.new_size = os.path.getsize(os.path.join(new_folder,
+                                                              os.listdir(new_folder)[0]))
+            print("  path round %d: tar -czf %.2f s, backup_path %.2f s" % (
+                round_number + 1, path_step.old[-1], path_step.new[-1]), flush=True)
+            os.unlink(old_archive)
+            shutil.rmtree(new_folder)
+        steps.append(path_step)
+        shutil.rmtree(source)
+
+        many_source = os.path.join(work, "many")
+        make_many_files(many_source, MANY_FILES)
+        helpers.docker("volume", "create", many)
+        helpers.fill_volume(many, many_source)
+        many_backup = Step("volume backup, %dk files" % (MANY_FILES // 1000))
+        many_restore = Step("volume restore, %dk files" % (MANY_FILES // 1000))
+        bench_volume(many_backup, many_restore, many, work, "many")
+        many_path = Step("path backup, %dk files" % (MANY_FILES // 1000))
+        for round_number in range(ROUNDS):
+            (seconds, _), (new_seconds, rss) = alternately(
+                round_number,
+                lambda: run(["tar", "-czf", os.path.join(work, "many.tar.gz"), "-C", work,
+                             "many"]),
+                lambda: run(script("backup_path.py", many_source, os.path.join(work, "mp"))))
+            many_path.old.append(seconds)
+            many_path.new.append(new_seconds)
+            many_path.rss.append(rss)
+            os.unlink(os.path.join(work, "many.tar.gz"))
+            shutil.rmtree(os.path.join(work, "mp"))
+        steps += [many_backup, many_restore, many_path]
+
+        print("\n%-34s %9s %9s %7s %10s  %s" % ("step (median of %d)" % ROUNDS, "old", "new",
+                                                "ratio", "peak RSS", "archive old / new"))
+        for step in steps:
+            print(step.line())
+        print("(%d CPUs; old = the runbook's shell procedure in the helper image, or GNU tar "
+              "-czf for paths; peak RSS = our Python process)" % cores)
+    finally:
+        volume_remove(volume, many)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
