@@ -1,11 +1,12 @@
-"""Backing up a host path with ``tarfile``, and restoring it by staging and rename.
+"""Backing up a host path, and restoring it by staging and rename.
 
 The archive holds one top-level entry, the source's basename, as
-``tar -czf OUT -C DIRNAME BASENAME`` made it. Headers are GNU format, written
-by ``tarfile``: long and non-UTF-8 names survive, and GNU tar and busybox
-extract it without a warning. Modes, owners, mtimes, symlinks (not followed),
-hard links, empty folders and FIFOs are kept; sockets and device files are
-skipped with a warning (restore refuses device files).
+``tar -czf OUT -C DIRNAME BASENAME`` made it. Headers are GNU format, byte for
+byte what ``tarfile`` writes (``tarstream.encode_header``, held to it by the
+tests): long and non-UTF-8 names survive, and GNU tar and busybox extract it
+without a warning. Modes, owners (with names), mtimes, symlinks (not
+followed), hard links, empty folders and FIFOs are kept; sockets and device
+files are skipped with a warning (restore refuses device files).
 """
 
 import errno
@@ -15,7 +16,6 @@ import pwd
 import shutil
 import stat
 import sys
-import tarfile
 import tempfile
 import time
 
@@ -25,20 +25,22 @@ from .common import DEFAULT_BACKUP_DIR, WORK_PREFIX, ArchiveError, AtomicArchive
     say, utc_timestamp, warn
 from .gzipstream import ParallelGzipWriter, settings_from_environment
 from .tarstream import BLOCK_SIZE, DIRECTORY, END_OF_ARCHIVE, FIFO, FILE, HARDLINK, SYMLINK, \
-    padding
+    encode_header, padding
 from .volume import BackupResult
 
 READ_SIZE = 1 << 20
+WRITE_BATCH = 256 * 1024  # small members are gathered into one write to the compressor
 RECORD_SIZE = 20 * BLOCK_SIZE  # tar and tarfile pad archives to whole 10 KiB records
 
 
 class TreeWriter:
     """Writes tar members for a file tree into ``output`` (anything with ``write``).
 
-    ``exclude`` holds ``(st_dev, st_ino)`` pairs never to archive (the archive
-    being written, if it lies inside the tree). Hard links are tracked only
-    for files with more than one link, and folders are listed one at a time,
-    so memory does not grow with the number of files.
+    Paths are bytes throughout, so any name survives unchanged. ``exclude``
+    holds ``(st_dev, st_ino)`` pairs never to archive (the archive being
+    written, if it lies inside the tree). Hard links are tracked only for
+    files with more than one link, and folders are listed one at a time, so
+    memory does not grow with the number of files.
     """
 
     def __init__(self, output, exclude=(), progress=None):
@@ -47,6 +49,8 @@ class TreeWriter:
         self.progress = progress
         self.members = 0
         self.data_bytes = 0
+        self.tar_bytes = 0
+        self._batch = bytearray()
         self._first_path = {}
         self._users = {}
         self._groups = {}
@@ -55,66 +59,79 @@ class TreeWriter:
     def _user(self, uid):
         if uid not in self._users:
             try:
-                self._users[uid] = pwd.getpwuid(uid).pw_name
+                self._users[uid] = os.fsencode(pwd.getpwuid(uid).pw_name)
             except KeyError:
-                self._users[uid] = ""
+                self._users[uid] = b""
         return self._users[uid]
 
     def _group(self, gid):
         if gid not in self._groups:
             try:
-                self._groups[gid] = grp.getgrgid(gid).gr_name
+                self._groups[gid] = os.fsencode(grp.getgrgid(gid).gr_name)
             except KeyError:
-                self._groups[gid] = ""
+                self._groups[gid] = b""
         return self._groups[gid]
 
-    def _header(self, arcname, status, kind, linkname="", size=0):
-        info = tarfile.TarInfo(arcname)
-        info.type = kind
-        info.mode = stat.S_IMODE(status.st_mode)
-        info.uid, info.gid = status.st_uid, status.st_gid
-        info.uname, info.gname = self._user(status.st_uid), self._group(status.st_gid)
-        info.mtime = status.st_mtime_ns // 1000000000
-        info.size = size
-        info.linkname = linkname
-        self.output.write(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+    def _emit(self, data):
+        self.tar_bytes += len(data)
+        if len(data) >= WRITE_BATCH:
+            self._flush()
+            self.output.write(data)
+            return
+        self._batch += data
+        if len(self._batch) >= WRITE_BATCH:
+            self._flush()
+
+    def _flush(self):
+        if self._batch:
+            self.output.write(self._batch)
+            self._batch = bytearray()
+
+    def _header(self, arcname, status, kind, linkname=b"", size=0):
+        self._emit(encode_header(arcname + b"/" if kind == DIRECTORY else arcname, kind,
+                                 stat.S_IMODE(status.st_mode), status.st_uid, status.st_gid,
+                                 status.st_mtime_ns // 1000000000, size, linkname,
+                                 self._user(status.st_uid), self._group(status.st_gid)))
         self.members += 1
 
     def _copy_file(self, path, arcname, status):
+        shown = os.fsdecode(path)
         try:
             descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as error:
             if error.errno in (errno.ENOENT, errno.ELOOP):
-                warn("%s vanished while it was backed up; skipped" % path)
+                warn("%s vanished while it was backed up; skipped" % shown)
                 return
-            raise BackupError("cannot read %s: %s" % (path, describe_os_error(error)))
-        with open(descriptor, "rb", buffering=0) as file:
+            raise BackupError("cannot read %s: %s" % (shown, describe_os_error(error)))
+        try:
             opened = os.fstat(descriptor)
             if not stat.S_ISREG(opened.st_mode):
-                warn("%s changed type while it was backed up; skipped" % path)
+                warn("%s changed type while it was backed up; skipped" % shown)
                 return
-            self._header(arcname, opened, tarfile.REGTYPE, size=opened.st_size)
+            self._header(arcname, opened, FILE, size=opened.st_size)
             remaining = opened.st_size
             view = memoryview(self._buffer)
             while remaining:
                 try:
-                    count = file.readinto(view[:min(remaining, READ_SIZE)])
+                    count = os.readv(descriptor, [view[:min(remaining, READ_SIZE)]])
                 except OSError as error:
-                    raise BackupError("cannot read %s: %s" % (path, describe_os_error(error)))
+                    raise BackupError("cannot read %s: %s" % (shown, describe_os_error(error)))
                 if not count:
                     warn("%s shrank by %d bytes while it was read; the rest is zeros"
-                         % (path, remaining))
+                         % (shown, remaining))
                     while remaining:
                         filler = min(remaining, READ_SIZE)
-                        self.output.write(bytes(filler))
+                        self._emit(bytes(filler))
                         remaining -= filler
                     break
-                self.output.write(view[:count])
+                self._emit(view[:count])
                 remaining -= count
                 if self.progress is not None:
                     self.progress.advance(count)
-            self.output.write(padding(opened.st_size))
+            self._emit(padding(opened.st_size))
             self.data_bytes += opened.st_size
+        finally:
+            os.close(descriptor)
 
     def add(self, path, arcname, status):
         """Archive one entry (not its children); give True when it is a folder to descend into."""
@@ -123,35 +140,38 @@ class TreeWriter:
             if status.st_nlink > 1:
                 key = (status.st_dev, status.st_ino)
                 if key in self._first_path:
-                    self._header(arcname, status, tarfile.LNKTYPE, linkname=self._first_path[key])
+                    self._header(arcname, status, HARDLINK, linkname=self._first_path[key])
                     return False
                 self._first_path[key] = arcname
             self._copy_file(path, arcname, status)
         elif stat.S_ISDIR(mode):
-            self._header(arcname, status, tarfile.DIRTYPE)
+            self._header(arcname, status, DIRECTORY)
             return True
         elif stat.S_ISLNK(mode):
-            self._header(arcname, status, tarfile.SYMTYPE, linkname=os.readlink(path))
+            self._header(arcname, status, SYMLINK, linkname=os.readlink(path))
         elif stat.S_ISFIFO(mode):
-            self._header(arcname, status, tarfile.FIFOTYPE)  # never opened, never read
+            self._header(arcname, status, FIFO)  # never opened, never read
         elif stat.S_ISSOCK(mode):
-            warn("%s is a socket; skipped" % path)
+            warn("%s is a socket; skipped" % os.fsdecode(path))
         else:
-            warn("%s is a device file; skipped (restore refuses device files)" % path)
+            warn("%s is a device file; skipped (restore refuses device files)"
+                 % os.fsdecode(path))
         return False
 
     def _names(self, folder):
         try:
             return sorted(os.listdir(folder))
         except OSError as error:
-            raise BackupError("cannot list folder %s: %s" % (folder, describe_os_error(error)))
+            raise BackupError("cannot list folder %s: %s"
+                              % (os.fsdecode(folder), describe_os_error(error)))
 
     def add_tree(self, path, arcname):
         """Archive ``path`` (followed if a symlink) and everything below it, as ``arcname``."""
+        path, arcname = os.fsencode(path), os.fsencode(arcname)
         try:
             status = os.stat(path)
         except OSError as error:
-            raise BackupError("cannot read %s: %s" % (path, describe_os_error(error)))
+            raise BackupError("cannot read %s: %s" % (os.fsdecode(path), describe_os_error(error)))
         if not self.add(path, arcname, status):
             return
         stack = [(path, arcname, iter(self._names(path)))]
@@ -165,28 +185,19 @@ class TreeWriter:
             try:
                 status = os.lstat(child)
             except FileNotFoundError:
-                warn("%s vanished while it was backed up; skipped" % child)
+                warn("%s vanished while it was backed up; skipped" % os.fsdecode(child))
                 continue
             if (status.st_dev, status.st_ino) in self.exclude:
                 continue
-            child_arcname = folder_arcname + "/" + name
+            child_arcname = folder_arcname + b"/" + name
             if self.add(child, child_arcname, status):
                 stack.append((child, child_arcname, iter(self._names(child))))
 
-    def finish(self, tar_bytes):
+    def finish(self):
         """Write the end-of-archive marker, padded to a whole record like tar does."""
-        total = tar_bytes + len(END_OF_ARCHIVE)
-        self.output.write(END_OF_ARCHIVE + bytes(-total % RECORD_SIZE))
-
-
-class _CountingWriter:
-    def __init__(self, output):
-        self.output = output
-        self.count = 0
-
-    def write(self, data):
-        self.output.write(data)
-        self.count += len(data)
+        total = self.tar_bytes + len(END_OF_ARCHIVE)
+        self._emit(END_OF_ARCHIVE + bytes(-total % RECORD_SIZE))
+        self._flush()
 
 
 def write_path_archive(source, output, exclude=(), quiet=True):
@@ -203,10 +214,9 @@ def write_path_archive(source, output, exclude=(), quiet=True):
     progress = Progress("Backing up %s" % source, enabled=not quiet)
     gzip_writer = ParallelGzipWriter(output, level, threads)
     try:
-        counter = _CountingWriter(gzip_writer)
-        tree = TreeWriter(counter, exclude, progress)
+        tree = TreeWriter(gzip_writer, exclude, progress)
         tree.add_tree(top, os.path.basename(top))
-        tree.finish(counter.count)
+        tree.finish()
         gzip_writer.close()
     except BaseException:
         gzip_writer.abort()
