@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -259,6 +260,33 @@ def test_helper_killed_after_the_wipe_rolls_back(engine, small_volume, make_volu
     assert process.wait(timeout=120) == 1
     assert b"was rolled back to its previous contents from the safety backup" in error
     assert helpers.volume_state(volume) == original
+
+
+def test_sigterm_during_a_restore_rolls_back(engine, small_volume, make_volume, tmp_path,
+                                             monkeypatch):
+    volume, original = small_volume
+    other = make_volume()
+    helpers.fill_volume(other, helpers.make_tricky_tree(tmp_path / "tricky").decode())
+    monkeypatch.setenv("BACKUP_HELPER_IMAGE", engine)
+    archive = backup_of(other, tmp_path / "archives")
+    slow = helpers.build_variant_image("slow-extract", SLOW_EXTRACT)
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(SCRIPTS, "restore_docker_volume.py"), volume, archive,
+         "--force"], env=dict(os.environ, BACKUP_HELPER_IMAGE=slow),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in process.stdout:
+        if line.startswith(b"WARNING: deleting existing volume data"):
+            break
+    wait_for(lambda: not os.listdir(helpers.mountpoint(volume)), "the wipe")
+    helpers.docker("tag", engine, slow)  # the rollback's helper must not sleep
+    process.send_signal(signal.SIGTERM)
+    process.stdout.read()
+    error = process.stderr.read()
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    assert b"was rolled back to its previous contents from the safety backup" in error
+    assert b"stopped by SIGTERM after cleaning up" in error
+    assert helpers.volume_state(volume) == original
+    wait_for(lambda: not helpers.helper_containers(), "the helpers to go", timeout=10)
 
 
 def test_disk_full_inside_the_volume_rolls_back(helper_env, make_volume, small_disk, tmp_path,

@@ -202,7 +202,8 @@ class TransferFolder:
         try:
             self.path = tempfile.mkdtemp(prefix=WORK_PREFIX + "transfer-", dir=parent)
         except OSError as error:
-            raise BackupError("cannot create a transfer folder in %s: %s"
+            raise BackupError("cannot create a transfer folder in %s: %s; set BACKUP_DIR to a "
+                              "writable folder the Docker daemon can see"
                               % (parent, error.strerror))
         self._lock = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         fcntl.flock(self._lock, fcntl.LOCK_SH)

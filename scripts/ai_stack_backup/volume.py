@@ -5,15 +5,17 @@ old script did) into a FIFO; this process checks the tar stream as it passes,
 gzips it on every core and publishes the archive atomically, owned by the
 invoking user with mode 0600.
 
-Restore: the whole archive is read and checked first. Then, unless asked not
-to, the volume's current contents are saved as an ordinary archive (the
-safety backup). The helper empties the volume and busybox tar extracts the
-members this process re-emits after checking them a second time, so it
-extracts exactly what was checked. Folder entries are repeated at the end of
-the stream (busybox sets a folder's mtime before its contents change it) and
-symlink owners and mtimes are set afterwards (busybox skips them). If
-anything fails after the volume was emptied, the safety backup is restored.
-"""
+Restore: the whole archive is read and checked first, and as it is checked
+its members are re-emitted in one plain format into ``plain.tar`` in a
+private transfer folder (when the disk has no room for that, the archive is
+checked and then streamed to the helper in a second, equally checked pass).
+So the helper's busybox tar extracts exactly what was checked. Then, unless
+asked not to, the volume's current contents are saved as an ordinary archive
+(the safety backup); the helper empties the volume and extracts. Folder
+entries go into a second small tar extracted last (busybox sets a folder's
+mtime before its contents change it), and symlink owners and mtimes are set
+afterwards (busybox skips them). If anything fails after the volume was
+emptied, the safety backup is restored."""
 
 import contextlib
 import errno
