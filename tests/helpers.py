@@ -62,14 +62,33 @@ def build_variant_image(name, tar_function):
 
     busybox's shell runs its own applets without looking at PATH, so ``sh`` is
     a wrapper that defines the function and then runs the tool's script as is.
+    Built once per content (a label holds its hash); a replaced image is removed.
     """
     image = "ai-stack-backup-test-%s:latest" % name
     wrapper = (b"#!/bin/busybox ash\n"
                b"tar() { %s; }\n"
                b"set -eu\n"
                b'eval "$2"\n') % tar_function
-    docker("import", "-", image, input=_busybox_rootfs({"bin/sh": wrapper}))
+    digest = hashlib.sha256(wrapper).hexdigest()[:16]
+    for dangling in docker("images", "-q", "--filter", "dangling=true",
+                           "--filter", "label=ai-stack-backup.variant").split():
+        subprocess.run(["docker", "rmi", dangling], capture_output=True)
+    found = subprocess.run(["docker", "image", "inspect", "--format",
+                            '{{.Id}} {{index .Config.Labels "ai-stack-backup.variant"}}', image],
+                           capture_output=True)
+    old_id, _, label = found.stdout.decode().strip().partition(" ")
+    if found.returncode == 0 and label == digest:
+        return image
+    docker("import", "--change", "LABEL ai-stack-backup.variant=%s" % digest, "-", image,
+           input=_busybox_rootfs({"bin/sh": wrapper}))
+    # A test may have tagged the plain helper image with this name: never remove that one.
+    if found.returncode == 0 and old_id != _image_id(HELPER_IMAGE):
+        subprocess.run(["docker", "rmi", old_id], capture_output=True)
     return image
+
+
+def _image_id(image):
+    return docker("image", "inspect", "--format", "{{.Id}}", image).strip()
 
 
 FAILING_TAR = b"echo 'tar: simulated failure' >&2; return 2"
