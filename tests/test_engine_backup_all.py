@@ -210,11 +210,14 @@ def test_backup_all_works_with_a_private_tmp_and_no_network(helper_env, two_volu
     folder = os.path.join(public_tmp, "backups")
     output_root = os.path.join(public_tmp, "output")
     os.makedirs(os.path.join(output_root, "x"))
+    # The checkout may itself live under /tmp, which the private tmpfs hides.
+    install = os.path.join(public_tmp, "scripts")
+    shutil.copytree(SCRIPTS, install, ignore=shutil.ignore_patterns("__pycache__"))
     script = ("mount -t tmpfs tmpfs /tmp && test -z \"$(ls -A /tmp)\" && "
               "exec \"$0\" \"$1\" --quiet")
     result = subprocess.run(
         ["unshare", "--mount", "--net", "sh", "-c", script, sys.executable,
-         os.path.join(SCRIPTS, "backup_all.py")],
+         os.path.join(install, "backup_all.py")],
         env=dict(os.environ, BACKUP_DIR=folder, VOLUMES=" ".join(two_volumes),
                  OUTPUT_ROOT=output_root, TMPDIR="/tmp"),
         capture_output=True, timeout=300)
