@@ -236,13 +236,16 @@ def test_no_safety_backup_of_an_empty_volume_or_when_declined(helper_env, small_
     assert os.listdir(str(tmp_path / "archives")) == [os.path.basename(archive)]
 
 
-def test_helper_killed_after_the_wipe_rolls_back(engine, small_volume, make_volume, tmp_path,
-                                                 monkeypatch):
-    volume, original = small_volume
+def restore_caught_after_the_wipe(engine, volume, tmp_path, make_volume):
+    """Start a restore of another tree whose helper stops right after emptying the volume.
+
+    Gives the running restore process once the volume is empty. The plain
+    helper image then takes the slow image's name, so the rollback runs at
+    normal speed.
+    """
     other = make_volume()
     helpers.fill_volume(other, helpers.make_tricky_tree(tmp_path / "tricky").decode())
-    monkeypatch.setenv("BACKUP_HELPER_IMAGE", engine)
-    archive = backup_of(other, tmp_path / "archives")
+    archive = backup_of(other, tmp_path / "archives")  # helper_env set the plain image
     slow = helpers.build_variant_image("slow-extract", SLOW_EXTRACT)
     process = subprocess.Popen(
         [sys.executable, os.path.join(SCRIPTS, "restore_docker_volume.py"), volume, archive,
@@ -252,7 +255,14 @@ def test_helper_killed_after_the_wipe_rolls_back(engine, small_volume, make_volu
         if line.startswith(b"WARNING: deleting existing volume data"):
             break
     wait_for(lambda: not os.listdir(helpers.mountpoint(volume)), "the wipe")
-    helpers.docker("tag", engine, slow)  # the rollback's helper must not sleep too
+    helpers.docker("tag", engine, slow)
+    return process
+
+
+def test_helper_killed_after_the_wipe_rolls_back(helper_env, small_volume, make_volume,
+                                                 tmp_path):
+    volume, original = small_volume
+    process = restore_caught_after_the_wipe(helper_env, volume, tmp_path, make_volume)
     for name in helpers.helper_containers():
         helpers.docker("kill", name, check=False)
     process.stdout.read()
@@ -262,23 +272,9 @@ def test_helper_killed_after_the_wipe_rolls_back(engine, small_volume, make_volu
     assert helpers.volume_state(volume) == original
 
 
-def test_sigterm_during_a_restore_rolls_back(engine, small_volume, make_volume, tmp_path,
-                                             monkeypatch):
+def test_sigterm_during_a_restore_rolls_back(helper_env, small_volume, make_volume, tmp_path):
     volume, original = small_volume
-    other = make_volume()
-    helpers.fill_volume(other, helpers.make_tricky_tree(tmp_path / "tricky").decode())
-    monkeypatch.setenv("BACKUP_HELPER_IMAGE", engine)
-    archive = backup_of(other, tmp_path / "archives")
-    slow = helpers.build_variant_image("slow-extract", SLOW_EXTRACT)
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(SCRIPTS, "restore_docker_volume.py"), volume, archive,
-         "--force"], env=dict(os.environ, BACKUP_HELPER_IMAGE=slow),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    for line in process.stdout:
-        if line.startswith(b"WARNING: deleting existing volume data"):
-            break
-    wait_for(lambda: not os.listdir(helpers.mountpoint(volume)), "the wipe")
-    helpers.docker("tag", engine, slow)  # the rollback's helper must not sleep
+    process = restore_caught_after_the_wipe(helper_env, volume, tmp_path, make_volume)
     process.send_signal(signal.SIGTERM)
     process.stdout.read()
     error = process.stderr.read()

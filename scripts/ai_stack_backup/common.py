@@ -268,6 +268,36 @@ def remove_stale_work_files(folder):
     return removed
 
 
+class BatchedWriter:
+    """Gathers small writes into batches for ``write``; big pieces go straight through.
+
+    Tar streams are mostly 512-byte headers and small files: one call per
+    batch instead of three per member. ``count`` is every byte written so far.
+    """
+
+    BATCH = 256 * 1024
+
+    def __init__(self, write):
+        self._write = write
+        self._batch = bytearray()
+        self.count = 0
+
+    def write(self, data):
+        self.count += len(data)
+        if len(data) >= self.BATCH:
+            self.flush()
+            self._write(data)
+            return
+        self._batch += data
+        if len(self._batch) >= self.BATCH:
+            self.flush()
+
+    def flush(self):
+        if self._batch:
+            batch, self._batch = self._batch, bytearray()
+            self._write(batch)
+
+
 # --- signals ----------------------------------------------------------------
 
 @contextlib.contextmanager

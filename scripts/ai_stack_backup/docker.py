@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 
-from .common import WORK_PREFIX, BackupError, log
+from .common import WORK_PREFIX, BackupError, log, warn
 
 QUERY_TIMEOUT = 60  # seconds for inspect/ls/ps: the engine answers these at once or is broken
 CHANGE_TIMEOUT = 180  # docker stop waits up to 10 s per container, start can be slow
@@ -290,6 +290,18 @@ class Helper:
             return None
         self._stderr_reader.join(timeout=5)
         return returncode
+
+    def finish(self, what):
+        """Wait for the helper to end; raise BackupError naming ``what`` unless it exited 0.
+
+        What it printed on stderr (busybox's warnings) is passed on as warnings.
+        """
+        returncode = self.wait()
+        if returncode != 0:
+            raise BackupError("%s failed: the helper exited with %d: %s"
+                              % (what, returncode, self.error_output()))
+        for line in self.warnings():
+            warn("%s: %s" % (what, line))
 
     def stop(self):
         """Kill the container if it still runs and reap the docker client."""

@@ -21,15 +21,14 @@ import time
 
 from .archive import checked_members, scan_archive, spooled_stdin
 from .common import DEFAULT_BACKUP_DIR, WORK_PREFIX, ArchiveError, AtomicArchive, BackupError, \
-    Progress, archive_name, describe_os_error, ensure_backup_dir, fsync_directory, log, safe_name, \
-    say, utc_timestamp, warn
+    BatchedWriter, Progress, archive_name, describe_os_error, ensure_backup_dir, fsync_directory, \
+    log, safe_name, say, utc_timestamp, warn
 from .gzipstream import ParallelGzipWriter, settings_from_environment
 from .tarstream import BLOCK_SIZE, DIRECTORY, END_OF_ARCHIVE, FIFO, FILE, HARDLINK, SYMLINK, \
     encode_header, padding
 from .volume import BackupResult
 
 READ_SIZE = 1 << 20
-WRITE_BATCH = 256 * 1024  # small members are gathered into one write to the compressor
 RECORD_SIZE = 20 * BLOCK_SIZE  # tar and tarfile pad archives to whole 10 KiB records
 
 
@@ -44,13 +43,12 @@ class TreeWriter:
     """
 
     def __init__(self, output, exclude=(), progress=None):
-        self.output = output
         self.exclude = set(exclude)
         self.progress = progress
         self.members = 0
         self.data_bytes = 0
-        self.tar_bytes = 0
-        self._batch = bytearray()
+        self._output = BatchedWriter(output.write)
+        self._emit = self._output.write
         self._first_path = {}
         self._users = {}
         self._groups = {}
@@ -71,21 +69,6 @@ class TreeWriter:
             except KeyError:
                 self._groups[gid] = b""
         return self._groups[gid]
-
-    def _emit(self, data):
-        self.tar_bytes += len(data)
-        if len(data) >= WRITE_BATCH:
-            self._flush()
-            self.output.write(data)
-            return
-        self._batch += data
-        if len(self._batch) >= WRITE_BATCH:
-            self._flush()
-
-    def _flush(self):
-        if self._batch:
-            self.output.write(self._batch)
-            self._batch = bytearray()
 
     def _header(self, arcname, status, kind, linkname=b"", size=0):
         self._emit(encode_header(arcname + b"/" if kind == DIRECTORY else arcname, kind,
@@ -195,9 +178,9 @@ class TreeWriter:
 
     def finish(self):
         """Write the end-of-archive marker, padded to a whole record like tar does."""
-        total = self.tar_bytes + len(END_OF_ARCHIVE)
+        total = self._output.count + len(END_OF_ARCHIVE)
         self._emit(END_OF_ARCHIVE + bytes(-total % RECORD_SIZE))
-        self._flush()
+        self._output.flush()
 
 
 def write_path_archive(source, output, exclude=(), quiet=True):

@@ -26,13 +26,12 @@ import time
 from . import docker
 from .archive import ArchiveSummary, checked_members, scan_archive, spooled_stdin
 from .common import DEFAULT_BACKUP_DIR, DEFAULT_HELPER_IMAGE, ArchiveError, AtomicArchive, \
-    BackupError, Progress, archive_name, describe_os_error, ensure_backup_dir, log, say, \
-    utc_timestamp, warn
+    BackupError, BatchedWriter, Progress, archive_name, describe_os_error, ensure_backup_dir, log, \
+    say, utc_timestamp
 from .gzipstream import CHUNK_SIZE, ParallelGzipWriter, settings_from_environment
 from .tarstream import DIRECTORY, END_OF_ARCHIVE, FILE, SYMLINK, TarReader, member_header, \
     padding
 
-WRITE_BUFFER = 256 * 1024
 HELPER_EXIT_GRACE = 10  # seconds for a helper whose stream already ended to report its exit
 SPOOL_CHECK_EVERY = 64 << 20
 SPOOL_RESERVE_MIN = 1 << 30  # staging never leaves less free space than this...
@@ -105,12 +104,7 @@ def _read_tar_from_helper(descriptor, helper, gzip_writer, volume, progress):
                               % (volume, returncode, helper.error_output()))
         raise BackupError("backing up volume %s failed: the tar stream from the helper is "
                           "incomplete (%s)" % (volume, error))
-    returncode = helper.wait()
-    if returncode != 0:
-        raise BackupError("backing up volume %s failed: the helper exited with %d: %s"
-                          % (volume, returncode, helper.error_output()))
-    for line in helper.warnings():
-        warn("volume %s: %s" % (volume, line))
+    helper.finish("backing up volume %s" % volume)
     return reader
 
 
@@ -207,32 +201,13 @@ def backup_volume(volume, destination=DEFAULT_BACKUP_DIR, stop_containers=False,
 
 # --- restore ----------------------------------------------------------------
 
-class _PipeWriter:
-    """Buffered writes of small pieces to a pipe descriptor; big pieces go straight through."""
-
-    def __init__(self, descriptor):
-        self.descriptor = descriptor
-        self.buffer = bytearray()
-
-    def write(self, data):
-        if len(data) >= WRITE_BUFFER:
-            self.flush()
-            self._write_all(data)
-            return
-        self.buffer += data
-        if len(self.buffer) >= WRITE_BUFFER:
-            self.flush()
-
-    def flush(self):
-        if self.buffer:
-            self._write_all(self.buffer)
-            self.buffer = bytearray()
-
-    def _write_all(self, data):
+def _pipe_writer(descriptor):
+    """A BatchedWriter into a pipe descriptor (os.write may take only part of a piece)."""
+    def write_all(data):
         view = memoryview(data)
         while view:
-            written = os.write(self.descriptor, view)
-            view = view[written:]
+            view = view[os.write(descriptor, view):]
+    return BatchedWriter(write_all)
 
 
 class _SpoolFull(Exception):
@@ -247,7 +222,7 @@ class _SpoolWriter:
     """
 
     def __init__(self, path):
-        self.file = open(path, "wb", buffering=WRITE_BUFFER)
+        self.file = open(path, "wb", buffering=BatchedWriter.BATCH)
         self.unchecked = 0
         self._check()
 
@@ -359,7 +334,7 @@ def _extract_into_volume(volume, archive_file, transfer, staged, image, quiet):
                                 total=os.fstat(archive_file.fileno()).st_size, enabled=not quiet)
             descriptor = docker.open_fifo_for_writing(transfer.fifo, helper, what)
             try:
-                sent = _emit_checked_stream(archive_file, _PipeWriter(descriptor), transfer,
+                sent = _emit_checked_stream(archive_file, _pipe_writer(descriptor), transfer,
                                             progress)
             except BrokenPipeError:
                 returncode = helper.wait(timeout=HELPER_EXIT_GRACE)
@@ -368,21 +343,13 @@ def _extract_into_volume(volume, archive_file, transfer, staged, image, quiet):
             finally:
                 os.close(descriptor)
                 progress.finish()
-        returncode = helper.wait()
-        if returncode != 0:
-            raise BackupError("%s failed: the helper exited with %d: %s"
-                              % (what, returncode, helper.error_output()))
-        for line in helper.warnings():
-            warn("volume %s: %s" % (volume, line))
+        helper.finish(what)
     return sent
 
 
 def _wipe_volume(volume, image):
     with docker.Helper(image, volume, WIPE_COMMAND) as helper:
-        returncode = helper.wait()
-        if returncode != 0:
-            raise BackupError("emptying volume %s failed (exit %d): %s"
-                              % (volume, returncode, helper.error_output()))
+        helper.finish("emptying volume %s" % volume)
 
 
 def _take_safety_backup(volume, folder, image, messages, quiet):
