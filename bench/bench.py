@@ -109,13 +109,16 @@ def run(command, env=None):
     return seconds, rss
 
 
-def alternately(round_number, old, new):
-    """Run old and new, the old one first in even rounds: neither always gets a fresh disk."""
+def alternately(round_number, old_command, new_command):
+    """Run both commands, the old one first in even rounds: neither always gets a fresh disk.
+
+    Gives ``((seconds, rss), (seconds, rss))`` for old and new.
+    """
     if round_number % 2:
-        new_result = new()
-        return old(), new_result
-    old_result = old()
-    return old_result, new()
+        new_result = run(new_command)
+        return run(old_command), new_result
+    old_result = run(old_command)
+    return old_result, run(new_command)
 
 
 def old_backup(volume, folder, name):
@@ -162,8 +165,8 @@ def bench_volume(step_backup, step_restore, volume, work, label):
         old_name = "old-%d.tar.gz" % round_number
         new_folder = os.path.join(archives, "new-%d" % round_number)
         (seconds, _), (new_seconds, rss) = alternately(
-            round_number, lambda: run(old_backup(volume, archives, old_name)),
-            lambda: run(script("backup_docker_volume.py", volume, new_folder)))
+            round_number, old_backup(volume, archives, old_name),
+            script("backup_docker_volume.py", volume, new_folder))
         step_backup.old.append(seconds)
         step_backup.new.append(new_seconds)
         step_backup.rss.append(rss)
@@ -179,8 +182,8 @@ def bench_volume(step_backup, step_restore, volume, work, label):
             volume_remove(target)
             helpers.docker("volume", "create", target)
         (seconds, _), (new_seconds, rss) = alternately(
-            round_number, lambda: run(old_restore(old_target, os.path.join(archives, old_name))),
-            lambda: run(script("restore_docker_volume.py", new_target, new_archive, "--force")))
+            round_number, old_restore(old_target, os.path.join(archives, old_name)),
+            script("restore_docker_volume.py", new_target, new_archive, "--force"))
         step_restore.old.append(seconds)
         step_restore.new.append(new_seconds)
         step_restore.rss.append(rss)
@@ -215,8 +218,8 @@ def main():
             old_archive = os.path.join(work, "path-old.tar.gz")
             new_folder = os.path.join(work, "path-new")
             (seconds, _), (new_seconds, rss) = alternately(
-                round_number, lambda: run(["tar", "-czf", old_archive, "-C", work, "stack"]),
-                lambda: run(script("backup_path.py", source, new_folder)))
+                round_number, ["tar", "-czf", old_archive, "-C", work, "stack"],
+                script("backup_path.py", source, new_folder))
             path_step.old.append(seconds)
             path_step.new.append(new_seconds)
             path_step.rss.append(rss)
@@ -241,9 +244,8 @@ def main():
         for round_number in range(ROUNDS):
             (seconds, _), (new_seconds, rss) = alternately(
                 round_number,
-                lambda: run(["tar", "-czf", os.path.join(work, "many.tar.gz"), "-C", work,
-                             "many"]),
-                lambda: run(script("backup_path.py", many_source, os.path.join(work, "mp"))))
+                ["tar", "-czf", os.path.join(work, "many.tar.gz"), "-C", work, "many"],
+                script("backup_path.py", many_source, os.path.join(work, "mp")))
             many_path.old.append(seconds)
             many_path.new.append(new_seconds)
             many_path.rss.append(rss)

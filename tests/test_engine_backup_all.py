@@ -172,7 +172,8 @@ def test_stopped_containers_restart_on_a_signal(engine, two_volumes, app_contain
     image = helpers.build_variant_image("hanging", helpers.HANGING_TAR)
     process = subprocess.Popen(
         [sys.executable, os.path.join(SCRIPTS, "backup_docker_volume.py"), volume,
-         str(tmp_path / "backups"), "--stop-containers"], env=dict(os.environ, BACKUP_HELPER_IMAGE=image),
+         str(tmp_path / "backups"), "--stop-containers"],
+        env=dict(os.environ, BACKUP_HELPER_IMAGE=image),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while helpers.container_running(app) or not helpers.helper_containers():
@@ -263,7 +264,8 @@ def test_service_is_hardened_and_every_option_commented():
     for required in ("Type=oneshot", "User=wasti", "Group=wasti", "NoNewPrivileges=yes",
                      "PrivateTmp=yes", "ProtectSystem=strict", "ProtectHome=read-only",
                      "ReadWritePaths=/srv/ai-stack/backups", "TimeoutStartSec=",
-                     "Environment=BACKUP_DIR=/srv/ai-stack/backups", "Environment=RETENTION_DAYS=14",
+                     "Environment=BACKUP_DIR=/srv/ai-stack/backups",
+                     "Environment=RETENTION_DAYS=14",
                      "Environment=OUTPUT_ROOT=/home/wasti/ai_stack_data/transcript-miner/output"):
         assert required in text
     timer = open(os.path.join(REPOSITORY, "scripts", "systemd", "ai_stack_backup.timer")).read()

@@ -45,7 +45,8 @@ def base_entries(prefix):
     for index in range(12):
         size = generator.choice([0, 1, 511, 512, 513, 3000, 70000])
         folder = generator.choice(["", "a/", "a/b/", "c/"])
-        entries.append(entry("%s%sfile%d" % (prefix, folder, index), data=random_bytes(generator, size),
+        entries.append(entry("%s%sfile%d" % (prefix, folder, index),
+                             data=random_bytes(generator, size),
                              mode=generator.choice([0o644, 0o600, 0o4755]),
                              uid=generator.choice([0, 1234]), mtime=1_500_000_000 + index))
     entries += [entry(prefix + "a/link", tarfile.SYMTYPE, linkname="b/../file1", mtime=7),

@@ -20,7 +20,8 @@ from ai_stack_backup.gzipstream import CHUNK_SIZE, ParallelGzipWriter, iter_gunz
 def text_like(size, seed=7):
     """Compressible data that is not trivially repetitive, like logs and JSON."""
     generator = random.Random(seed)
-    words = [bytes(generator.choice(b"abcdefghijklmnop{}:\", ") for _ in range(generator.randint(2, 9)))
+    letters = b"abcdefghijklmnop{}:\", "
+    words = [bytes(generator.choice(letters) for _ in range(generator.randint(2, 9)))
              for _ in range(3000)]
     out = bytearray()
     while len(out) < size:
