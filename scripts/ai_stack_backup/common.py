@@ -89,12 +89,14 @@ def say(stream, line):
 
 def human_size(size):
     """Give ``size`` bytes as a short human-readable string (``12.3 MiB``)."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return ("%d %s" % (value, unit)) if unit == "B" else ("%.1f %s" % (value, unit))
+    if size < 1024:
+        return "%d B" % size
+    value = size / 1024.0
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return "%.1f %s" % (value, unit)
         value /= 1024
-    return "%d B" % size  # not reached
+    return "%.1f TiB" % value
 
 
 def describe_os_error(error):
@@ -102,6 +104,14 @@ def describe_os_error(error):
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return "the disk is full (%s)" % os.strerror(error.errno)
     return error.strerror or str(error)
+
+
+class BackupResult:
+    """What one backup produced: source name, archive path (``-``: stdout), size, members, time."""
+
+    def __init__(self, source, path, size, members, seconds):
+        self.source, self.path, self.size, self.members, self.seconds = \
+            source, path, size, members, seconds
 
 
 # --- names ------------------------------------------------------------------

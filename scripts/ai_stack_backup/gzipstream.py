@@ -102,7 +102,6 @@ class ParallelGzipWriter:
         self.level = level
         self.crc = 0
         self.size = 0
-        self.compressed_size = 0
         self._buffer = bytearray()
         self._dictionary = b""
         self._pending = collections.deque()
@@ -124,7 +123,6 @@ class ParallelGzipWriter:
 
     def _put(self, data):
         self.output.write(data)
-        self.compressed_size += len(data)
 
     def _submit(self, chunk):
         dictionary, self._dictionary = self._dictionary, bytes(chunk[-DICTIONARY_SIZE:])

@@ -21,12 +21,11 @@ import time
 
 from .archive import checked_members, scan_archive, spooled_stdin
 from .common import DEFAULT_BACKUP_DIR, WORK_PREFIX, ArchiveError, AtomicArchive, BackupError, \
-    BatchedWriter, Progress, archive_name, describe_os_error, ensure_backup_dir, fsync_directory, \
-    log, safe_name, say, utc_timestamp, warn
+    BackupResult, BatchedWriter, Progress, archive_name, describe_os_error, ensure_backup_dir, \
+    fsync_directory, log, safe_name, say, utc_timestamp, warn
 from .gzipstream import ParallelGzipWriter, settings_from_environment
 from .tarstream import BLOCK_SIZE, DIRECTORY, END_OF_ARCHIVE, FIFO, FILE, HARDLINK, SYMLINK, \
     encode_header, padding
-from .volume import BackupResult
 
 READ_SIZE = 1 << 20
 RECORD_SIZE = 20 * BLOCK_SIZE  # tar and tarfile pad archives to whole 10 KiB records

@@ -120,9 +120,6 @@ class _ChunkStream:
         for _ in self.pieces(size):
             pass
 
-    def at_end(self):
-        return self._position >= len(self._buffer) and not self._refill()
-
 
 def _number(field, what, offset):
     """Give the value of a numeric header field (octal or GNU base-256); raises ArchiveError."""

@@ -26,7 +26,7 @@ import time
 from . import docker
 from .archive import ArchiveSummary, checked_members, scan_archive, spooled_stdin
 from .common import DEFAULT_BACKUP_DIR, DEFAULT_HELPER_IMAGE, ArchiveError, AtomicArchive, \
-    BackupError, BatchedWriter, Progress, archive_name, describe_os_error, ensure_backup_dir, log, \
+    BackupError, BackupResult, BatchedWriter, Progress, archive_name, describe_os_error, ensure_backup_dir, log, \
     say, utc_timestamp
 from .gzipstream import CHUNK_SIZE, ParallelGzipWriter, settings_from_environment
 from .tarstream import DIRECTORY, END_OF_ARCHIVE, FILE, SYMLINK, TarReader, member_header, \
@@ -50,14 +50,6 @@ if [ -s /transfer/symlinks ]; then
   xargs -0 -n 4 sh -c 'chown -h "$0:$1" "$3" && touch -h -d "@$2" "$3"' </transfer/symlinks
 fi
 tar -xf /transfer/folders.tar -C /volume --numeric-owner""" % WIPE_COMMAND
-
-
-class BackupResult:
-    """What one backup produced."""
-
-    def __init__(self, source, path, size, members, seconds):
-        self.source, self.path, self.size, self.members, self.seconds = \
-            source, path, size, members, seconds
 
 
 def helper_image(environ=None):
