@@ -26,8 +26,8 @@ import time
 from . import docker
 from .archive import ArchiveSummary, checked_members, scan_archive, spooled_stdin
 from .common import DEFAULT_BACKUP_DIR, DEFAULT_HELPER_IMAGE, ArchiveError, AtomicArchive, \
-    BackupError, BackupResult, BatchedWriter, Progress, archive_name, describe_os_error, ensure_backup_dir, log, \
-    say, utc_timestamp
+    BackupError, BackupResult, BatchedWriter, Progress, archive_name, describe_os_error, \
+    ensure_backup_dir, log, say, utc_timestamp
 from .gzipstream import CHUNK_SIZE, ParallelGzipWriter, settings_from_environment
 from .tarstream import DIRECTORY, END_OF_ARCHIVE, FILE, SYMLINK, TarReader, member_header, \
     padding
