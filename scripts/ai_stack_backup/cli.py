@@ -29,19 +29,24 @@ def _parser(prog, description, examples):
         epilog="examples:\n" + "\n".join("  " + line for line in examples))
 
 
-def _parse(parser, argv):
-    """Give ``(arguments, None)``, or ``(None, exit code)`` after --help or a usage error."""
+def _run(prog, parser, argv, operation, needs_force=False):
+    """Parse ``argv`` and run ``operation(arguments)`` with signal handling; give the exit code.
+
+    --help and usage errors give argparse's code (0 and 2). With
+    ``needs_force``, a missing --force gives the old scripts' message and 1.
+    An int result of the operation is its exit code; anything else means 0.
+    """
     try:
-        return parser.parse_args(argv), None
+        arguments = parser.parse_args(argv)
     except SystemExit as exit:
-        return None, exit.code
-
-
-def _run(prog, operation):
-    """Run ``operation()`` with signal handling; give its exit code (an int result) or 0."""
+        return exit.code
+    if needs_force and not arguments.force:
+        sys.stderr.write("ERROR: restore requires --force\n")
+        parser.print_usage(sys.stderr)
+        return EXIT_FAILED
     try:
         with stop_signals_raise():
-            result = operation()
+            result = operation(arguments)
         return result if isinstance(result, int) else EXIT_OK
     except BackupError as error:
         if error.legacy:
@@ -73,11 +78,8 @@ def backup_docker_volume_main(argv=None):
                         help="stop the running containers that use the volume for a consistent "
                              "copy, and start them again afterwards (also on failure)")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    args, exit_code = _parse(parser, argv)
-    if args is None:
-        return exit_code
-    return _run(prog, lambda: backup_volume(args.volume_name, args.backup_dir,
-                                            args.stop_containers, quiet=args.quiet))
+    return _run(prog, parser, argv, lambda args: backup_volume(
+        args.volume_name, args.backup_dir, args.stop_containers, quiet=args.quiet))
 
 
 def backup_path_main(argv=None):
@@ -93,19 +95,8 @@ def backup_path_main(argv=None):
                         help="folder for the archive; '-' writes it to stdout "
                              "(default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    args, exit_code = _parse(parser, argv)
-    if args is None:
-        return exit_code
-    return _run(prog, lambda: backup_path(args.path, args.backup_dir, quiet=args.quiet))
-
-
-def _require_force(parser, args):
-    """The old scripts' confirmation: exit 1 with their message unless --force was given."""
-    if not args.force:
-        sys.stderr.write("ERROR: restore requires --force\n")
-        parser.print_usage(sys.stderr)
-        return EXIT_FAILED
-    return None
+    return _run(prog, parser, argv,
+                lambda args: backup_path(args.path, args.backup_dir, quiet=args.quiet))
 
 
 def restore_docker_volume_main(argv=None):
@@ -131,15 +122,9 @@ def restore_docker_volume_main(argv=None):
                         help="stop the running containers that use the volume, and start them "
                              "again afterwards; without it, a volume in use is refused")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    args, exit_code = _parse(parser, argv)
-    if args is None:
-        return exit_code
-    refused = _require_force(parser, args)
-    if refused is not None:
-        return refused
-    return _run(prog, lambda: restore_volume(
+    return _run(prog, parser, argv, lambda args: restore_volume(
         args.volume_name, args.archive, safety_backup=not args.no_safety_backup,
-        stop_containers=args.stop_containers, quiet=args.quiet))
+        stop_containers=args.stop_containers, quiet=args.quiet), needs_force=True)
 
 
 def restore_path_main(argv=None):
@@ -155,13 +140,9 @@ def restore_path_main(argv=None):
     parser.add_argument("--force", action="store_true",
                         help="required: confirms that TARGET's current contents go")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    args, exit_code = _parse(parser, argv)
-    if args is None:
-        return exit_code
-    refused = _require_force(parser, args)
-    if refused is not None:
-        return refused
-    return _run(prog, lambda: restore_path(args.archive, args.target, quiet=args.quiet))
+    return _run(prog, parser, argv,
+                lambda args: restore_path(args.archive, args.target, quiet=args.quiet),
+                needs_force=True)
 
 
 def verify_backup_main(argv=None):
@@ -173,11 +154,8 @@ def verify_backup_main(argv=None):
                          "verify_backup.py /srv/ai-stack/backups/*.tar.gz"])
     parser.add_argument("archives", nargs="+", metavar="ARCHIVE")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    args, exit_code = _parse(parser, argv)
-    if args is None:
-        return exit_code
 
-    def verify_all():
+    def verify_all(args):
         failed = 0
         for path in args.archives:
             try:
@@ -188,7 +166,7 @@ def verify_backup_main(argv=None):
                 failed += 1
                 print("FAILED %s: %s" % (path, error), flush=True)
         return EXIT_FAILED if failed else EXIT_OK
-    return _run(prog, verify_all)
+    return _run(prog, parser, argv, verify_all)
 
 
 def _age(seconds):
@@ -234,11 +212,8 @@ def list_backups_main(argv=None):
                         default=os.environ.get("BACKUP_DIR") or DEFAULT_BACKUP_DIR,
                         help="default: $BACKUP_DIR or %s" % DEFAULT_BACKUP_DIR)
     parser.add_argument("--json", action="store_true", help="print a JSON list of objects")
-    args, exit_code = _parse(parser, argv)
-    if args is None:
-        return exit_code
 
-    def show():
+    def show(args):
         entries = list_archives(args.backup_dir)
         if args.json:
             print(json.dumps(entries, indent=2))
@@ -253,7 +228,7 @@ def list_backups_main(argv=None):
                                             "  (newest)" if entry["newest"] else ""))
         if not entries:
             print("no archives in %s" % args.backup_dir)
-    return _run(prog, show)
+    return _run(prog, parser, argv, show)
 
 
 def backup_all_main(argv=None):
@@ -272,11 +247,8 @@ def backup_all_main(argv=None):
     parser.add_argument("--dry-run", action="store_true",
                         help="print what would be backed up and deleted; change nothing")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    args, exit_code = _parse(parser, argv)
-    if args is None:
-        return exit_code
 
-    def run():
+    def run(args):
         outcomes = run_backup_all(Settings(), dry_run=args.dry_run, quiet=args.quiet)
         failed = [outcome for outcome in outcomes if outcome.status == "FAILED"]
         if failed:
@@ -284,4 +256,4 @@ def backup_all_main(argv=None):
                                              ", ".join(outcome.name for outcome in failed)))
             return EXIT_FAILED
         return EXIT_OK
-    return _run(prog, run)
+    return _run(prog, parser, argv, run)
