@@ -205,7 +205,7 @@ def test_normalize():
 def test_path_table_holds_many_paths():
     table = _PathTable()
     for index in range(20000):
-        table.set(b"folder/%d" % index, FILE if index % 2 else DIRECTORY)
+        table.put(b"folder/%d" % index, FILE if index % 2 else DIRECTORY)
     assert all(table.get(b"folder/%d" % index) == (FILE if index % 2 else DIRECTORY)
                for index in range(20000))
     assert table.get(b"folder/20000") is None and table.get(b"other") is None
@@ -245,6 +245,7 @@ HEADER_CASES = [
     (b"bad-\xff\xfe\nname with space", FILE, dict(mode=0o7777)),
     (b"big-owner", FILE, dict(uid=2 ** 21, gid=2 ** 40)),  # base-256
     (b"far-future", FILE, dict(mtime=8 ** 11 + 5)),   # base-256 mtime
+    (b"before-1970", FILE, dict(mtime=-86400)),       # negative: base-256 two's complement
     (b"huge", FILE, dict(size=9 * 1024 ** 3)),       # over 8 GiB: base-256 size
     (b"fifo", FIFO, dict(mode=0o620)),
     (b"link", SYMLINK, dict(linkname=b"/t" * 60)),     # a GNU long-link record

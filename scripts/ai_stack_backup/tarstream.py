@@ -286,19 +286,18 @@ class TarReader:
                         else:  # an empty value removes the record
                             target.pop(key, None)
                 continue
+            records = {**self._global, **local} if self._global else local
             if self._light:
-                return self._walk_member(typeflag, size, offset, local)
-            return self._member(block, typeflag, size, offset, long_name, long_link,
-                                {**self._global, **local} if self._global else local)
+                return self._walk_member(typeflag, size, offset, records)
+            return self._member(block, typeflag, size, offset, long_name, long_link, records)
 
     def _walk_member(self, typeflag, size, offset, records):
         if typeflag not in _KIND_BY_TYPEFLAG:
             raise ArchiveError("member type %r at byte %d is not supported"
                                % (typeflag.decode("latin-1"), offset))
-        if records or self._global:
-            pax_size = _pax_integer({**self._global, **records}, b"size", offset)
-            if pax_size is not None:
-                size = pax_size
+        pax_size = _pax_integer(records, b"size", offset)
+        if pax_size is not None:
+            size = pax_size
         if size < 0:
             raise ArchiveError("negative size in the tar header at byte %d" % offset)
         self._unread = size
@@ -404,9 +403,6 @@ class _PathTable:
                     self._slots[self._find(slot & ~7)] = slot
         return previous & 7 if previous else None
 
-    def set(self, path, kind):
-        self.put(path, kind)
-
 
 def normalize(name, what="member"):
     """Give ``name`` without ``./`` and repeated slashes (``b""``: the root); raises ArchiveError.
@@ -467,7 +463,7 @@ class ArchiveRules:
             parent = parent + b"/" + part if parent else part
             existing = self._kinds.get(parent)
             if existing is None:
-                self._kinds.set(parent, DIRECTORY)
+                self._kinds.put(parent, DIRECTORY)
             elif existing == SYMLINK:
                 raise ArchiveError("the member %s passes through the symlink %s that an earlier "
                                    "member created" % (show(member.name), show(parent)))
@@ -506,9 +502,10 @@ def _octal(value, width):
     """A numeric field as tarfile writes it in GNU format: octal with a NUL, else base-256."""
     if 0 <= value < 8 ** (width - 1):
         return b"%0*o\0" % (width - 1, value)
-    if -256 ** (width - 1) <= value < 256 ** (width - 1):
-        return (value if value >= 0 else 256 ** width + value).to_bytes(width, "big") \
-            if value < 0 else b"\x80" + value.to_bytes(width - 1, "big")
+    if 0 <= value < 256 ** (width - 1):
+        return b"\x80" + value.to_bytes(width - 1, "big")
+    if -256 ** (width - 1) <= value < 0:  # two's complement; the first byte is 0xff
+        return (256 ** width + value).to_bytes(width, "big")
     raise ArchiveError("the value %d does not fit a tar header" % value)
 
 
