@@ -20,13 +20,13 @@ import time
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPOSITORY, "scripts")
-sys.path.insert(0, os.path.join(REPOSITORY, "tests"))
+sys.path.insert(0, os.path.join(REPOSITORY, "dev"))
 
-import helpers  # noqa: E402
+import testkit  # noqa: E402
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 MANY_FILES = int(os.environ.get("BENCH_MANY_FILES", "200000"))
-IMAGE = os.environ.get("BACKUP_HELPER_IMAGE") or helpers.HELPER_IMAGE
+IMAGE = os.environ.get("BACKUP_HELPER_IMAGE") or testkit.HELPER_IMAGE
 MiB = 1024 * 1024
 
 
@@ -180,7 +180,7 @@ def bench_volume(step_backup, step_restore, volume, work, label):
                                   for kind in ("old", "new"))
         for target in (old_target, new_target):  # an empty volume for both
             volume_remove(target)
-            helpers.docker("volume", "create", target)
+            testkit.docker("volume", "create", target)
         (seconds, _), (new_seconds, rss) = alternately(
             round_number, old_restore(old_target, os.path.join(archives, old_name)),
             script("restore_docker_volume.py", new_target, new_archive, "--force"))
@@ -195,7 +195,7 @@ def bench_volume(step_backup, step_restore, volume, work, label):
 
 
 def main():
-    helpers.build_helper_image()
+    testkit.build_helper_image()
     os.environ["BACKUP_HELPER_IMAGE"] = IMAGE
     work = tempfile.mkdtemp(prefix="aisb-bench-", dir=os.environ.get("BENCH_DIR", "/var/tmp"))
     volume, many = "aisb-bench-stack-%d" % os.getpid(), "aisb-bench-many-%d" % os.getpid()
@@ -203,8 +203,8 @@ def main():
     try:
         source = os.path.join(work, "stack")
         size = make_stack_data(source)
-        helpers.docker("volume", "create", volume)
-        helpers.fill_volume(volume, source)
+        testkit.docker("volume", "create", volume)
+        testkit.fill_volume(volume, source)
         cores = len(os.sched_getaffinity(0))
         print("bench: %d CPUs, Python %s, helper image %s, %d rounds; stack data %.0f MB"
               % (cores, sys.version.split()[0], IMAGE, ROUNDS, size / 1e6), flush=True)
@@ -235,8 +235,8 @@ def main():
 
         many_source = os.path.join(work, "many")
         make_many_files(many_source, MANY_FILES)
-        helpers.docker("volume", "create", many)
-        helpers.fill_volume(many, many_source)
+        testkit.docker("volume", "create", many)
+        testkit.fill_volume(many, many_source)
         many_backup = Step("volume backup, %dk files" % (MANY_FILES // 1000))
         many_restore = Step("volume restore, %dk files" % (MANY_FILES // 1000))
         bench_volume(many_backup, many_restore, many, work, "many")

@@ -17,9 +17,9 @@ import tempfile
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPOSITORY, "scripts")
-sys.path.insert(0, os.path.join(REPOSITORY, "tests"))
+sys.path.insert(0, os.path.join(REPOSITORY, "dev"))
 
-import helpers  # noqa: E402
+import testkit  # noqa: E402
 
 COMPARE = ("cd /volume && ls -lnAR --full-time . > /tmp/a && cd /copy && "
            "ls -lnAR --full-time . > /tmp/b && diff /tmp/a /tmp/b && diff -r /volume /copy")
@@ -38,8 +38,8 @@ def helper_image():
                       capture_output=True).returncode == 0:
         return "alpine:3.20"
     with tempfile.TemporaryDirectory() as workdir:
-        helpers.build_helper_image(workdir)
-    return helpers.HELPER_IMAGE
+        testkit.build_helper_image(workdir)
+    return testkit.HELPER_IMAGE
 
 
 def main():
@@ -58,8 +58,8 @@ def main():
             file.write("TOKEN=demo\n")
         os.chmod(os.path.join(sample, ".env"), 0o600)
         os.symlink("app/backend/data/webui.db", os.path.join(sample, "db-link"))
-        helpers.docker("volume", "create", source)
-        helpers.fill_volume(source, sample)
+        testkit.docker("volume", "create", source)
+        testkit.fill_volume(source, sample)
         print("helper image: %s; sample volume: %s" % (image, source), flush=True)
         step("back up", [os.path.join(SCRIPTS, "backup_docker_volume.sh"), source, backups])
         archive = os.path.join(backups, os.listdir(backups)[0])

@@ -18,8 +18,9 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPOSITORY, "scripts")
 sys.path.insert(0, SCRIPTS)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPOSITORY, "dev"))
 
-import helpers  # noqa: E402  (needs the path above)
+import testkit  # noqa: E402  (needs the path above)
 
 REQUIRE_DOCKER = os.environ.get("AI_STACK_REQUIRE_DOCKER") == "1"
 
@@ -54,8 +55,8 @@ def engine(tmp_path_factory):
         if REQUIRE_DOCKER:
             pytest.fail(problem)
         pytest.skip(problem)
-    helpers.build_helper_image(tmp_path_factory.mktemp("helper-image"))
-    return helpers.HELPER_IMAGE
+    testkit.build_helper_image(tmp_path_factory.mktemp("helper-image"))
+    return testkit.HELPER_IMAGE
 
 
 @pytest.fixture
@@ -75,11 +76,11 @@ def make_volume(engine):
         name = "aisb-test-%s" % secrets.token_hex(5)
         names.append(name)
         if create:
-            helpers.docker("volume", "create", name)
+            testkit.docker("volume", "create", name)
         return name
     yield make
     for name in names:
-        for container in helpers.docker("ps", "-aq", "--filter", "volume=" + name).split():
+        for container in testkit.docker("ps", "-aq", "--filter", "volume=" + name).split():
             subprocess.run(["docker", "rm", "-f", container], capture_output=True)
         subprocess.run(["docker", "volume", "rm", "-f", name], capture_output=True)
 

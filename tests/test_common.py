@@ -10,9 +10,11 @@ import time
 
 import pytest
 
-from ai_stack_backup import backupall, common
-from ai_stack_backup.backupall import BackupLock, LockedError, Settings, retention_plan
-from ai_stack_backup.common import AtomicArchive, BackupError
+from ai_stack_backup import config, files, names
+from ai_stack_backup.backupall import BackupLock, retention_plan
+from ai_stack_backup.config import Config
+from ai_stack_backup.errors import ArchiveExists, BackupError, ConfigError, Locked
+from ai_stack_backup.files import AtomicArchive
 from conftest import SCRIPTS
 
 
@@ -25,22 +27,22 @@ from conftest import SCRIPTS
     ("/tmp/ä+b.c-d_e", "tmp___b.c-d_e"),
 ])
 def test_safe_name_is_the_old_rule(path, expected):
-    assert common.safe_name(path) == expected
+    assert names.safe_name(path) == expected
 
 
 def test_timestamps_and_archive_names():
-    assert common.utc_timestamp(1768737600) == "20260118T120000Z"
-    assert re.fullmatch(r"\d{8}T\d{6}Z", common.utc_timestamp())
-    assert common.parse_timestamp("20260118T120000Z") == 1768737600
-    assert common.archive_name("owui-data", "20260118T120000Z") == \
+    assert names.utc_timestamp(1768737600) == "20260118T120000Z"
+    assert re.fullmatch(r"\d{8}T\d{6}Z", names.utc_timestamp())
+    assert names.parse_timestamp("20260118T120000Z") == 1768737600
+    assert names.archive_name("owui-data", "20260118T120000Z") == \
         "owui-data__20260118T120000Z.tar.gz"
-    assert common.parse_archive_name("my__vol__20260118T120000Z.tar.gz") == \
+    assert names.parse_archive_name("my__vol__20260118T120000Z.tar.gz") == \
         ("my__vol", "20260118T120000Z")
     for lookalike in ("owui-data__20261399T999999Z.tar.gz", "owui-data__20260118T120000Z.tar",
                       "owui-data_20260118T120000Z.tar.gz", "__20260118T120000Z.tar.gz",
                       "owui-data__20260118T120000Z.tar.gz.part", "owui-data.tar.gz",
                       "x__20260118T120000.tar.gz"):
-        assert common.parse_archive_name(lookalike) is None, lookalike
+        assert names.parse_archive_name(lookalike) is None, lookalike
 
 
 def test_atomic_archive_publishes_without_overwriting(tmp_path):
@@ -52,12 +54,12 @@ def test_atomic_archive_publishes_without_overwriting(tmp_path):
         archive.file.write(b"data")
         archive.publish()
     assert final.read_bytes() == b"data" and os.listdir(str(tmp_path)) == [final.name]
-    with pytest.raises(BackupError, match="already exists"):
+    with pytest.raises(ArchiveExists, match="already exists"):
         AtomicArchive(str(final))
     with AtomicArchive(str(tmp_path / "b.tar.gz")) as archive:
         (tmp_path / "b.tar.gz").write_bytes(b"someone else's")
         archive.file.write(b"mine")
-        with pytest.raises(BackupError, match="already exists"):
+        with pytest.raises(ArchiveExists, match="already exists"):
             archive.publish()
     assert (tmp_path / "b.tar.gz").read_bytes() == b"someone else's"
     assert sorted(os.listdir(str(tmp_path))) == ["a__20260118T120000Z.tar.gz", "b.tar.gz"]
@@ -75,30 +77,30 @@ def test_backup_folder_is_created_private(tmp_path):
     folder = tmp_path / "new" / "backups"
     old_umask = os.umask(0)
     try:
-        common.ensure_backup_dir(str(folder))
+        files.ensure_backup_dir(str(folder))
     finally:
         os.umask(old_umask)
     assert stat.S_IMODE(os.stat(str(folder)).st_mode) == 0o700
     os.chmod(str(folder), 0o755)
-    common.ensure_backup_dir(str(folder))
+    files.ensure_backup_dir(str(folder))
     assert stat.S_IMODE(os.stat(str(folder)).st_mode) == 0o755  # the single scripts leave it
-    common.ensure_backup_dir(str(folder), enforce_mode=True)
+    files.ensure_backup_dir(str(folder), enforce_mode=True)
     assert stat.S_IMODE(os.stat(str(folder)).st_mode) == 0o700  # backup_all sets it
     (tmp_path / "file").write_text("x")
     with pytest.raises(BackupError, match="not a folder"):
-        common.ensure_backup_dir(str(tmp_path / "file"))
+        files.ensure_backup_dir(str(tmp_path / "file"))
 
 
 def test_only_dead_leftovers_are_removed(tmp_path):
     with AtomicArchive(str(tmp_path / "live.tar.gz")) as live:
-        dead = tmp_path / (common.WORK_PREFIX + "dead.part")
+        dead = tmp_path / (files.WORK_PREFIX + "dead.part")
         dead.write_bytes(b"left by a killed run")
-        dead_folder = tmp_path / (common.WORK_PREFIX + "transfer-old")
+        dead_folder = tmp_path / (files.WORK_PREFIX + "transfer-old")
         (dead_folder / "sub").mkdir(parents=True)
-        keep = ["notes.txt", "a__20260118T120000Z.tar.gz", common.LOCK_NAME]
+        keep = ["notes.txt", "a__20260118T120000Z.tar.gz", files.LOCK_NAME]
         for name in keep:
             (tmp_path / name).write_text("keep")
-        removed = common.remove_stale_work_files(str(tmp_path))
+        removed = files.remove_stale_work_files(str(tmp_path))
         assert sorted(removed) == sorted([str(dead), str(dead_folder)])
         assert sorted(os.listdir(str(tmp_path))) == sorted(keep + [os.path.basename(
             live.temp_path)])
@@ -106,25 +108,38 @@ def test_only_dead_leftovers_are_removed(tmp_path):
 
 # --- backup_all settings, retention, lock -------------------------------------------
 
-def test_settings_defaults_and_overrides():
-    settings = Settings({})
-    assert settings.backup_dir == "/srv/ai-stack/backups"
+def test_config_defaults_and_overrides():
+    settings = Config.from_environment({}, backup_all=True)
+    assert settings.backup_dir == "/srv/ai-stack/backups" and not settings.backup_dir_configured
     assert settings.volumes == ["owui-data", "tm-data", "context6-data", "context6-cache",
                                 "qdrant-data"]
     assert (settings.retention_days, settings.min_keep, settings.stop_containers) == (14, 3, False)
-    assert settings.output_root == backupall.DEFAULT_OUTPUT_ROOT
-    settings = Settings({"OPEN_WEBUI_VOLUME": "webui", "TOOL_TM_VOLUME": "tm",
-                         "STOP_CONTAINERS": "1", "RETENTION_DAYS": "0"})
+    assert settings.output_root == config.DEFAULT_OUTPUT_ROOT
+    assert (settings.helper_image, settings.gzip_level) == ("alpine:3.20", 6)
+    assert settings.threads == config.default_threads() >= 1
+    settings = Config.from_environment(
+        {"OPEN_WEBUI_VOLUME": "webui", "TOOL_TM_VOLUME": "tm", "STOP_CONTAINERS": "1",
+         "RETENTION_DAYS": "0", "BACKUP_DIR": " relative/dir ", "BACKUP_HELPER_IMAGE": " img ",
+         "BACKUP_GZIP_LEVEL": "1", "BACKUP_THREADS": "3"}, backup_all=True)
     assert settings.volumes[:2] == ["webui", "tm"] and settings.stop_containers
-    assert Settings({"VOLUMES": " a, b  c,,d "}).volumes == ["a", "b", "c", "d"]
+    assert settings.backup_dir == os.path.abspath("relative/dir") and settings.backup_dir_configured
+    assert (settings.helper_image, settings.gzip_level, settings.threads) == ("img", 1, 3)
+    assert Config.from_environment({"VOLUMES": " a, b  c,,d "}, backup_all=True).volumes == \
+        ["a", "b", "c", "d"]
+    assert Config.from_environment({"OUTPUT_ROOT": ""}, backup_all=True).output_root == ""
     for bad in ({"RETENTION_DAYS": "-1"}, {"RETENTION_DAYS": "two"},
-                {"RETENTION_MIN_KEEP": "0"}, {"STOP_CONTAINERS": "maybe"}):
-        with pytest.raises(BackupError):
-            Settings(bad)
+                {"RETENTION_MIN_KEEP": "0"}, {"STOP_CONTAINERS": "maybe"},
+                {"BACKUP_GZIP_LEVEL": "0"}, {"BACKUP_GZIP_LEVEL": "fast"},
+                {"BACKUP_THREADS": "0"}, {"BACKUP_THREADS": "-2"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            Config.from_environment(bad, backup_all=True)
+    # backup_all's own variables never stop a single backup or restore.
+    single = Config.from_environment({"RETENTION_DAYS": "two", "VOLUMES": "x"})
+    assert single.volumes is None and single.retention_days is None
 
 
 def _archive(folder, source, days_old, now):
-    name = common.archive_name(source, common.utc_timestamp(now - days_old * 86400))
+    name = names.archive_name(source, names.utc_timestamp(now - days_old * 86400))
     path = folder / name
     path.write_bytes(b"x")
     return str(path)
@@ -155,7 +170,7 @@ def test_retention_plan(tmp_path):
 
 def test_lock_is_exclusive_and_names_the_holder(tmp_path):
     with BackupLock(str(tmp_path)):
-        with pytest.raises(LockedError, match="PID %d" % os.getpid()) as raised:
+        with pytest.raises(Locked, match="PID %d" % os.getpid()) as raised:
             with BackupLock(str(tmp_path)):
                 pass
         assert raised.value.exit_code == 75
@@ -168,7 +183,7 @@ def test_lock_is_exclusive_and_names_the_holder(tmp_path):
         with BackupLock(str(tmp_path)):
             raise RuntimeError("a failing run")
     with BackupLock(str(tmp_path)):  # released on every exit path
-        descriptor = os.open(str(tmp_path / common.LOCK_NAME), os.O_RDONLY)
+        descriptor = os.open(str(tmp_path / files.LOCK_NAME), os.O_RDONLY)
         with pytest.raises(BlockingIOError):
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.close(descriptor)

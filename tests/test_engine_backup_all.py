@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-import helpers
-from ai_stack_backup import cli, common
+import testkit
+from ai_stack_backup import cli, files, names
 from conftest import REPOSITORY, SCRIPTS
 
 pytestmark = pytest.mark.engine
@@ -27,7 +27,7 @@ def two_volumes(make_volume, tmp_path):
         data = tmp_path / ("data%d" % index)
         (data / "app").mkdir(parents=True)
         (data / "app" / "db").write_bytes(os.urandom(100000 + index))
-        helpers.fill_volume(volume, data)
+        testkit.fill_volume(volume, data)
         names.append(volume)
     return names
 
@@ -39,7 +39,7 @@ def app_container(make_volume):
     def start(volume):
         name = "aisb-app-%s" % os.urandom(4).hex()
         created.append(name)
-        return helpers.start_app_container(volume, name)
+        return testkit.start_app_container(volume, name)
     yield start
     for name in created:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
@@ -47,7 +47,7 @@ def app_container(make_volume):
 
 def archives_in(folder):
     return sorted(name for name in os.listdir(str(folder))
-                  if common.parse_archive_name(name))
+                  if names.parse_archive_name(name))
 
 
 def test_every_source_is_tried_and_failures_are_named(helper_env, two_volumes, make_volume,
@@ -64,8 +64,8 @@ def test_every_source_is_tried_and_failures_are_named(helper_env, two_volumes, m
     assert cli.backup_all_main(["--quiet"]) == 1
     captured = capsys.readouterr()
     names = archives_in(folder)
-    assert [common.parse_archive_name(n)[0] for n in names] == sorted(
-        [first, second, common.safe_name(str(output_root))])
+    assert [names.parse_archive_name(n)[0] for n in names] == sorted(
+        [first, second, names.safe_name(str(output_root))])
     summary = [line for line in captured.out.splitlines()
                if re.match(r"(ok|FAILED|skipped) +(volume|path) ", line)]
     assert len(summary) == 4
@@ -77,7 +77,7 @@ def test_every_source_is_tried_and_failures_are_named(helper_env, two_volumes, m
     assert captured.out.count("Verified: ") == 3
     assert "1 of 4 failed: %s" % missing in captured.err
     assert stat.S_IMODE(os.stat(str(folder)).st_mode) == 0o700
-    assert not helpers.volume_exists(missing)
+    assert not testkit.volume_exists(missing)
 
 
 def test_missing_output_root_is_skipped_not_failed(helper_env, two_volumes, tmp_path,
@@ -100,7 +100,7 @@ def test_retention_in_a_real_run(helper_env, two_volumes, make_volume, tmp_path,
     now = time.time()
 
     def old(source, days):
-        path = folder / common.archive_name(source, common.utc_timestamp(now - days * 86400))
+        path = folder / names.archive_name(source, names.utc_timestamp(now - days * 86400))
         path.write_bytes(b"an old archive")
         return path.name
     expired = [old(volume, days) for days in (40, 30, 20)]
@@ -108,12 +108,12 @@ def test_retention_in_a_real_run(helper_env, two_volumes, make_volume, tmp_path,
     fresh = [old(volume, 3)]
     of_failed_source = [old(missing, days) for days in (60, 50, 40, 30)]
     (folder / "sub").mkdir()
-    nested = folder / "sub" / common.archive_name(volume, "20200101T000000Z")
+    nested = folder / "sub" / names.archive_name(volume, "20200101T000000Z")
     nested.write_bytes(b"x")
     unrelated = ["notes.txt", "%s__20200101T000000Z.tar.gz.keep" % volume]
     for name in unrelated:
         (folder / name).write_text("mine")
-    leftover = folder / (common.WORK_PREFIX + "killed.part")
+    leftover = folder / (files.WORK_PREFIX + "killed.part")
     leftover.write_bytes(b"half an archive")
     monkeypatch.setenv("BACKUP_DIR", str(folder))
     monkeypatch.setenv("VOLUMES", "%s %s" % (volume, missing))
@@ -136,18 +136,18 @@ def test_stop_containers_gives_a_consistent_copy_and_restarts(helper_env, two_vo
     volume = two_volumes[0]
     app = app_container(volume)
     time.sleep(0.5)
-    assert helpers.starts(volume) == 1
+    assert testkit.starts(volume) == 1
     assert cli.backup_docker_volume_main([volume, str(tmp_path), "--stop-containers"]) == 0
     assert "stopping container %s" % app in capsys.readouterr().err
-    assert helpers.container_running(app)
+    assert testkit.container_running(app)
     time.sleep(0.5)
-    assert helpers.starts(volume) == 2  # it was stopped and started again exactly once
+    assert testkit.starts(volume) == 2  # it was stopped and started again exactly once
     with tarfile.open(str(tmp_path / archives_in(tmp_path)[0])) as archive:
         assert archive.extractfile("./starts").read() == b"started\n"  # copied while stopped
     # Without the option nothing is stopped.
     assert cli.backup_docker_volume_main([volume, str(tmp_path / "again")]) == 0
     time.sleep(0.5)
-    assert helpers.starts(volume) == 2 and helpers.container_running(app)
+    assert testkit.starts(volume) == 2 and testkit.container_running(app)
 
 
 def test_stopped_containers_restart_when_the_backup_fails(engine, two_volumes, app_container,
@@ -155,12 +155,12 @@ def test_stopped_containers_restart_when_the_backup_fails(engine, two_volumes, a
     volume = two_volumes[0]
     app = app_container(volume)
     monkeypatch.setenv("BACKUP_HELPER_IMAGE",
-                       helpers.build_variant_image("failing", helpers.FAILING_TAR))
+                       testkit.build_variant_image("failing", testkit.FAILING_TAR))
     backups = tmp_path / "backups"
     assert cli.backup_docker_volume_main([volume, str(backups), "--stop-containers"]) == 1
     error = capsys.readouterr().err
     assert "simulated failure" in error and "starting container %s again" % app in error
-    assert helpers.container_running(app)
+    assert testkit.container_running(app)
     assert os.listdir(str(backups)) == []
 
 
@@ -169,24 +169,24 @@ def test_stopped_containers_restart_on_a_signal(engine, two_volumes, app_contain
                                                 signum):
     volume = two_volumes[0]
     app = app_container(volume)
-    image = helpers.build_variant_image("hanging", helpers.HANGING_TAR)
+    image = testkit.build_variant_image("hanging", testkit.HANGING_TAR)
     process = subprocess.Popen(
         [sys.executable, os.path.join(SCRIPTS, "backup_docker_volume.py"), volume,
          str(tmp_path / "backups"), "--stop-containers"],
         env=dict(os.environ, BACKUP_HELPER_IMAGE=image),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while helpers.container_running(app) or not helpers.helper_containers():
+    while testkit.container_running(app) or not testkit.helper_containers():
         assert time.monotonic() < deadline, "the backup never stopped the app and started"
         time.sleep(0.2)
     process.send_signal(signum)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signum, err
     assert b"stopped by %s after cleaning up" % signal.Signals(signum).name.encode() in err
-    assert helpers.container_running(app)
+    assert testkit.container_running(app)
     assert os.listdir(str(tmp_path / "backups")) == []
     deadline = time.monotonic() + 10
-    while helpers.helper_containers():
+    while testkit.helper_containers():
         assert time.monotonic() < deadline, "the helper container outlived the backup"
         time.sleep(0.2)
 
@@ -200,7 +200,7 @@ def test_backup_all_with_stop_containers(helper_env, two_volumes, app_container,
     monkeypatch.setenv("STOP_CONTAINERS", "1")
     assert cli.backup_all_main(["--quiet"]) == 0
     time.sleep(0.5)
-    assert helpers.container_running(app) and helpers.starts(two_volumes[1]) == 2
+    assert testkit.container_running(app) and testkit.starts(two_volumes[1]) == 2
 
 
 def test_backup_all_works_with_a_private_tmp_and_no_network(helper_env, two_volumes,
@@ -224,7 +224,7 @@ def test_backup_all_works_with_a_private_tmp_and_no_network(helper_env, two_volu
         capture_output=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert len(archives_in(folder)) == 3
-    assert sorted(os.listdir(folder)) == sorted([common.LOCK_NAME] + archives_in(folder))
+    assert sorted(os.listdir(folder)) == sorted([files.LOCK_NAME] + archives_in(folder))
 
 
 def render_units(destination):

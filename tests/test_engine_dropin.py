@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-import helpers
+import testkit
 from ai_stack_backup import cli
 from conftest import REPOSITORY, SCRIPTS
 
@@ -31,16 +31,16 @@ def only_archive(folder):
 
 def old_backup(volume, folder, name):
     """The old backup_docker_volume.sh procedure, run in the helper image."""
-    helpers.docker("run", "--rm", "--network", "none", "-v", volume + ":/volume:ro",
-                   "-v", "%s:/backup" % folder, helpers.HELPER_IMAGE, "sh", "-euc",
+    testkit.docker("run", "--rm", "--network", "none", "-v", volume + ":/volume:ro",
+                   "-v", "%s:/backup" % folder, testkit.HELPER_IMAGE, "sh", "-euc",
                    "cd /volume && tar -czf /backup/%s ." % name)
     return os.path.join(folder, name)
 
 
 def old_restore(volume, archive):
     """The old restore_docker_volume.sh procedure, run in the helper image."""
-    helpers.docker("run", "--rm", "--network", "none", "-v", volume + ":/volume",
-                   "-v", "%s:/backup:ro" % os.path.dirname(archive), helpers.HELPER_IMAGE,
+    testkit.docker("run", "--rm", "--network", "none", "-v", volume + ":/volume",
+                   "-v", "%s:/backup:ro" % os.path.dirname(archive), testkit.HELPER_IMAGE,
                    "sh", "-euc", "rm -rf /volume/* && tar -xzf /backup/%s -C /volume"
                    % os.path.basename(archive))
 
@@ -48,13 +48,13 @@ def old_restore(volume, archive):
 @pytest.fixture
 def tricky_volume(make_volume, tmp_path):
     """A volume holding the tricky tree; gives (name, its state as read back)."""
-    source = helpers.make_tricky_tree(tmp_path / "source")
+    source = testkit.make_tricky_tree(tmp_path / "source")
     volume = make_volume()
-    helpers.fill_volume(volume, os.fsdecode(source))
-    state = helpers.volume_state(volume)
+    testkit.fill_volume(volume, os.fsdecode(source))
+    state = testkit.volume_state(volume)
     # The features under test really are in the volume.
-    assert state[b"setuid-tool"][1:4] == ("0o4755", helpers.OTHER_UID, helpers.OTHER_GID)
-    assert state[b"link-relative"][2:4] == (helpers.SYMLINK_UID, helpers.SYMLINK_GID)
+    assert state[b"setuid-tool"][1:4] == ("0o4755", testkit.OTHER_UID, testkit.OTHER_GID)
+    assert state[b"link-relative"][2:4] == (testkit.SYMLINK_UID, testkit.SYMLINK_GID)
     assert state[b"hard-a"][6] == (b"app/hard-b", b"hard-a")
     assert b"bad-\xff\xfe-name" in state and b"new\nline and space" in state
     assert state[b"fifo"][0] == "fifo" and state[b"empty-dir"][0] == "dir"
@@ -82,7 +82,7 @@ def test_round_trip_keeps_everything(helper_env, tricky_volume, make_volume, tmp
     assert capsys.readouterr().out.splitlines() == [
         "Restoring volume: %s" % target, "From: %s" % archive,
         "WARNING: deleting existing volume data", "OK"]
-    assert helpers.volume_state(target) == original
+    assert testkit.volume_state(target) == original
 
 
 def test_restore_leaves_nothing_else_behind(helper_env, tricky_volume, make_volume, tmp_path,
@@ -97,9 +97,9 @@ def test_restore_leaves_nothing_else_behind(helper_env, tricky_volume, make_volu
     (clutter / ".hidden").write_text("stale")
     (clutter / "..double").write_text("stale")
     (clutter / "app").write_text("a file where the archive has a folder")
-    helpers.fill_volume(target, clutter)
+    testkit.fill_volume(target, clutter)
     assert cli.restore_docker_volume_main([target, archive, "--force", "--no-safety-backup"]) == 0
-    assert helpers.volume_state(target) == original
+    assert testkit.volume_state(target) == original
 
 
 def test_old_archive_restores_exactly_with_new_script(helper_env, tricky_volume, make_volume,
@@ -108,7 +108,7 @@ def test_old_archive_restores_exactly_with_new_script(helper_env, tricky_volume,
     archive = old_backup(volume, str(tmp_path), "%s__20260118T120000Z.tar.gz" % volume)
     target = make_volume(create=False)
     assert cli.restore_docker_volume_main([target, archive, "--force"]) == 0
-    assert helpers.volume_state(target) == original
+    assert testkit.volume_state(target) == original
 
 
 def _what_busybox_keeps(state):
@@ -129,7 +129,7 @@ def test_new_archive_restores_with_old_procedure(helper_env, tricky_volume, make
     assert cli.backup_docker_volume_main([volume, str(tmp_path)]) == 0
     target = make_volume()
     old_restore(target, only_archive(tmp_path))
-    assert _what_busybox_keeps(helpers.volume_state(target)) == _what_busybox_keeps(original)
+    assert _what_busybox_keeps(testkit.volume_state(target)) == _what_busybox_keeps(original)
 
 
 def test_new_archive_is_the_old_layout(helper_env, tricky_volume, tmp_path):
@@ -149,14 +149,14 @@ def test_restore_without_force_changes_nothing(helper_env, tricky_volume, make_v
     assert cli.backup_docker_volume_main([volume, str(tmp_path)]) == 0
     archive = only_archive(tmp_path)
     target = make_volume()
-    helpers.fill_volume(target, tmp_path)  # anything, as long as it is not the archive's tree
-    before = helpers.volume_state(target)
+    testkit.fill_volume(target, tmp_path)  # anything, as long as it is not the archive's tree
+    before = testkit.volume_state(target)
     capsys.readouterr()
     assert cli.restore_docker_volume_main([target, archive]) == 1
     error = capsys.readouterr().err
     assert error.startswith("ERROR: restore requires --force\nusage: ")
     assert cli.restore_docker_volume_main([target, archive, "--forc"]) == 2
-    assert helpers.volume_state(target) == before
+    assert testkit.volume_state(target) == before
 
 
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated", "cut at member boundary"])
@@ -183,11 +183,11 @@ def test_damaged_archive_is_refused_and_changes_nothing(helper_env, tricky_volum
     assert cli.restore_docker_volume_main([volume, str(damaged), "--force"]) == 1
     error = capsys.readouterr().err
     assert "is refused" in error and "was not changed" in error
-    assert helpers.volume_state(volume) == original
+    assert testkit.volume_state(volume) == original
     assert os.listdir(damaged.parent) == [damaged.name]  # no safety backup, no leftovers
     missing = make_volume(create=False)
     assert cli.restore_docker_volume_main([missing, str(damaged), "--force"]) == 1
-    assert not helpers.volume_exists(missing)
+    assert not testkit.volume_exists(missing)
 
 
 def test_missing_volume_is_an_error_and_is_not_created(helper_env, make_volume, tmp_path,
@@ -197,7 +197,7 @@ def test_missing_volume_is_an_error_and_is_not_created(helper_env, make_volume, 
     error = capsys.readouterr().err
     assert "volume %s does not exist" % missing in error
     assert os.listdir(tmp_path / "b") == []
-    assert not helpers.volume_exists(missing)
+    assert not testkit.volume_exists(missing)
 
 
 def test_missing_archive_and_path_keep_the_old_messages(helper_env, make_volume, tmp_path,
@@ -212,19 +212,19 @@ def test_missing_archive_and_path_keep_the_old_messages(helper_env, make_volume,
 
 def test_restore_creates_a_missing_volume(helper_env, make_volume, tmp_path):
     volume = make_volume()
-    helpers.fill_volume(volume, helpers.make_tricky_tree(tmp_path / "src").decode())
+    testkit.fill_volume(volume, testkit.make_tricky_tree(tmp_path / "src").decode())
     assert cli.backup_docker_volume_main([volume, str(tmp_path / "b")]) == 0
     target = make_volume(create=False)
     assert cli.restore_docker_volume_main([target, only_archive(tmp_path / "b"), "--force"]) == 0
-    assert helpers.volume_exists(target)
-    assert helpers.volume_state(target) == helpers.volume_state(volume)
+    assert testkit.volume_exists(target)
+    assert testkit.volume_state(target) == testkit.volume_state(volume)
 
 
 def test_missing_helper_image_fails_fast_and_writes_nothing(helper_env, make_volume, tmp_path,
                                                             monkeypatch, capsys):
     volume = make_volume()
-    helpers.fill_volume(volume, helpers.make_tricky_tree(tmp_path / "src").decode())
-    before = helpers.volume_state(volume)
+    testkit.fill_volume(volume, testkit.make_tricky_tree(tmp_path / "src").decode())
+    before = testkit.volume_state(volume)
     monkeypatch.setenv("BACKUP_HELPER_IMAGE", "aisb-no-such-image:never")
     started = time.monotonic()
     assert cli.backup_docker_volume_main([volume, str(tmp_path / "b")]) == 1
@@ -235,7 +235,7 @@ def test_missing_helper_image_fails_fast_and_writes_nothing(helper_env, make_vol
         empty.addfile(tarfile.TarInfo("./x"))
     assert cli.restore_docker_volume_main([volume, str(archive), "--force"]) == 1
     assert time.monotonic() - started < 60
-    assert helpers.volume_state(volume) == before
+    assert testkit.volume_state(volume) == before
 
 
 def test_unreachable_engine_fails_fast(helper_env, tmp_path, monkeypatch, capsys):
@@ -248,7 +248,7 @@ def test_unreachable_engine_fails_fast(helper_env, tmp_path, monkeypatch, capsys
 
 def test_shell_shims_work_from_any_folder(helper_env, make_volume, tmp_path):
     volume = make_volume()
-    helpers.fill_volume(volume, helpers.make_tricky_tree(tmp_path / "src").decode())
+    testkit.fill_volume(volume, testkit.make_tricky_tree(tmp_path / "src").decode())
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     backup = subprocess.run(["sh", os.path.join(SCRIPTS, "backup_docker_volume.sh"), volume,
@@ -260,7 +260,7 @@ def test_shell_shims_work_from_any_folder(helper_env, make_volume, tmp_path):
                               only_archive(tmp_path / "b")], cwd=str(elsewhere),
                              capture_output=True)
     assert restore.returncode == 0, restore.stderr
-    assert helpers.volume_state(target) == helpers.volume_state(volume)
+    assert testkit.volume_state(target) == testkit.volume_state(volume)
 
 
 @pytest.fixture
@@ -279,7 +279,7 @@ def operator():
 def test_non_root_operator_owns_the_archive(helper_env, operator, make_volume, tmp_path,
                                             public_tmp):
     volume = make_volume()
-    helpers.fill_volume(volume, helpers.make_tricky_tree(tmp_path / "src").decode())
+    testkit.fill_volume(volume, testkit.make_tricky_tree(tmp_path / "src").decode())
     # Only the scripts folder, copied somewhere the operator can read: a complete install.
     install = os.path.join(public_tmp, "install")
     shutil.copytree(SCRIPTS, os.path.join(install, "scripts"), symlinks=True,
@@ -303,7 +303,7 @@ def test_non_root_operator_owns_the_archive(helper_env, operator, make_volume, t
     # The operator's archive restores exactly.
     target = make_volume(create=False)
     assert cli.restore_docker_volume_main([target, archive, "--force"]) == 0
-    assert helpers.volume_state(target) == helpers.volume_state(volume)
+    assert testkit.volume_state(target) == testkit.volume_state(volume)
 
 
 def test_repository_layout_is_a_drop_in():

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-import helpers
-from ai_stack_backup import cli, common
+import testkit
+from ai_stack_backup import cli, files, names
 from conftest import SCRIPTS
-from test_tarstream import HOSTILE, entry, raw_tar
+from test_tarstream import HOSTILE, HOSTILE_RULES, entry, raw_tar
 
 pytestmark = pytest.mark.engine
 
@@ -29,8 +29,8 @@ def small_volume(make_volume, tmp_path):
     (data / ".hidden").mkdir(parents=True)
     (data / ".hidden" / "token").write_text("secret")
     (data / "app.db").write_bytes(os.urandom(20000))
-    helpers.fill_volume(volume, data)
-    return volume, helpers.volume_state(volume)
+    testkit.fill_volume(volume, data)
+    return volume, testkit.volume_state(volume)
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def big_volume(make_volume, tmp_path):
     data.mkdir()
     for index in range(8):
         (data / ("blob%d" % index)).write_bytes(os.urandom(25 * 1024 * 1024))
-    helpers.fill_volume(volume, data)
+    testkit.fill_volume(volume, data)
     return volume
 
 
@@ -75,7 +75,7 @@ def wait_for(condition, what, timeout=60):
 
 
 def temp_files(folder):
-    return [name for name in os.listdir(str(folder)) if name.startswith(common.WORK_PREFIX)]
+    return [name for name in os.listdir(str(folder)) if name.startswith(files.WORK_PREFIX)]
 
 
 # --- hostile and broken archives ------------------------------------------------
@@ -87,6 +87,9 @@ BROKEN = {
     "trailing garbage": gz(raw_tar([entry("./f", data=b"1")])) + b"garbage",
     "no end-of-archive marker": gz(raw_tar([entry("./f", data=b"1")], end=b"")),
 }
+BROKEN_RULES = {"empty file": "empty", "not gzip": "not-gzip",
+                "gzip of something that is not tar": "not-tar",
+                "trailing garbage": "trailing-data", "no end-of-archive marker": "truncated"}
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE) + sorted(BROKEN))
@@ -103,8 +106,9 @@ def test_hostile_or_broken_archive_changes_nothing(helper_env, small_volume, tmp
     folder.mkdir()
     archive = write(folder / "hostile.tar.gz", data)
     assert cli.restore_docker_volume_main([volume, archive, "--force"]) == 1
-    assert "is refused" in capsys.readouterr().err
-    assert helpers.volume_state(volume) == original
+    rule = BROKEN_RULES[case] if case in BROKEN else HOSTILE_RULES[case]
+    assert "is refused [%s]" % rule in capsys.readouterr().err
+    assert testkit.volume_state(volume) == original
     assert os.listdir(str(folder)) == ["hostile.tar.gz"]
 
 
@@ -119,7 +123,7 @@ def test_helper_extracts_exactly_what_was_checked(helper_env, make_volume, tmp_p
     archive = write(tmp_path / "pax.tar.gz", gz(raw_tar(members, tarfile.PAX_FORMAT)))
     volume = make_volume(create=False)
     assert cli.restore_docker_volume_main([volume, archive, "--force"]) == 0
-    state = helpers.volume_state(volume)
+    state = testkit.volume_state(volume)
     renamed = state[b"pax-path-" + b"p" * 120]
     assert renamed[2:5] == (3_000_000, 3_000_001, 1_500_000_000)
     assert state[b"link"][5] == b"/pax/target"
@@ -139,7 +143,7 @@ def growing_temp_file(folder):
     def check():
         names = temp_files(folder) if os.path.isdir(str(folder)) else []
         return any(os.path.getsize(os.path.join(str(folder), name)) > 1024 * 1024
-                   for name in names if name.endswith(common.TEMP_SUFFIX))
+                   for name in names if name.endswith(files.TEMP_SUFFIX))
     return check
 
 
@@ -149,10 +153,10 @@ def test_sigkill_leaves_no_archive_and_no_helper(helper_env, big_volume, tmp_pat
     wait_for(growing_temp_file(folder), "the backup to be under way")
     process.kill()
     process.wait()
-    wait_for(lambda: not helpers.helper_containers(), "the helper to go", timeout=10)
+    wait_for(lambda: not testkit.helper_containers(), "the helper to go", timeout=10)
     assert not any(name.endswith(".tar.gz") for name in os.listdir(str(folder)))
     # The next backup_all removes what the killed run left.
-    removed = common.remove_stale_work_files(str(folder))
+    removed = files.remove_stale_work_files(str(folder))
     assert removed and os.listdir(str(folder)) == []
 
 
@@ -160,8 +164,8 @@ def test_helper_killed_mid_stream_publishes_nothing(helper_env, big_volume, tmp_
     folder = tmp_path / "backups"
     process = start_backup(big_volume, folder)
     wait_for(growing_temp_file(folder), "the backup to be under way")
-    for name in helpers.helper_containers():
-        helpers.docker("kill", name, check=False)
+    for name in testkit.helper_containers():
+        testkit.docker("kill", name, check=False)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 1
     assert b"backing up volume %s failed" % big_volume.encode() in err
@@ -171,7 +175,7 @@ def test_helper_killed_mid_stream_publishes_nothing(helper_env, big_volume, tmp_
 
 def test_disk_full_is_said_plainly_and_leaves_earlier_archives(helper_env, big_volume,
                                                               small_disk, capsys):
-    earlier = os.path.join(small_disk, common.archive_name(big_volume, "20260101T000000Z"))
+    earlier = os.path.join(small_disk, names.archive_name(big_volume, "20260101T000000Z"))
     write(earlier, b"an earlier archive")
     assert cli.backup_docker_volume_main([big_volume, small_disk, "--quiet"]) == 1
     assert "the disk is full" in capsys.readouterr().err
@@ -182,14 +186,14 @@ def test_disk_full_is_said_plainly_and_leaves_earlier_archives(helper_env, big_v
 def test_restore_streams_twice_when_the_disk_cannot_stage_it(helper_env, make_volume, small_disk,
                                                              tmp_path, monkeypatch, capsys):
     source = make_volume()
-    helpers.fill_volume(source, helpers.make_tricky_tree(tmp_path / "tricky").decode())
+    testkit.fill_volume(source, testkit.make_tricky_tree(tmp_path / "tricky").decode())
     assert cli.backup_docker_volume_main([source, str(tmp_path / "a"), "--quiet"]) == 0
     archive = os.path.join(str(tmp_path / "a"), os.listdir(str(tmp_path / "a"))[0])
     monkeypatch.setenv("BACKUP_DIR", small_disk)  # 3 MiB: no room to stage 3+ MiB of tar
     target = make_volume(create=False)
     assert cli.restore_docker_volume_main([target, archive, "--force", "--quiet"]) == 0
     assert "streaming it in a second pass" in capsys.readouterr().err
-    assert helpers.volume_state(target) == helpers.volume_state(source)
+    assert testkit.volume_state(target) == testkit.volume_state(source)
     assert os.listdir(small_disk) == []
 
 
@@ -204,7 +208,7 @@ def test_safety_backup_is_an_ordinary_archive(helper_env, small_volume, make_vol
                                               capsys, monkeypatch):
     volume, original = small_volume
     other = make_volume()
-    helpers.fill_volume(other, helpers.make_tricky_tree(tmp_path / "tricky").decode())
+    testkit.fill_volume(other, testkit.make_tricky_tree(tmp_path / "tricky").decode())
     archive = backup_of(other, tmp_path / "archives")
     capsys.readouterr()
     assert cli.restore_docker_volume_main([volume, archive, "--force"]) == 0
@@ -215,10 +219,10 @@ def test_safety_backup_is_an_ordinary_archive(helper_env, small_volume, make_vol
     snapshot = os.path.join(str(tmp_path / "archives"), snapshots[0])
     assert out[2] == "Safety backup of the current contents: %s" % snapshot
     assert out[-1] == "Previous contents kept in: %s" % snapshot
-    assert helpers.volume_state(volume) == helpers.volume_state(other)
+    assert testkit.volume_state(volume) == testkit.volume_state(other)
     check = make_volume(create=False)
     assert cli.restore_docker_volume_main([check, snapshot, "--force"]) == 0
-    assert helpers.volume_state(check) == original
+    assert testkit.volume_state(check) == original
     # With BACKUP_DIR set, the safety backup goes there.
     monkeypatch.setenv("BACKUP_DIR", str(tmp_path / "configured"))
     assert cli.restore_docker_volume_main([check, archive, "--force", "--quiet"]) == 0
@@ -244,9 +248,9 @@ def restore_caught_after_the_wipe(engine, volume, tmp_path, make_volume):
     normal speed.
     """
     other = make_volume()
-    helpers.fill_volume(other, helpers.make_tricky_tree(tmp_path / "tricky").decode())
+    testkit.fill_volume(other, testkit.make_tricky_tree(tmp_path / "tricky").decode())
     archive = backup_of(other, tmp_path / "archives")  # helper_env set the plain image
-    slow = helpers.build_variant_image("slow-extract", SLOW_EXTRACT)
+    slow = testkit.build_variant_image("slow-extract", SLOW_EXTRACT)
     process = subprocess.Popen(
         [sys.executable, os.path.join(SCRIPTS, "restore_docker_volume.py"), volume, archive,
          "--force"], env=dict(os.environ, BACKUP_HELPER_IMAGE=slow),
@@ -254,8 +258,8 @@ def restore_caught_after_the_wipe(engine, volume, tmp_path, make_volume):
     for line in process.stdout:
         if line.startswith(b"WARNING: deleting existing volume data"):
             break
-    wait_for(lambda: not os.listdir(helpers.mountpoint(volume)), "the wipe")
-    helpers.docker("tag", engine, slow)
+    wait_for(lambda: not os.listdir(testkit.mountpoint(volume)), "the wipe")
+    testkit.docker("tag", engine, slow)
     return process
 
 
@@ -263,13 +267,13 @@ def test_helper_killed_after_the_wipe_rolls_back(helper_env, small_volume, make_
                                                  tmp_path):
     volume, original = small_volume
     process = restore_caught_after_the_wipe(helper_env, volume, tmp_path, make_volume)
-    for name in helpers.helper_containers():
-        helpers.docker("kill", name, check=False)
+    for name in testkit.helper_containers():
+        testkit.docker("kill", name, check=False)
     process.stdout.read()
     error = process.stderr.read()
     assert process.wait(timeout=120) == 1
     assert b"was rolled back to its previous contents from the safety backup" in error
-    assert helpers.volume_state(volume) == original
+    assert testkit.volume_state(volume) == original
 
 
 def test_sigterm_during_a_restore_rolls_back(helper_env, small_volume, make_volume, tmp_path):
@@ -281,8 +285,8 @@ def test_sigterm_during_a_restore_rolls_back(helper_env, small_volume, make_volu
     assert process.wait(timeout=120) == 128 + signal.SIGTERM
     assert b"was rolled back to its previous contents from the safety backup" in error
     assert b"stopped by SIGTERM after cleaning up" in error
-    assert helpers.volume_state(volume) == original
-    wait_for(lambda: not helpers.helper_containers(), "the helpers to go", timeout=10)
+    assert testkit.volume_state(volume) == original
+    wait_for(lambda: not testkit.helper_containers(), "the helpers to go", timeout=10)
 
 
 def test_disk_full_inside_the_volume_rolls_back(helper_env, make_volume, small_disk, tmp_path,
@@ -290,42 +294,42 @@ def test_disk_full_inside_the_volume_rolls_back(helper_env, make_volume, small_d
     folder = os.path.join(small_disk, "volume-data")
     os.mkdir(folder)
     volume = make_volume(create=False)
-    helpers.docker("volume", "create", "--driver", "local", "--opt", "type=none",
+    testkit.docker("volume", "create", "--driver", "local", "--opt", "type=none",
                    "--opt", "o=bind", "--opt", "device=" + folder, volume)
     (tmp_path / "small").mkdir()
     (tmp_path / "small" / "precious").write_bytes(os.urandom(100000))
-    helpers.fill_volume(volume, tmp_path / "small")
-    original = helpers.volume_state(volume)
+    testkit.fill_volume(volume, tmp_path / "small")
+    original = testkit.volume_state(volume)
     big = make_volume()
     (tmp_path / "big").mkdir()
     (tmp_path / "big" / "too-big").write_bytes(os.urandom(5 * 1024 * 1024))
-    helpers.fill_volume(big, tmp_path / "big")
+    testkit.fill_volume(big, tmp_path / "big")
     archive = backup_of(big, tmp_path / "archives")
     capsys.readouterr()
     assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet"]) == 1
     error = capsys.readouterr().err
     assert "No space left on device" in error
     assert "was rolled back to its previous contents" in error
-    assert helpers.volume_state(volume) == original
+    assert testkit.volume_state(volume) == original
 
 
 def test_restore_stops_before_any_change_if_the_safety_backup_fails(
         helper_env, big_volume, small_disk, tmp_path, monkeypatch, capsys):
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "f").write_text("x")
-    source = helpers.docker("volume", "create", "aisb-test-tiny-%s" % os.urandom(3).hex()).strip()
+    source = testkit.docker("volume", "create", "aisb-test-tiny-%s" % os.urandom(3).hex()).strip()
     try:
-        helpers.fill_volume(source, tmp_path / "tiny")
+        testkit.fill_volume(source, tmp_path / "tiny")
         archive = backup_of(source, tmp_path / "archives")
     finally:
-        helpers.docker("volume", "rm", "-f", source)
-    before = helpers.volume_state(big_volume)
+        testkit.docker("volume", "rm", "-f", source)
+    before = testkit.volume_state(big_volume)
     monkeypatch.setenv("BACKUP_DIR", small_disk)  # 3 MiB cannot hold 200 MB
     assert cli.restore_docker_volume_main([big_volume, archive, "--force", "--quiet"]) == 1
     error = capsys.readouterr().err
     assert "cannot save the current contents" in error and "nothing was changed" in error
     assert "the disk is full" in error
-    assert helpers.volume_state(big_volume) == before
+    assert testkit.volume_state(big_volume) == before
     assert os.listdir(small_disk) == []
 
 
@@ -337,7 +341,7 @@ def app(make_volume):
 
     def start(volume):
         names.append("aisb-app-%s" % os.urandom(4).hex())
-        return helpers.start_app_container(volume, names[-1])
+        return testkit.start_app_container(volume, names[-1])
     yield start
     for name in names:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
@@ -348,19 +352,19 @@ def test_restore_refuses_a_volume_in_use(helper_env, small_volume, app, tmp_path
     archive = backup_of(volume, tmp_path / "archives")
     first, second = app(volume), app(volume)
     time.sleep(0.5)
-    before = helpers.volume_state(volume)
+    before = testkit.volume_state(volume)
     capsys.readouterr()
     assert cli.restore_docker_volume_main([volume, archive, "--force"]) == 1
     error = capsys.readouterr().err
     assert "in use by running container(s)" in error and first in error and second in error
     assert "--stop-containers" in error
-    assert helpers.volume_state(volume) == before
+    assert testkit.volume_state(volume) == before
     assert cli.restore_docker_volume_main([volume, archive, "--force", "--stop-containers"]) == 0
-    assert helpers.container_running(first) and helpers.container_running(second)
+    assert testkit.container_running(first) and testkit.container_running(second)
     time.sleep(0.5)
     # The archive predates the containers: a replaced volume has a fresh "starts" file
     # with one line per restart (4 would mean nothing was replaced).
-    assert helpers.starts(volume) == 2
+    assert testkit.starts(volume) == 2
 
 
 def test_stop_containers_restarts_them_when_the_restore_fails(engine, small_volume, app,
@@ -370,9 +374,9 @@ def test_stop_containers_restarts_them_when_the_restore_fails(engine, small_volu
     archive = backup_of(volume, tmp_path / "archives")
     running = app(volume)
     monkeypatch.setenv("BACKUP_HELPER_IMAGE",
-                       helpers.build_variant_image("failing", helpers.FAILING_TAR))
+                       testkit.build_variant_image("failing", testkit.FAILING_TAR))
     assert cli.restore_docker_volume_main([volume, archive, "--force", "--stop-containers"]) == 1
     error = capsys.readouterr().err
     assert "cannot save the current contents" in error and "simulated failure" in error
     assert "starting container %s again" % running in error
-    assert helpers.container_running(running)
+    assert testkit.container_running(running)

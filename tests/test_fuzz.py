@@ -17,10 +17,10 @@ import tarfile
 
 import pytest
 
-import helpers
+import testkit
 from ai_stack_backup import cli, tarstream
 from ai_stack_backup.archive import checked_members
-from ai_stack_backup.common import ArchiveError
+from ai_stack_backup.errors import ArchiveError
 from test_tarstream import entry, raw_tar
 
 SEED = 20261127
@@ -154,22 +154,22 @@ def test_host_restore_of_damaged_archives(tmp_path, capsys):
     target = tmp_path / "target"
     (target / "keep").mkdir(parents=True)
     (target / "keep" / "me").write_text("untouched unless a restore succeeds")
-    pristine = helpers.tree_state(str(target))
+    pristine = testkit.tree_state(str(target))
     counts = {"refused": 0, "restored": 0}
     for description, data in mutations("top/", HOST_CASES):
         archive = tmp_path / "case.tar.gz"
         archive.write_bytes(data)
         expected = model(data, b"top")
-        before = helpers.tree_state(str(target))
+        before = testkit.tree_state(str(target))
         code = cli.restore_path_main([str(archive), str(target), "--force", "--quiet"])
         capsys.readouterr()
         if expected is None:
             assert code == 1, description
-            assert helpers.tree_state(str(target)) == before, description
+            assert testkit.tree_state(str(target)) == before, description
             counts["refused"] += 1
         else:
             assert code == 0, description
-            assert comparable(helpers.tree_state(str(target)), expected) == expected, description
+            assert comparable(testkit.tree_state(str(target)), expected) == expected, description
             counts["restored"] += 1
         assert sorted(os.listdir(str(tmp_path))) == ["case.tar.gz", "target"], description
     assert counts["refused"] > HOST_CASES / 2 and counts["restored"] > 10
@@ -181,7 +181,7 @@ def test_volume_restore_of_damaged_archives(helper_env, make_volume, tmp_path, c
     volume = make_volume()
     (tmp_path / "start").mkdir()
     (tmp_path / "start" / "precious").write_text("the volume before the fuzzing")
-    helpers.fill_volume(volume, tmp_path / "start")
+    testkit.fill_volume(volume, tmp_path / "start")
     every = mutations("./", HOST_CASES)
     cases = [every[index] for index in sorted(random.Random(SEED).sample(range(HOST_CASES),
                                                                           ENGINE_CASES))]
@@ -192,16 +192,16 @@ def test_volume_restore_of_damaged_archives(helper_env, make_volume, tmp_path, c
         archive = folder / "case.tar.gz"
         archive.write_bytes(data)
         expected = model(data, b"")
-        before = helpers.volume_state(volume)
+        before = testkit.volume_state(volume)
         code = cli.restore_docker_volume_main([volume, str(archive), "--force", "--quiet",
                                                "--no-safety-backup"])
         capsys.readouterr()
         if expected is None:
             assert code == 1, description
-            assert helpers.volume_state(volume) == before, description
+            assert testkit.volume_state(volume) == before, description
         else:
             assert code == 0, description
-            restored = helpers.volume_state(volume)
+            restored = testkit.volume_state(volume)
             assert comparable(restored, expected) == expected, description
         seen.add(expected is None)
         assert os.listdir(str(folder)) == ["case.tar.gz"]

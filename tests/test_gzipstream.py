@@ -13,7 +13,7 @@ import zlib
 import pytest
 
 from ai_stack_backup import gzipstream
-from ai_stack_backup.common import ArchiveError, BackupError
+from ai_stack_backup.errors import ArchiveError
 from ai_stack_backup.gzipstream import CHUNK_SIZE, ParallelGzipWriter, iter_gunzip
 
 
@@ -139,17 +139,6 @@ def test_a_failing_worker_is_an_error_never_a_short_archive(monkeypatch):
                 writer.write(text_like(CHUNK_SIZE))
     with pytest.raises(ArchiveError, match="truncated"):
         gunzip_all(output.getvalue())
-
-
-def test_environment_settings():
-    assert gzipstream.settings_from_environment({"BACKUP_GZIP_LEVEL": "1", "BACKUP_THREADS": "3"}) \
-        == (1, 3)
-    level, threads = gzipstream.settings_from_environment({})
-    assert level == 6 and threads == gzipstream.default_threads() >= 1
-    for bad in ({"BACKUP_GZIP_LEVEL": "0"}, {"BACKUP_GZIP_LEVEL": "fast"},
-                {"BACKUP_THREADS": "0"}, {"BACKUP_THREADS": "-2"}):
-        with pytest.raises(BackupError):
-            gzipstream.settings_from_environment(bad)
 
 
 # --- the strict reader --------------------------------------------------------

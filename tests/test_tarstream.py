@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from ai_stack_backup.common import ArchiveError
+from ai_stack_backup.errors import ArchiveError
 from ai_stack_backup.tarstream import DIRECTORY, END_OF_ARCHIVE, FIFO, FILE, HARDLINK, SYMLINK, \
     ArchiveRules, Member, TarReader, _PathTable, member_header, normalize
 
@@ -174,11 +174,28 @@ HOSTILE = {
 }
 
 
+# The rule that must fire for each case: not just any refusal.
+HOSTILE_RULES = {
+    "absolute name": "absolute-name", "dot-dot": "dotdot", "empty name": "empty-name",
+    "NUL in a pax path": "nul-byte", "character device": "device-file",
+    "block device": "device-file", "through a symlink": "through-symlink",
+    "through a relative symlink": "through-symlink",
+    "hard link to an outside file": "absolute-name", "hard link to a later file": "hardlink-target",
+    "hard link to a folder": "hardlink-target", "hard link to a symlink": "hardlink-target",
+    "hard link to itself": "repeated-member", "folder replaced by a symlink": "type-change",
+    "file turned into a folder": "through-non-folder", "folder turned into a file": "type-change",
+    "root as a symlink": "root-not-folder", "file twice": "repeated-member",
+    "hard link twice": "repeated-member", "file replaced by a hard link": "repeated-member",
+    "symlink twice": "repeated-member", "empty symlink target": "symlink-target",
+}
+
+
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_members_are_refused(case):
     fmt = tarfile.PAX_FORMAT if "pax" in case else tarfile.GNU_FORMAT
-    with pytest.raises(ArchiveError):
+    with pytest.raises(ArchiveError) as refused:
         read_all(raw_tar(HOSTILE[case], fmt), rules=True)
+    assert refused.value.rule == HOSTILE_RULES[case]
 
 
 def test_ordinary_volume_contents_pass_the_rules():

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import helpers
+import testkit
 from conftest import SCRIPTS
 
 
@@ -72,7 +72,7 @@ def test_progress_on_a_terminal_only(large_tree, tmp_path):
 @pytest.mark.engine
 def test_volume_streams_between_hosts(helper_env, make_volume, tmp_path):
     source = make_volume()
-    helpers.fill_volume(source, helpers.make_tricky_tree(tmp_path / "src").decode())
+    testkit.fill_volume(source, testkit.make_tricky_tree(tmp_path / "src").decode())
     backup = os.path.join(SCRIPTS, "backup_docker_volume.py")
     restore = os.path.join(SCRIPTS, "restore_docker_volume.py")
     streamed = subprocess.run([sys.executable, backup, source, "-"], capture_output=True,
@@ -93,24 +93,24 @@ def test_volume_streams_between_hosts(helper_env, make_volume, tmp_path):
         shell=True, capture_output=True, timeout=300, env=dict(os.environ, BACKUP_DIR=str(spool)))
     assert pipeline.returncode == 0, pipeline.stderr
     assert pipeline.stdout.decode().splitlines()[-1] == "OK"
-    assert helpers.volume_state(target) == helpers.volume_state(source)
+    assert testkit.volume_state(target) == testkit.volume_state(source)
     assert os.listdir(str(spool)) == []  # the spooled copy of stdin is gone
     # A damaged stream is refused as a whole and changes nothing.
-    before = helpers.volume_state(target)
+    before = testkit.volume_state(target)
     damaged = bytearray(streamed.stdout)
     damaged[len(damaged) // 2] ^= 0x10
     refused = subprocess.run([sys.executable, restore, target, "-", "--force"],
                              input=bytes(damaged), capture_output=True, timeout=300,
                              env=dict(os.environ, BACKUP_DIR=str(spool)))
     assert refused.returncode == 1 and b"is refused" in refused.stderr
-    assert helpers.volume_state(target) == before
+    assert testkit.volume_state(target) == before
 
 
 @pytest.mark.engine
 def test_a_failing_stream_never_looks_complete(engine, make_volume, tmp_path):
     volume = make_volume()
-    helpers.fill_volume(volume, helpers.make_tricky_tree(tmp_path / "src").decode())
-    image = helpers.build_variant_image("failing", helpers.FAILING_TAR)
+    testkit.fill_volume(volume, testkit.make_tricky_tree(tmp_path / "src").decode())
+    image = testkit.build_variant_image("failing", testkit.FAILING_TAR)
     result = subprocess.run([sys.executable, os.path.join(SCRIPTS, "backup_docker_volume.py"),
                              volume, "-"], capture_output=True, timeout=300,
                             env=dict(os.environ, BACKUP_HELPER_IMAGE=image))

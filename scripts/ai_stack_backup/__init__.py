@@ -1,10 +1,11 @@
 """ai_stack backup: back up and restore the AI stack's Docker volumes and host folders.
 
-Standard library only (Python 3.8 to 3.13). The modules, in the order they
-build on each other: common (constants, errors, names, atomic files),
-gzipstream (parallel gzip, strict gunzip), tarstream (tar parser, safety
-rules, header writer), archive (whole-archive checks), docker (the gateway to
-the docker CLI and the helper container), volume, pathbackup, backupall, cli.
+cli (argv, environ) → pipeline.backup|restore → volume|hostpath → transfer, docker → files
+
+Standard library only (Python 3.8 to 3.13). The modules, each building only
+on those before it: errors, names, report, config, files, gzipstream,
+tarstream, archive, docker, transfer, pipeline, volume, hostpath, backupall,
+cli. The README's Development section has one line per module.
 """
 
 __version__ = "1.0.0"

@@ -4,13 +4,9 @@ Restore, verify_backup and backup_all's read-back all use ``scan_archive``, so
 an archive that verifies is exactly an archive that restores.
 """
 
-import contextlib
-import fcntl
 import os
-import sys
-import tempfile
 
-from .common import TEMP_SUFFIX, WORK_PREFIX, BackupError, Progress, describe_os_error
+from .errors import BackupError, describe_os_error
 from .gzipstream import iter_gunzip, prefetched
 from .tarstream import ArchiveRules, TarReader
 
@@ -76,50 +72,72 @@ def scan_archive(file, progress=None):
     return ArchiveSummary(reader.members, reader.data_bytes, reader.offset, counter.count)
 
 
-def verify_file(path, quiet=True):
-    """Check the archive at ``path`` completely; give an ArchiveSummary or raise BackupError."""
-    try:
-        with open(path, "rb") as file:
-            progress = Progress("Checking %s" % os.path.basename(path),
-                                total=os.fstat(file.fileno()).st_size, enabled=not quiet)
-            try:
-                return scan_archive(file, progress)
-            finally:
-                progress.finish()
-    except OSError as error:
-        raise BackupError("cannot read %s: %s" % (path, describe_os_error(error)))
+class CheckPass:
+    """One pass over an archive: ``members`` yields each member once the rules passed it.
+
+    Iterating raises ArchiveError on the first problem anywhere, up to the
+    gzip trailer and end of input. Read a file member's data with ``data()``
+    before taking the next member.
+    """
+
+    def __init__(self, archive, progress):
+        self._archive = archive
+        self.reader, self.members, self._counter = checked_members(archive.file, progress)
+
+    def data(self):
+        return self.reader.data()
+
+    def run(self):
+        """Check the rest of the archive; give the ArchiveSummary."""
+        for _ in self.members:
+            pass
+        return self.summary()
+
+    def summary(self):
+        summary = ArchiveSummary(self.reader.members, self.reader.data_bytes, self.reader.offset,
+                                 self._counter.count)
+        if self._archive.first_summary is None:
+            self._archive.first_summary = summary
+        return summary
 
 
-@contextlib.contextmanager
-def spooled_stdin(folder):
-    """Copy stdin into a private temp file in ``folder``; give it opened for reading.
+class ArchiveInput:
+    """An archive opened for a restore: fresh checked passes over it, and a test for change.
 
-    A restore from stdin must read the whole archive before anything changes,
-    and then read it again, so it has to be kept somewhere.
+    ``name`` is what messages call it (its path, or ``-``). A second pass is
+    trusted only if the file's size and mtime and everything the first pass
+    counted are the same.
+    """
+
+    def __init__(self, file, name):
+        self.file = file
+        self.name = name
+        self._stamp = self._current_stamp()
+        self.size = self._stamp[0]
+        self.first_summary = None
+
+    def _current_stamp(self):
+        status = os.fstat(self.file.fileno())
+        return status.st_size, status.st_mtime_ns
+
+    def check(self, progress=None):
+        self.file.seek(0)
+        return CheckPass(self, progress)
+
+    def unchanged(self, summary):
+        return self._current_stamp() == self._stamp and summary.same_content(self.first_summary)
+
+
+def verify_file(path, reporter):
+    """Check the archive at ``path`` completely; give an ArchiveSummary.
+
+    Raises ArchiveError (with the rule) for a damaged archive, BackupError
+    when it cannot be read.
     """
     try:
-        descriptor, path = tempfile.mkstemp(prefix=WORK_PREFIX + "stdin-", suffix=TEMP_SUFFIX,
-                                            dir=folder)
+        with open(path, "rb") as file:
+            with reporter.progress("Checking %s" % os.path.basename(path),
+                                   total=os.fstat(file.fileno()).st_size) as progress:
+                return scan_archive(file, progress)
     except OSError as error:
-        raise BackupError("cannot create a file in %s for the archive from stdin: %s"
-                          % (folder, describe_os_error(error)))
-    fcntl.flock(descriptor, fcntl.LOCK_SH)
-    try:
-        with os.fdopen(descriptor, "w+b") as spool:
-            source = sys.stdin.buffer
-            try:
-                while True:
-                    data = source.read(READ_SIZE)
-                    if not data:
-                        break
-                    spool.write(data)
-                spool.flush()
-            except OSError as error:
-                raise BackupError("cannot store the archive from stdin in %s: %s"
-                                  % (folder, describe_os_error(error)))
-            spool.seek(0)
-            yield spool
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
+        raise BackupError("cannot read %s: %s" % (path, describe_os_error(error)))

@@ -10,66 +10,30 @@ source whose backup failed in this run.
 
 import fcntl
 import os
-import re
-import sys
 import time
 
+from . import pipeline
 from .archive import verify_file
-from .common import DEFAULT_BACKUP_DIR, EXIT_LOCKED, LOCK_NAME, BackupError, ensure_backup_dir, \
-    human_size, log, parse_archive_name, parse_timestamp, remove_stale_work_files, safe_name, say
-from .pathbackup import backup_path
-from .volume import backup_volume
-
-DEFAULT_OUTPUT_ROOT = "/home/wasti/ai_stack_data/transcript-miner/output"
-DEFAULT_RETENTION_DAYS = 14
-DEFAULT_MIN_KEEP = 3
-# The runbook's five volumes; the first two keep their old variables.
-OTHER_DEFAULT_VOLUMES = ("context6-data", "context6-cache", "qdrant-data")
-TRUE_WORDS = ("1", "yes", "true", "on")
-FALSE_WORDS = ("", "0", "no", "false", "off")
+from .errors import BackupError, Locked, NotFound
+from .files import LOCK_NAME, ensure_backup_dir, remove_stale_work_files
+from .hostpath import PathSource
+from .names import parse_archive_name, parse_timestamp
+from .report import human_size
+from .volume import VolumeSource
 
 
-class LockedError(BackupError):
-    """Another run holds the lock; exits 75 so a timer can simply try again."""
-
-    exit_code = EXIT_LOCKED
-
-
-def _whole_number(environ, name, default, minimum):
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    if not raw.isdigit() or int(raw) < minimum:
-        raise BackupError("%s must be a whole number of at least %d, not %r" % (name, minimum, raw))
-    return int(raw)
-
-
-class Settings:
-    """backup_all's configuration, read from the environment as the old script did."""
-
-    def __init__(self, environ=None):
-        environ = os.environ if environ is None else environ
-        self.backup_dir = environ.get("BACKUP_DIR", "").strip() or DEFAULT_BACKUP_DIR
-        self.output_root = environ.get("OUTPUT_ROOT", DEFAULT_OUTPUT_ROOT).strip()
-        self.retention_days = _whole_number(environ, "RETENTION_DAYS", DEFAULT_RETENTION_DAYS, 0)
-        self.min_keep = _whole_number(environ, "RETENTION_MIN_KEEP", DEFAULT_MIN_KEEP, 1)
-        raw_volumes = environ.get("VOLUMES", "").strip()
-        if raw_volumes:
-            self.volumes = [name for name in re.split(r"[\s,]+", raw_volumes) if name]
-        else:
-            self.volumes = [environ.get("OPEN_WEBUI_VOLUME", "").strip() or "owui-data",
-                            environ.get("TOOL_TM_VOLUME", "").strip() or "tm-data"]
-            self.volumes += list(OTHER_DEFAULT_VOLUMES)
-        stop = environ.get("STOP_CONTAINERS", "").strip().lower()
-        if stop not in TRUE_WORDS + FALSE_WORDS:
-            raise BackupError("STOP_CONTAINERS must be 1 or 0, not %r" % stop)
-        self.stop_containers = stop in TRUE_WORDS
+def configured_sources(config):
+    """Give the sources backup_all backs up: VOLUMES, then OUTPUT_ROOT (if set)."""
+    sources = [VolumeSource(volume, config, config.stop_containers) for volume in config.volumes]
+    if config.output_root:
+        sources.append(PathSource(config.output_root))
+    return sources
 
 
 class BackupLock:
     """An exclusive flock on ``<folder>/.ai_stack_backup-lock`` holding the owner's PID.
 
-    Raises LockedError (exit 75), naming the holder's PID, when another run has it.
+    Raises Locked (exit 75), naming the holder's PID, when another run has it.
     """
 
     def __init__(self, folder):
@@ -83,7 +47,7 @@ class BackupLock:
         except BlockingIOError:
             holder = os.read(descriptor, 64).decode("ascii", "replace").strip() or "unknown"
             os.close(descriptor)
-            raise LockedError("another backup_all run (PID %s) holds the lock %s; not starting"
+            raise Locked("another backup_all run (PID %s) holds the lock %s; not starting"
                               % (holder, self.path))
         os.ftruncate(descriptor, 0)
         os.write(descriptor, b"%d\n" % os.getpid())
@@ -111,29 +75,34 @@ class Outcome:
         return "%-7s %s %s: %s" % (self.status, self.kind, self.name, detail)
 
 
-def _back_up_and_verify(kind, name, source, backup, messages):
-    """Run one backup and read the archive back; give an Outcome (never raises BackupError)."""
+def _back_up_and_verify(source, folder, config, reporter):
+    """Back up one source and read the archive back; give an Outcome (never raises BackupError)."""
     started = time.monotonic()
+
+    def failed(reason):
+        reporter.error(reason)
+        return Outcome(source.kind, source.name, source.archive_source, "FAILED",
+                       seconds=time.monotonic() - started, reason=reason)
     try:
-        result = backup()
+        result = pipeline.backup(source, folder, config, reporter)
+    except NotFound:
+        # The old script's line for a missing OUTPUT_ROOT; a missing source is no failure.
+        reporter.status("WARN: OUTPUT_ROOT not found, skipping: %s" % source.name)
+        return Outcome(source.kind, source.name, source.archive_source, "skipped",
+                       reason="not found")
     except BackupError as error:
-        log("ERROR: %s" % error)
-        return Outcome(kind, name, source, "FAILED", seconds=time.monotonic() - started,
-                       reason=str(error))
+        return failed(str(error))
     try:
-        summary = verify_file(result.path)
+        summary = verify_file(result.path, reporter.silent())
     except BackupError as error:
         # Keep the bytes for inspection, but not under a name that counts as a backup.
         os.rename(result.path, result.path + ".failed-verification")
-        reason = "the new archive failed verification (%s); kept as %s.failed-verification" \
-            % (error, result.path)
-        log("ERROR: %s" % reason)
-        return Outcome(kind, name, source, "FAILED", seconds=time.monotonic() - started,
-                       reason=reason)
-    say(messages, "Verified: %s (%d members, %s uncompressed)"
-        % (result.path, summary.members, human_size(summary.data_bytes)))
-    return Outcome(kind, name, source, "ok", result.path, result.size,
-                   time.monotonic() - started)
+        return failed("the new archive failed verification (%s); kept as %s.failed-verification"
+                      % (error, result.path))
+    reporter.status("Verified: %s (%d members, %s uncompressed)"
+                    % (result.path, summary.members, human_size(summary.data_bytes)))
+    return Outcome(source.kind, source.name, source.archive_source, "ok", result.path,
+                   result.size, time.monotonic() - started)
 
 
 def retention_plan(folder, sources, retention_days, min_keep, now=None):
@@ -159,54 +128,45 @@ def retention_plan(folder, sources, retention_days, min_keep, now=None):
     return [path for _, path in sorted(doomed)]
 
 
-def run_backup_all(settings, dry_run=False, messages=None, quiet=True):
-    """Back up every source, verify, apply retention; give the list of Outcomes.
+def run_backup_all(config, reporter, dry_run=False):
+    """Back up every configured source, verify, apply retention; give the list of Outcomes.
 
-    Raises LockedError if another run holds the lock, BackupError if the
-    backup folder cannot be prepared. Failures of single sources are in the
+    Raises Locked if another run holds the lock, BackupError if the backup
+    folder cannot be prepared. Failures of single sources are in the
     Outcomes, not raised.
     """
-    messages = sys.stdout if messages is None else messages
-    folder = ensure_backup_dir(settings.backup_dir, enforce_mode=True)
+    folder = ensure_backup_dir(config.backup_dir, enforce_mode=True)
     with BackupLock(folder):
         for path in remove_stale_work_files(folder):
-            log("removed %s, left by an earlier run that was killed" % path)
-        path_source = safe_name(settings.output_root) if settings.output_root else None
-        have_output_root = bool(settings.output_root) and os.path.isdir(settings.output_root)
+            reporter.log("removed %s, left by an earlier run that was killed" % path)
+        sources = configured_sources(config)
         if dry_run:
-            sources = set(settings.volumes) | ({path_source} if have_output_root else set())
-            for volume in settings.volumes:
-                say(messages, "would back up volume %s" % volume)
-            if have_output_root:
-                say(messages, "would back up path %s" % settings.output_root)
-            for path in retention_plan(folder, sources, settings.retention_days,
-                                       settings.min_keep):
-                say(messages, "would delete %s" % path)
+            present = []
+            for source in sources:
+                try:
+                    source.check()
+                except NotFound:
+                    continue
+                except BackupError as error:
+                    reporter.status("would fail %s %s: %s" % (source.kind, source.name, error))
+                    continue
+                present.append(source)
+                reporter.status("would back up %s %s" % (source.kind, source.name))
+            for path in retention_plan(folder, {source.archive_source for source in present},
+                                       config.retention_days, config.min_keep):
+                reporter.status("would delete %s" % path)
             return []
-        outcomes = []
-        for volume in settings.volumes:
-            outcomes.append(_back_up_and_verify(
-                "volume", volume, volume,
-                lambda volume=volume: backup_volume(volume, folder, settings.stop_containers,
-                                                    messages, quiet),
-                messages))
-        if have_output_root:
-            outcomes.append(_back_up_and_verify(
-                "path", settings.output_root, path_source,
-                lambda: backup_path(settings.output_root, folder, messages, quiet), messages))
-        elif settings.output_root:
-            say(messages, "WARN: OUTPUT_ROOT not found, skipping: %s" % settings.output_root)
-            outcomes.append(Outcome("path", settings.output_root, path_source, "skipped",
-                                    reason="not found"))
+        outcomes = [_back_up_and_verify(source, folder, config, reporter) for source in sources]
         succeeded = {outcome.source for outcome in outcomes if outcome.status == "ok"}
-        for path in retention_plan(folder, succeeded, settings.retention_days, settings.min_keep):
-            log("retention: deleting %s (older than %d days)" % (path, settings.retention_days))
+        for path in retention_plan(folder, succeeded, config.retention_days, config.min_keep):
+            reporter.log("retention: deleting %s (older than %d days)"
+                         % (path, config.retention_days))
             try:
                 os.unlink(path)
             except OSError as error:
-                log("ERROR: retention could not delete %s: %s" % (path, error.strerror))
+                reporter.error("retention could not delete %s: %s" % (path, error.strerror))
                 outcomes.append(Outcome("retention", path, None, "FAILED",
                                         reason="could not delete: %s" % error.strerror))
         for outcome in outcomes:
-            say(messages, outcome.line())
+            reporter.status(outcome.line())
         return outcomes

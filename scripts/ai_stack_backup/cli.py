@@ -1,40 +1,74 @@
-"""The command lines: one ``*_main(argv=None) -> int`` per entry script.
+"""The command lines: one ``*_main(argv=None) -> int`` per entry script, and nothing else.
 
-Expected failures (BackupError) are printed as ``prog: error: …`` on stderr
-and exit 1; the few messages the old scripts printed verbatim keep their
-``ERROR: …`` text. SIGTERM/SIGINT run every cleanup and exit 128+N.
-Unexpected exceptions keep their traceback.
+Each main only wires argparse: the arguments and the environment are read
+once here into a ``Config`` and a ``Reporter`` and handed to the pipeline.
+Expected failures (BackupError) are shown as ``prog: error: …`` on stderr
+with their exit code; the few messages the old scripts printed verbatim keep
+their ``ERROR: …`` text. SIGTERM, SIGINT and SIGHUP run every cleanup and
+exit 128+N. Unexpected exceptions keep their traceback.
 """
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 
+from . import pipeline
 from .archive import verify_file
-from .backupall import Settings, run_backup_all
-from .common import DEFAULT_BACKUP_DIR, EXIT_FAILED, EXIT_OK, EXIT_SIGNAL_BASE, BackupError, \
-    Interrupted, human_size, log, parse_archive_name, parse_timestamp, stop_signals_raise
-from .pathbackup import backup_path, restore_path
-from .volume import backup_volume, restore_volume
+from .backupall import run_backup_all
+from .config import DEFAULT_BACKUP_DIR, Config
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL_BASE, EXIT_STATUS_HELP, BackupError, \
+    Interrupted
+from .hostpath import PathSource, PathTarget
+from .names import parse_archive_name, parse_timestamp
+from .report import Reporter, human_size
+from .volume import VolumeSource, VolumeTarget
 
 QUIET_HELP = "no progress line (it only ever appears when stderr is a terminal)"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def _parser(prog, description, examples):
     return argparse.ArgumentParser(
         prog=prog, description=description, allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n" + "\n".join("  " + line for line in examples))
+        epilog="examples:\n" + "\n".join("  " + line for line in examples)
+        + "\n\n" + EXIT_STATUS_HELP)
 
 
-def _run(prog, parser, argv, operation, needs_force=False):
-    """Parse ``argv`` and run ``operation(arguments)`` with signal handling; give the exit code.
+@contextlib.contextmanager
+def _stop_signals_raise(reporter):
+    """Turn the first SIGTERM, SIGINT or SIGHUP into ``Interrupted`` so every cleanup runs.
 
-    --help and usage errors give argparse's code (0 and 2). With
-    ``needs_force``, a missing --force gives the old scripts' message and 1.
-    An int result of the operation is its exit code; anything else means 0.
+    Later signals are only logged: a second Ctrl-C must not cut short the
+    cleanup (restarting stopped containers, rolling back a restore).
+    """
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            reporter.log("%s received again; still cleaning up" % signal.Signals(signum).name)
+            return
+        received.append(signum)
+        raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, old_handler in previous.items():
+            signal.signal(signum, old_handler)
+
+
+def _run(prog, parser, argv, operation, needs_force=False, backup_all=False):
+    """Parse ``argv``, read the environment, run ``operation(arguments, config, reporter)``.
+
+    Gives the exit code: argparse's for --help and usage errors (0 and 2);
+    with ``needs_force``, a missing --force gives the old scripts' message
+    and 1; an int result of the operation is its exit code, anything else 0.
     """
     try:
         arguments = parser.parse_args(argv)
@@ -44,18 +78,20 @@ def _run(prog, parser, argv, operation, needs_force=False):
         sys.stderr.write("ERROR: restore requires --force\n")
         parser.print_usage(sys.stderr)
         return EXIT_FAILED
+    reporter = Reporter(quiet=getattr(arguments, "quiet", False))
     try:
-        with stop_signals_raise():
-            result = operation(arguments)
+        with _stop_signals_raise(reporter):
+            config = Config.from_environment(os.environ, backup_all=backup_all)
+            result = operation(arguments, config, reporter)
         return result if isinstance(result, int) else EXIT_OK
     except BackupError as error:
         if error.legacy:
-            sys.stderr.write("ERROR: %s\n" % error)
+            reporter.error(str(error))
         else:
-            sys.stderr.write("%s: error: %s\n" % (prog, error))
+            reporter.log("%s: error: %s" % (prog, error))
         return error.exit_code
     except Interrupted as interruption:
-        log("%s: stopped by %s after cleaning up" % (prog, interruption))
+        reporter.log("%s: stopped by %s after cleaning up" % (prog, interruption))
         return EXIT_SIGNAL_BASE + interruption.signum
 
 
@@ -78,8 +114,9 @@ def backup_docker_volume_main(argv=None):
                         help="stop the running containers that use the volume for a consistent "
                              "copy, and start them again afterwards (also on failure)")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    return _run(prog, parser, argv, lambda args: backup_volume(
-        args.volume_name, args.backup_dir, args.stop_containers, quiet=args.quiet))
+    return _run(prog, parser, argv, lambda args, config, reporter: pipeline.backup(
+        VolumeSource(args.volume_name, config, args.stop_containers), args.backup_dir, config,
+        reporter))
 
 
 def backup_path_main(argv=None):
@@ -95,8 +132,8 @@ def backup_path_main(argv=None):
                         help="folder for the archive; '-' writes it to stdout "
                              "(default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    return _run(prog, parser, argv,
-                lambda args: backup_path(args.path, args.backup_dir, quiet=args.quiet))
+    return _run(prog, parser, argv, lambda args, config, reporter: pipeline.backup(
+        PathSource(args.path), args.backup_dir, config, reporter))
 
 
 def restore_docker_volume_main(argv=None):
@@ -122,9 +159,10 @@ def restore_docker_volume_main(argv=None):
                         help="stop the running containers that use the volume, and start them "
                              "again afterwards; without it, a volume in use is refused")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    return _run(prog, parser, argv, lambda args: restore_volume(
-        args.volume_name, args.archive, safety_backup=not args.no_safety_backup,
-        stop_containers=args.stop_containers, quiet=args.quiet), needs_force=True)
+    return _run(prog, parser, argv, lambda args, config, reporter: pipeline.restore(
+        VolumeTarget(args.volume_name, config, safety_copy=not args.no_safety_backup,
+                     stop_containers=args.stop_containers), args.archive, config, reporter),
+        needs_force=True)
 
 
 def restore_path_main(argv=None):
@@ -140,9 +178,8 @@ def restore_path_main(argv=None):
     parser.add_argument("--force", action="store_true",
                         help="required: confirms that TARGET's current contents go")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    return _run(prog, parser, argv,
-                lambda args: restore_path(args.archive, args.target, quiet=args.quiet),
-                needs_force=True)
+    return _run(prog, parser, argv, lambda args, config, reporter: pipeline.restore(
+        PathTarget(args.target), args.archive, config, reporter), needs_force=True)
 
 
 def verify_backup_main(argv=None):
@@ -155,16 +192,16 @@ def verify_backup_main(argv=None):
     parser.add_argument("archives", nargs="+", metavar="ARCHIVE")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
-    def verify_all(args):
+    def verify_all(args, config, reporter):
         failed = 0
         for path in args.archives:
             try:
-                summary = verify_file(path, quiet=args.quiet)
-                print("OK %s: %d members, %s uncompressed"
-                      % (path, summary.members, human_size(summary.data_bytes)), flush=True)
+                summary = verify_file(path, reporter)
+                reporter.status("OK %s: %d members, %s uncompressed"
+                                % (path, summary.members, human_size(summary.data_bytes)))
             except BackupError as error:
                 failed += 1
-                print("FAILED %s: %s" % (path, error), flush=True)
+                reporter.status("FAILED %s: %s" % (path, error))
         return EXIT_FAILED if failed else EXIT_OK
     return _run(prog, parser, argv, verify_all)
 
@@ -209,25 +246,25 @@ def list_backups_main(argv=None):
                          "list_backups.py",
                          "list_backups.py /srv/ai-stack/backups --json"])
     parser.add_argument("backup_dir", nargs="?",
-                        default=os.environ.get("BACKUP_DIR") or DEFAULT_BACKUP_DIR,
                         help="default: $BACKUP_DIR or %s" % DEFAULT_BACKUP_DIR)
     parser.add_argument("--json", action="store_true", help="print a JSON list of objects")
 
-    def show(args):
-        entries = list_archives(args.backup_dir)
+    def show(args, config, reporter):
+        folder = args.backup_dir or config.backup_dir
+        entries = list_archives(folder)
         if args.json:
-            print(json.dumps(entries, indent=2))
+            reporter.status(json.dumps(entries, indent=2))
             return
         source = None
         for entry in entries:
             if entry["source"] != source:
                 source = entry["source"]
-                print("%s%s" % ("" if entry is entries[0] else "\n", source))
-            print("  %s  %10s  %8s old%s" % (entry["timestamp"], human_size(entry["size"]),
-                                            _age(entry["age_seconds"]),
-                                            "  (newest)" if entry["newest"] else ""))
+                reporter.status("%s%s" % ("" if entry is entries[0] else "\n", source))
+            reporter.status("  %s  %10s  %8s old%s"
+                            % (entry["timestamp"], human_size(entry["size"]),
+                               _age(entry["age_seconds"]), "  (newest)" if entry["newest"] else ""))
         if not entries:
-            print("no archives in %s" % args.backup_dir)
+            reporter.status("no archives in %s" % folder)
     return _run(prog, parser, argv, show)
 
 
@@ -248,12 +285,13 @@ def backup_all_main(argv=None):
                         help="print what would be backed up and deleted; change nothing")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
-    def run(args):
-        outcomes = run_backup_all(Settings(), dry_run=args.dry_run, quiet=args.quiet)
+    def run(args, config, reporter):
+        outcomes = run_backup_all(config, reporter, dry_run=args.dry_run)
         failed = [outcome for outcome in outcomes if outcome.status == "FAILED"]
         if failed:
-            log("%s: %d of %d failed: %s" % (prog, len(failed), len(outcomes),
-                                             ", ".join(outcome.name for outcome in failed)))
+            reporter.log("%s: %d of %d failed: %s"
+                         % (prog, len(failed), len(outcomes),
+                            ", ".join(outcome.name for outcome in failed)))
             return EXIT_FAILED
         return EXIT_OK
-    return _run(prog, parser, argv, run)
+    return _run(prog, parser, argv, run, backup_all=True)

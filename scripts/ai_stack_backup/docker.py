@@ -1,40 +1,30 @@
-"""The one gateway to the ``docker`` CLI, and the helper container.
+"""The one gateway to the docker CLI: queries, volume changes, stopped containers, helpers.
 
 Every call goes through ``run_docker`` (argument lists, explicit return-code
 checks, the tail of stderr in the error, timeouts) or ``Helper`` (a
-short-lived container of the helper image that moves a tar stream in or out of
-a volume). Output is parsed from ``--format '{{json .}}'``.
-
-Data crosses into and out of the helper through a FIFO in a private folder
-under the backup folder: several times faster than ``docker run`` stdout, and
-visible to the daemon even when the service runs with ``PrivateTmp=yes``.
+short-lived container of the helper image, started with the same rules).
+Output is parsed from ``--format '{{json .}}'``. What a helper does with the
+data it moves is the transfer protocol, in ``transfer``.
 """
 
 import collections
 import contextlib
 import csv
-import errno
-import fcntl
 import io
 import json
 import os
 import re
 import secrets
-import select
-import shutil
 import subprocess
-import tempfile
 import threading
-import time
 
-from .common import WORK_PREFIX, BackupError, log, warn
+from .errors import BackupError, DockerError, EngineUnavailable, VolumeMissing
 
 QUERY_TIMEOUT = 60  # seconds for inspect/ls/ps: the engine answers these at once or is broken
 CHANGE_TIMEOUT = 180  # docker stop waits up to 10 s per container, start can be slow
 PULL_TIMEOUT = 600
 STDERR_TAIL_LINES = 20
-PIPE_SIZE = 1 << 20
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; fcntl has the name from 3.10
+HELPER_EXIT_GRACE = 10  # seconds for a helper whose stream already ended to report its exit
 
 HELPER_LABEL = "ai-stack-backup.helper"
 VOLUME_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # what the engine accepts
@@ -61,8 +51,9 @@ def _tail(data):
 def run_docker(arguments, what, timeout=QUERY_TIMEOUT):
     """Run ``docker <arguments>``; give its stdout as text.
 
-    ``what`` says what failed for the error message. Raises BackupError when
-    docker is missing, times out or exits non-zero (with the tail of stderr).
+    ``what`` says what failed for the error message. Raises EngineUnavailable
+    when docker is missing, DockerError when it times out or exits non-zero
+    (``detail``: the tail of its stderr).
     """
     command = ["docker"] + list(arguments)
     try:
@@ -70,20 +61,20 @@ def run_docker(arguments, what, timeout=QUERY_TIMEOUT):
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, start_new_session=True)
     except FileNotFoundError:
-        raise BackupError("%s: the docker command was not found in PATH" % what)
+        raise EngineUnavailable(what, "the docker command was not found in PATH")
     with process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.kill()
             process.communicate()
-            raise BackupError("%s: 'docker %s' did not finish within %d seconds"
-                              % (what, arguments[0], timeout))
+            raise DockerError(what, "'docker %s' did not finish within %d seconds"
+                              % (arguments[0], timeout))
         except BaseException:
             process.kill()
             raise
     if process.returncode != 0:
-        raise BackupError("%s: %s" % (what, _tail(stderr)))
+        raise DockerError(what, _tail(stderr))
     return stdout.decode("utf-8", "replace")
 
 
@@ -112,20 +103,26 @@ def create_volume(volume):
     run_docker(["volume", "create", volume], "cannot create volume %s" % volume)
 
 
-def ensure_image(image):
-    """Make sure the helper image is present, pulling it once if it is not; raises BackupError."""
+def remove_volume(volume):
+    run_docker(["volume", "rm", volume], "cannot remove volume %s" % volume)
+
+
+def ensure_image(image, reporter):
+    """Make sure the helper image is present, pulling it once if it is not; raises DockerError."""
     try:
         run_docker(["image", "inspect", "--format", "{{json .Id}}", image], "image check")
         return
-    except BackupError:
+    except EngineUnavailable:
+        raise
+    except DockerError:
         pass
-    log("helper image %s is not present; pulling it" % image)
+    reporter.log("helper image %s is not present; pulling it" % image)
     try:
         run_docker(["pull", image], "pull", timeout=PULL_TIMEOUT)
-    except BackupError as error:
-        raise BackupError("helper image %s is not available and could not be pulled (%s); pull it "
-                          "on a connected host or set BACKUP_HELPER_IMAGE to a local image with "
-                          "busybox tar" % (image, str(error).split(": ", 1)[-1]))
+    except DockerError as error:
+        raise DockerError("helper image %s is not available" % image,
+                          "it could not be pulled (%s); pull it on a connected host or set "
+                          "BACKUP_HELPER_IMAGE to a local image with busybox tar" % error.detail)
 
 
 def containers_using_volume(volume):
@@ -147,20 +144,28 @@ def containers_using_volume(volume):
     return users
 
 
+def require_volume(volume, what):
+    """Raise VolumeMissing unless the volume exists; nothing is ever created by a backup."""
+    if not volume_exists(volume):
+        raise VolumeMissing("volume %s does not exist; nothing was %s (check the name with "
+                            "'docker volume ls')" % (volume, what))
+
+
 @contextlib.contextmanager
-def containers_stopped(volume):
+def containers_stopped(volume, reporter, containers=None):
     """Stop the running containers that mount ``volume``; start exactly those again on exit.
 
     They are started again whatever happens inside, also on SIGTERM/SIGINT. A
     container that will not start again is reported; the error is raised
     unless another one is already on its way out.
     """
-    containers = containers_using_volume(volume)
+    if containers is None:
+        containers = containers_using_volume(volume)
     stopped = []
     failure = None
     try:
         for identifier, name in containers:
-            log("stopping container %s (it uses volume %s)" % (name, volume))
+            reporter.log("stopping container %s (it uses volume %s)" % (name, volume))
             run_docker(["stop", identifier], "cannot stop container %s" % name,
                        timeout=CHANGE_TIMEOUT)
             stopped.append((identifier, name))
@@ -168,15 +173,16 @@ def containers_stopped(volume):
     finally:
         problems = []
         for identifier, name in stopped:
-            log("starting container %s again" % name)
+            reporter.log("starting container %s again" % name)
             try:
                 run_docker(["start", identifier], "cannot start container %s again" % name,
                            timeout=CHANGE_TIMEOUT)
             except BackupError as error:
-                log("ERROR: %s; start it with: docker start %s" % (error, name))
+                reporter.error("%s; start it with: docker start %s" % (error, name))
                 problems.append(str(error))
         if problems:
-            failure = BackupError("; ".join(problems))
+            failure = DockerError("containers using volume %s did not start again" % volume,
+                                  "; ".join(problems))
     if failure is not None:
         raise failure
 
@@ -191,49 +197,16 @@ def _mount_option(**fields):
     return buffer.getvalue()
 
 
-class TransferFolder:
-    """A private folder (0700) under ``parent`` holding the FIFO ``stream``.
-
-    The folder is named ``.ai_stack_backup-transfer-…`` and held with a shared
-    flock while in use, so a later run can remove it if this process is killed.
-    """
-
-    def __init__(self, parent):
-        try:
-            self.path = tempfile.mkdtemp(prefix=WORK_PREFIX + "transfer-", dir=parent)
-        except OSError as error:
-            raise BackupError("cannot create a transfer folder in %s: %s; set BACKUP_DIR to a "
-                              "writable folder the Docker daemon can see"
-                              % (parent, error.strerror))
-        self._lock = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        fcntl.flock(self._lock, fcntl.LOCK_SH)
-        self.fifo = os.path.join(self.path, "stream")
-        os.mkfifo(self.fifo, 0o600)
-
-    def file(self, name):
-        return os.path.join(self.path, name)
-
-    def close(self):
-        shutil.rmtree(self.path, ignore_errors=True)
-        os.close(self._lock)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-
 class Helper:
     """A running helper container: ``sh`` with ``script`` under the stdin watchdog.
 
-    The volume is mounted at ``/volume`` (read-only if asked), the transfer
-    folder at ``/transfer``. With ``capture_stdout`` the container's stdout is
+    The volume is mounted at ``/volume`` (read-only if asked), the folder
+    ``transfer_path`` (if given) at ``/transfer``. With ``capture_stdout`` the container's stdout is
     readable at ``stdout_fd``. Use as a context manager: leaving it kills the
     container if it still runs.
     """
 
-    def __init__(self, image, volume, script, read_only=False, transfer=None,
+    def __init__(self, image, volume, script, read_only=False, transfer_path=None,
                  capture_stdout=False):
         self.name = "ai-stack-backup-%d-%s" % (os.getpid(), secrets.token_hex(4))
         volume_mount = dict(type="volume", source=volume, target="/volume")
@@ -243,8 +216,8 @@ class Helper:
                      "--network", "none", "--log-driver", "none",
                      "--security-opt", "no-new-privileges",
                      "--mount", _mount_option(**volume_mount)]
-        if transfer is not None:
-            arguments += ["--mount", _mount_option(type="bind", source=transfer.path,
+        if transfer_path is not None:
+            arguments += ["--mount", _mount_option(type="bind", source=transfer_path,
                                                    target="/transfer")]
         arguments += ["--entrypoint", "sh", image, "-euc",
                       _WATCHDOG.replace("{script}", script)]
@@ -255,7 +228,8 @@ class Helper:
                 stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
                 stderr=subprocess.PIPE, start_new_session=True)
         except FileNotFoundError:
-            raise BackupError("the docker command was not found in PATH")
+            raise EngineUnavailable("cannot start the helper container",
+                                    "the docker command was not found in PATH")
         self.stdout_fd = self.process.stdout.fileno() if capture_stdout else None
         self._stderr_reader = threading.Thread(target=self._collect_stderr, daemon=True)
         self._stderr_reader.start()
@@ -291,17 +265,23 @@ class Helper:
         self._stderr_reader.join(timeout=5)
         return returncode
 
-    def finish(self, what):
-        """Wait for the helper to end; raise BackupError naming ``what`` unless it exited 0.
+    def failed(self, what, returncode=None):
+        """Give the DockerError for a helper that ended with ``returncode`` (default: its own)."""
+        if returncode is None:
+            returncode = self.wait(timeout=HELPER_EXIT_GRACE)
+        return DockerError("%s failed" % what, "the helper exited with %s: %s"
+                           % (returncode, self.error_output()))
+
+    def finish(self, what, reporter):
+        """Wait for the helper to end; raise DockerError naming ``what`` unless it exited 0.
 
         What it printed on stderr (busybox's warnings) is passed on as warnings.
         """
         returncode = self.wait()
         if returncode != 0:
-            raise BackupError("%s failed: the helper exited with %d: %s"
-                              % (what, returncode, self.error_output()))
+            raise self.failed(what, returncode)
         for line in self.warnings():
-            warn("%s: %s" % (what, line))
+            reporter.warn("%s: %s" % (what, line))
 
     def stop(self):
         """Kill the container if it still runs and reap the docker client."""
@@ -320,52 +300,3 @@ class Helper:
         self._stderr_reader.join(timeout=5)
         if self.process.stderr is not None:
             self.process.stderr.close()
-
-
-def _set_blocking_and_widen(descriptor):
-    flags = fcntl.fcntl(descriptor, fcntl.F_GETFL)
-    fcntl.fcntl(descriptor, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
-    with contextlib.suppress(OSError):  # a larger pipe means fewer, bigger copies
-        fcntl.fcntl(descriptor, F_SETPIPE_SZ, PIPE_SIZE)
-
-
-def open_fifo_for_reading(fifo, helper, what):
-    """Open the FIFO once the helper has connected; give a blocking descriptor.
-
-    Never hangs on a helper that fails to start: until a writer connects, poll
-    reports nothing (Linux), and the helper's exit is checked in between.
-    Raises BackupError with the helper's stderr if it ends first.
-    """
-    descriptor = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        poller = select.poll()
-        poller.register(descriptor, select.POLLIN | select.POLLHUP)
-        while not poller.poll(100):
-            if not helper.running():
-                raise BackupError("%s: the helper container ended before sending data (exit %d): %s"
-                                  % (what, helper.wait(), helper.error_output()))
-        _set_blocking_and_widen(descriptor)
-    except BaseException:
-        os.close(descriptor)
-        raise
-    return descriptor
-
-
-def open_fifo_for_writing(fifo, helper, what):
-    """Open the FIFO once the helper reads it; give a blocking descriptor.
-
-    Raises BackupError with the helper's stderr if the helper ends first.
-    """
-    while True:
-        try:
-            descriptor = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError as error:
-            if error.errno != errno.ENXIO:  # ENXIO: no reader yet
-                raise
-        if not helper.running():
-            raise BackupError("%s: the helper container ended before reading data (exit %d): %s"
-                              % (what, helper.wait(), helper.error_output()))
-        time.sleep(0.02)
-    _set_blocking_and_widen(descriptor)
-    return descriptor

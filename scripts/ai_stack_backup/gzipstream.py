@@ -13,13 +13,12 @@ members and trailing zero padding, and refuses everything else.
 
 import collections
 import concurrent.futures
-import os
 import queue
 import struct
 import threading
 import zlib
 
-from .common import ArchiveError, BackupError
+from .errors import ArchiveError
 
 CHUNK_SIZE = 1 << 20
 DICTIONARY_SIZE = 32 * 1024
@@ -30,33 +29,6 @@ EMPTY_FINAL_BLOCK = b"\x03\x00"  # what a raw deflate stream's flush() gives wit
 DEFAULT_LEVEL = 6
 PROBE_SIZE = 4096
 PROBE_RATIO = 0.97  # a sample that deflate cannot shrink by 3% counts as incompressible
-
-
-def default_threads():
-    """Give the number of CPUs this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-def settings_from_environment(environ=None):
-    """Give ``(level, threads)`` from BACKUP_GZIP_LEVEL and BACKUP_THREADS; raises BackupError."""
-    environ = os.environ if environ is None else environ
-    level, threads = DEFAULT_LEVEL, default_threads()
-    raw_level = environ.get("BACKUP_GZIP_LEVEL", "").strip()
-    if raw_level:
-        if not raw_level.isdigit() or not 1 <= int(raw_level) <= 9:
-            raise BackupError("BACKUP_GZIP_LEVEL must be a whole number from 1 to 9, not %r"
-                              % raw_level)
-        level = int(raw_level)
-    raw_threads = environ.get("BACKUP_THREADS", "").strip()
-    if raw_threads:
-        if not raw_threads.isdigit() or int(raw_threads) < 1:
-            raise BackupError("BACKUP_THREADS must be a whole number of at least 1, not %r"
-                              % raw_threads)
-        threads = int(raw_threads)
-    return level, threads
 
 
 def _looks_incompressible(chunk):
@@ -184,14 +156,15 @@ class ParallelGzipWriter:
 
 
 def _zlib_problem(error):
+    """Give the ArchiveError for a zlib error; zlib tells its cases apart only in words."""
     text = str(error)
     if "incorrect data check" in text:
-        return "gzip CRC-32 mismatch (the data is corrupt)"
+        return ArchiveError("gzip CRC-32 mismatch (the data is corrupt)", "gzip-crc")
     if "incorrect length check" in text:
-        return "gzip length mismatch (the data is corrupt)"
+        return ArchiveError("gzip length mismatch (the data is corrupt)", "gzip-length")
     if "incorrect header check" in text or "unknown compression method" in text:
-        return "not a gzip file"
-    return "corrupt gzip data (%s)" % text
+        return ArchiveError("not a gzip file", "not-gzip")
+    return ArchiveError("corrupt gzip data (%s)" % text, "gzip-corrupt")
 
 
 def iter_gunzip(read):
@@ -203,14 +176,14 @@ def iter_gunzip(read):
     """
     data = read(READ_SIZE)
     if not data:
-        raise ArchiveError("the archive is empty")
+        raise ArchiveError("the archive is empty", "empty")
     while len(data) < 2:
         more = read(READ_SIZE)
         if not more:
             break
         data += more
     if data[:2] != GZIP_MAGIC:
-        raise ArchiveError("not a gzip file")
+        raise ArchiveError("not a gzip file", "not-gzip")
     decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
     while True:
         try:
@@ -222,7 +195,7 @@ def iter_gunzip(read):
                 if decompressor.eof or (not data and len(output) < OUTPUT_LIMIT):
                     break
         except zlib.error as error:
-            raise ArchiveError(_zlib_problem(error))
+            raise _zlib_problem(error)
         if decompressor.eof:
             rest = decompressor.unused_data
             while len(rest) < 2:
@@ -238,12 +211,12 @@ def iter_gunzip(read):
                 continue
             while rest:
                 if rest.count(0) != len(rest):
-                    raise ArchiveError("trailing garbage after the gzip data")
+                    raise ArchiveError("trailing garbage after the gzip data", "trailing-data")
                 rest = read(READ_SIZE)
             return
         data = read(READ_SIZE)
         if not data:
-            raise ArchiveError("the archive is truncated (the gzip stream ends early)")
+            raise ArchiveError("the archive is truncated (the gzip stream ends early)", "truncated")
 
 
 def prefetched(iterable, depth=4):

@@ -16,7 +16,7 @@ import os
 import re
 import struct
 
-from .common import ArchiveError
+from .errors import ArchiveError
 
 BLOCK_SIZE = 512
 ZERO_BLOCK = bytes(BLOCK_SIZE)
@@ -104,7 +104,7 @@ class _ChunkStream:
         """Yield memoryviews that together are the next ``size`` bytes; raises ArchiveError."""
         while size:
             if self._position >= len(self._buffer) and not self._refill():
-                raise ArchiveError("the archive is truncated inside a member's data")
+                raise ArchiveError("the archive is truncated inside a member's data", "truncated")
             take = min(size, len(self._buffer) - self._position)
             yield memoryview(self._buffer)[self._position:self._position + take]
             self._position += take
@@ -136,7 +136,8 @@ def _number(field, what, offset):
                 pass
         elif not text:
             return 0
-    raise ArchiveError("invalid %s field in the tar header at byte %d" % (what, offset))
+    raise ArchiveError("invalid %s field in the tar header at byte %d" % (what, offset),
+                       "bad-number")
 
 
 def _string(field):
@@ -152,11 +153,11 @@ def _parse_pax(data, offset):
             break  # NUL padding after the last record
         match = _PAX_RECORD.match(data, position)
         if not match:
-            raise ArchiveError("malformed pax header at byte %d" % offset)
+            raise ArchiveError("malformed pax header at byte %d" % offset, "bad-pax")
         length = int(match.group(1))
         end = position + length
         if length <= match.end() - position or end > len(data) or data[end - 1] != 0x0A:
-            raise ArchiveError("malformed pax record at byte %d" % offset)
+            raise ArchiveError("malformed pax record at byte %d" % offset, "bad-pax")
         records[match.group(2)] = data[match.end():end - 1]
         position = end
     return records
@@ -168,7 +169,7 @@ def _pax_integer(records, key, offset, pattern=_DECIMAL):
         return None
     match = pattern.fullmatch(value)
     if not match:
-        raise ArchiveError("invalid pax %s record at byte %d" % (key.decode(), offset))
+        raise ArchiveError("invalid pax %s record at byte %d" % (key.decode(), offset), "bad-pax")
     return int(match.group(1) if match.groups() else match.group(0))
 
 
@@ -220,24 +221,27 @@ class TarReader:
         block = self._stream.read(BLOCK_SIZE)
         if not block:
             raise ArchiveError("the archive is truncated: no end-of-archive marker after %d "
-                               "members" % self.members)
+                               "members" % self.members, "truncated")
         if len(block) < BLOCK_SIZE:
-            raise ArchiveError("the archive is truncated inside a tar header at byte %d" % offset)
+            raise ArchiveError("the archive is truncated inside a tar header at byte %d" % offset,
+                               "truncated")
         return offset, block
 
     def _check_end(self, offset):
         second = self._stream.read(BLOCK_SIZE)
         if second != ZERO_BLOCK:
             if len(second) < BLOCK_SIZE and not second.strip(b"\0"):
-                raise ArchiveError("the archive is truncated inside its end-of-archive marker")
+                raise ArchiveError("the archive is truncated inside its end-of-archive marker",
+                                   "truncated")
             raise ArchiveError("a lone zero block at byte %d is not a valid end of archive"
-                               % offset)
+                               % offset, "lone-zero-block")
         while True:
             rest = self._stream.read(1 << 20)
             if not rest:
                 return
             if rest.count(0) != len(rest):
-                raise ArchiveError("data follows the end-of-archive marker at byte %d" % offset)
+                raise ArchiveError("data follows the end-of-archive marker at byte %d" % offset,
+                                   "trailing-data")
 
     def next(self):
         """Give the next member, or None at a valid end of archive; raises ArchiveError."""
@@ -248,7 +252,8 @@ class TarReader:
             offset, block = self._read_header()
             if block == ZERO_BLOCK:
                 if long_name is not None or long_link is not None or local:
-                    raise ArchiveError("an extended header at byte %d has no member" % offset)
+                    raise ArchiveError("an extended header at byte %d has no member" % offset,
+                                       "orphan-extended-header")
                 self._check_end(offset)
                 return None
             try:
@@ -258,17 +263,19 @@ class TarReader:
             unsigned = sum(block) - sum(block[148:156]) + 8 * 32
             if stored != unsigned and stored != sum(_SIGNED_SUM.unpack(block)) + 8 * 32:
                 if offset == 0:
-                    raise ArchiveError("not a tar archive (bad header checksum)")
-                raise ArchiveError("corrupt tar header at byte %d (checksum mismatch)" % offset)
+                    raise ArchiveError("not a tar archive (bad header checksum)", "not-tar")
+                raise ArchiveError("corrupt tar header at byte %d (checksum mismatch)" % offset,
+                                   "bad-checksum")
             typeflag = block[156:157]
             size = _number(block[124:136], "size", offset)
             if typeflag in (b"L", b"K", b"x", b"g"):
                 if not 0 <= size <= EXTENDED_HEADER_LIMIT:
                     raise ArchiveError("an extended header at byte %d is too large (%d bytes)"
-                                       % (offset, size))
+                                       % (offset, size), "extended-header-too-large")
                 payload = self._stream.read(size)
                 if len(payload) < size:
-                    raise ArchiveError("the archive is truncated inside an extended header")
+                    raise ArchiveError("the archive is truncated inside an extended header",
+                                       "truncated")
                 self._stream.read(-size % BLOCK_SIZE)
                 if typeflag == b"L":
                     long_name = payload.rstrip(b"\0")
@@ -278,7 +285,7 @@ class TarReader:
                     records = _parse_pax(payload, offset)
                     if any(key.startswith(b"GNU.sparse") for key in records):
                         raise ArchiveError("sparse members are not supported (pax header at "
-                                           "byte %d)" % offset)
+                                           "byte %d)" % offset, "sparse")
                     target = self._global if typeflag == b"g" else local
                     for key, value in records.items():
                         if value:
@@ -294,12 +301,13 @@ class TarReader:
     def _walk_member(self, typeflag, size, offset, records):
         if typeflag not in _KIND_BY_TYPEFLAG:
             raise ArchiveError("member type %r at byte %d is not supported"
-                               % (typeflag.decode("latin-1"), offset))
+                               % (typeflag.decode("latin-1"), offset), "unsupported-type")
         pax_size = _pax_integer(records, b"size", offset)
         if pax_size is not None:
             size = pax_size
         if size < 0:
-            raise ArchiveError("negative size in the tar header at byte %d" % offset)
+            raise ArchiveError("negative size in the tar header at byte %d" % offset,
+                               "negative-size")
         self._unread = size
         self._padding = -size % BLOCK_SIZE
         self.members += 1
@@ -310,7 +318,7 @@ class TarReader:
         kind = _KIND_BY_TYPEFLAG.get(typeflag)
         if kind is None:
             raise ArchiveError("member type %r at byte %d is not supported"
-                               % (typeflag.decode("latin-1"), offset))
+                               % (typeflag.decode("latin-1"), offset), "unsupported-type")
         name = _string(block[0:100])
         if block[257:265] == _POSIX_MAGIC:
             prefix = _string(block[345:500])
@@ -327,10 +335,11 @@ class TarReader:
         if pax_size is not None:
             size = pax_size
         if size < 0:
-            raise ArchiveError("negative size in the tar header at byte %d" % offset)
+            raise ArchiveError("negative size in the tar header at byte %d" % offset,
+                               "negative-size")
         if kind != FILE and size:
             raise ArchiveError("the %s %s at byte %d carries data" % (KIND_NAMES[kind], show(name),
-                                                                       offset))
+                                                                       offset), "data-on-non-file")
         uid = _pax_integer(records, b"uid", offset)
         gid = _pax_integer(records, b"gid", offset)
         mtime = _pax_integer(records, b"mtime", offset, _PAX_TIME)
@@ -344,7 +353,8 @@ class TarReader:
             uname=records.get(b"uname", _string(block[265:297])),
             gname=records.get(b"gname", _string(block[297:329])))
         if member.uid < 0 or member.gid < 0:
-            raise ArchiveError("negative owner for %s at byte %d" % (show(name), offset))
+            raise ArchiveError("negative owner for %s at byte %d" % (show(name), offset),
+                               "negative-owner")
         if kind in (CHAR_DEVICE, BLOCK_DEVICE):
             member.devmajor = _number(block[329:337], "devmajor", offset)
             member.devminor = _number(block[337:345], "devminor", offset)
@@ -410,18 +420,18 @@ def normalize(name, what="member"):
     Refuses empty names, NUL bytes, absolute names and ``..`` components.
     """
     if not name:
-        raise ArchiveError("a %s has an empty name" % what)
+        raise ArchiveError("a %s has an empty name" % what, "empty-name")
     if b"\0" in name:
-        raise ArchiveError("the %s %s contains a NUL byte" % (what, show(name)))
+        raise ArchiveError("the %s %s contains a NUL byte" % (what, show(name)), "nul-byte")
     if name.startswith(b"/"):
-        raise ArchiveError("the %s %s has an absolute name" % (what, show(name)))
+        raise ArchiveError("the %s %s has an absolute name" % (what, show(name)), "absolute-name")
     stripped = name
     while stripped.startswith(b"./"):
         stripped = stripped[2:]
     stripped = stripped.rstrip(b"/")
     parts = stripped.split(b"/")
     if b".." in parts:
-        raise ArchiveError("the %s %s has a '..' component" % (what, show(name)))
+        raise ArchiveError("the %s %s has a '..' component" % (what, show(name)), "dotdot")
     if b"" in parts or b"." in parts:
         return b"/".join(part for part in parts if part not in (b"", b"."))
     return stripped
@@ -450,11 +460,11 @@ class ArchiveRules:
         kind = member.kind
         if kind in (CHAR_DEVICE, BLOCK_DEVICE):
             raise ArchiveError("the member %s is a %s; device files are refused"
-                               % (show(member.name), KIND_NAMES[kind]))
+                               % (show(member.name), KIND_NAMES[kind]), "device-file")
         if not path:
             if kind != DIRECTORY:
                 raise ArchiveError("the member %s would make the root a %s"
-                                   % (show(member.name), KIND_NAMES[kind]))
+                                   % (show(member.name), KIND_NAMES[kind]), "root-not-folder")
             member.path = path
             return
         parent_path = path.rpartition(b"/")[0]
@@ -466,33 +476,35 @@ class ArchiveRules:
                 self._kinds.put(parent, DIRECTORY)
             elif existing == SYMLINK:
                 raise ArchiveError("the member %s passes through the symlink %s that an earlier "
-                                   "member created" % (show(member.name), show(parent)))
+                                   "member created" % (show(member.name), show(parent)),
+                                   "through-symlink")
             elif existing != DIRECTORY:
                 raise ArchiveError("the member %s uses %s as a folder, but an earlier member made "
                                    "it a %s" % (show(member.name), show(parent),
-                                                KIND_NAMES[existing]))
+                                                KIND_NAMES[existing]), "through-non-folder")
         self._sound_parent = parent_path
         recorded = FILE if kind == HARDLINK else kind
         existing = self._kinds.put(path, recorded)
         if existing is not None and existing != recorded:
             raise ArchiveError("the member %s changes a %s an earlier member created into a %s"
-                               % (show(member.name), KIND_NAMES[existing], KIND_NAMES[kind]))
+                               % (show(member.name), KIND_NAMES[existing], KIND_NAMES[kind]),
+                               "type-change")
         if existing is not None and kind != DIRECTORY:
             # busybox creates links only after the whole stream and cannot replace a name
             # by then, so a second entry for a non-folder could not be extracted faithfully.
             raise ArchiveError("the member %s appears a second time (only folders may)"
-                               % show(member.name))
+                               % show(member.name), "repeated-member")
         if kind == HARDLINK:
             target = normalize(member.linkname, "hard link target")
             if target == path or self._kinds.get(target) != FILE:
                 raise ArchiveError("the hard link %s points to %s, which is not an earlier "
                                    "regular file of the archive"
-                                   % (show(member.name), show(member.linkname)))
+                                   % (show(member.name), show(member.linkname)), "hardlink-target")
             member.link_path = target
         elif kind == SYMLINK:
             if not member.linkname or b"\0" in member.linkname:
                 raise ArchiveError("the symlink %s has an empty or NUL-containing target"
-                                   % show(member.name))
+                                   % show(member.name), "symlink-target")
         member.path = path
 
 
@@ -506,7 +518,7 @@ def _octal(value, width):
         return b"\x80" + value.to_bytes(width - 1, "big")
     if -256 ** (width - 1) <= value < 0:  # two's complement; the first byte is 0xff
         return (256 ** width + value).to_bytes(width, "big")
-    raise ArchiveError("the value %d does not fit a tar header" % value)
+    raise ArchiveError("the value %d does not fit a tar header" % value, "too-large-value")
 
 
 _LONG_LINK = b"././@LongLink".ljust(100, b"\0")

@@ -1,4 +1,4 @@
-"""Backing up a host path, and restoring it by staging and rename.
+"""A host folder or file as a backup source and as a restore target (staging, then rename).
 
 The archive holds one top-level entry, the source's basename, as
 ``tar -czf OUT -C DIRNAME BASENAME`` made it. Headers are GNU format, byte for
@@ -9,21 +9,18 @@ followed), hard links, empty folders and FIFOs are kept; sockets and device
 files are skipped with a warning (restore refuses device files).
 """
 
+import contextlib
 import errno
 import grp
 import os
 import pwd
 import shutil
 import stat
-import sys
 import tempfile
-import time
 
-from .archive import checked_members, scan_archive, spooled_stdin
-from .common import DEFAULT_BACKUP_DIR, WORK_PREFIX, ArchiveError, AtomicArchive, BackupError, \
-    BackupResult, BatchedWriter, Progress, archive_name, describe_os_error, ensure_backup_dir, \
-    fsync_directory, log, safe_name, say, utc_timestamp, warn
-from .gzipstream import ParallelGzipWriter, settings_from_environment
+from .errors import ArchiveError, BackupError, NotFound, describe_os_error
+from .files import WORK_PREFIX, BatchedWriter, fsync_directory
+from .names import safe_name
 from .tarstream import BLOCK_SIZE, DIRECTORY, END_OF_ARCHIVE, FIFO, FILE, HARDLINK, SYMLINK, \
     encode_header, padding
 
@@ -41,9 +38,10 @@ class TreeWriter:
     memory does not grow with the number of files.
     """
 
-    def __init__(self, output, exclude=(), progress=None):
+    def __init__(self, output, reporter, exclude=(), progress=None):
         self.exclude = set(exclude)
         self.progress = progress
+        self.warn = reporter.warn
         self.members = 0
         self.data_bytes = 0
         self._output = BatchedWriter(output.write)
@@ -82,13 +80,13 @@ class TreeWriter:
             descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as error:
             if error.errno in (errno.ENOENT, errno.ELOOP):
-                warn("%s vanished while it was backed up; skipped" % shown)
+                self.warn("%s vanished while it was backed up; skipped" % shown)
                 return
             raise BackupError("cannot read %s: %s" % (shown, describe_os_error(error)))
         try:
             opened = os.fstat(descriptor)
             if not stat.S_ISREG(opened.st_mode):
-                warn("%s changed type while it was backed up; skipped" % shown)
+                self.warn("%s changed type while it was backed up; skipped" % shown)
                 return
             self._header(arcname, opened, FILE, size=opened.st_size)
             remaining = opened.st_size
@@ -99,7 +97,7 @@ class TreeWriter:
                 except OSError as error:
                     raise BackupError("cannot read %s: %s" % (shown, describe_os_error(error)))
                 if not count:
-                    warn("%s shrank by %d bytes while it was read; the rest is zeros"
+                    self.warn("%s shrank by %d bytes while it was read; the rest is zeros"
                          % (shown, remaining))
                     while remaining:
                         filler = min(remaining, READ_SIZE)
@@ -134,9 +132,9 @@ class TreeWriter:
         elif stat.S_ISFIFO(mode):
             self._header(arcname, status, FIFO)  # never opened, never read
         elif stat.S_ISSOCK(mode):
-            warn("%s is a socket; skipped" % os.fsdecode(path))
+            self.warn("%s is a socket; skipped" % os.fsdecode(path))
         else:
-            warn("%s is a device file; skipped (restore refuses device files)"
+            self.warn("%s is a device file; skipped (restore refuses device files)"
                  % os.fsdecode(path))
         return False
 
@@ -167,7 +165,7 @@ class TreeWriter:
             try:
                 status = os.lstat(child)
             except FileNotFoundError:
-                warn("%s vanished while it was backed up; skipped" % os.fsdecode(child))
+                self.warn("%s vanished while it was backed up; skipped" % os.fsdecode(child))
                 continue
             if (status.st_dev, status.st_ino) in self.exclude:
                 continue
@@ -182,92 +180,56 @@ class TreeWriter:
         self._output.flush()
 
 
-def write_path_archive(source, output, exclude=(), quiet=True):
-    """Write a gzip tar of ``source`` (one top-level entry, its basename) into ``output``.
+class PathSource:
+    """A host folder or file to back up; the archive holds one entry, its basename."""
 
-    Gives the TreeWriter with its counts. Raises BackupError.
-    """
-    top = source.rstrip("/")
-    if not top:
-        raise BackupError("refusing to back up / as a path; name the folder to back up")
-    if os.path.islink(top):
-        log("%s is a symlink; backing up what it points to" % source)
-    level, threads = settings_from_environment()
-    progress = Progress("Backing up %s" % source, enabled=not quiet)
-    gzip_writer = ParallelGzipWriter(output, level, threads)
-    try:
-        tree = TreeWriter(gzip_writer, exclude, progress)
+    kind = "path"
+
+    def __init__(self, path):
+        self.name = path
+        self.archive_source = safe_name(path)
+
+    def check(self):
+        if not (os.path.isdir(self.name) or os.path.isfile(self.name)):
+            raise NotFound("path not found: %s" % self.name)
+        if not self.name.rstrip("/"):
+            raise BackupError("refusing to back up / as a path; name the folder to back up")
+
+    def prepare(self, reporter):
+        if os.path.islink(self.name.rstrip("/")):
+            reporter.log("%s is a symlink; backing up what it points to" % self.name)
+
+    def quiesced(self, reporter):
+        return contextlib.nullcontext()
+
+    def write_tar(self, output, progress, reporter, work_folder=None, exclude=()):
+        """Write the tree as tar into ``output``; give the member count. Raises BackupError."""
+        top = self.name.rstrip("/")
+        tree = TreeWriter(output, reporter, exclude, progress)
         tree.add_tree(top, os.path.basename(top))
         tree.finish()
-        gzip_writer.close()
-    except BaseException:
-        gzip_writer.abort()
-        raise
-    finally:
-        progress.finish()
-    return tree
-
-
-def backup_path(source, destination=DEFAULT_BACKUP_DIR, messages=None, quiet=True):
-    """Back up a host folder or file into ``destination`` (or stdout for ``-``).
-
-    Prints ``Backing up path:``, ``Output:``, ``OK``. Gives a BackupResult;
-    raises BackupError (``ERROR: path not found: …`` for a missing source).
-    """
-    if not (os.path.isdir(source) or os.path.isfile(source)):
-        raise BackupError("path not found: %s" % source, legacy=True)
-    to_stdout = destination == "-"
-    if messages is None:
-        messages = sys.stderr if to_stdout else sys.stdout
-    started = time.monotonic()
-    if to_stdout:
-        say(messages, "Backing up path: %s" % source)
-        say(messages, "Output: -")
-        try:
-            tree = write_path_archive(source, sys.stdout.buffer, quiet=quiet)
-            sys.stdout.buffer.flush()
-        except BrokenPipeError:
-            raise BackupError("backing up %s failed: stdout was closed" % source)
-        say(messages, "OK")
-        return BackupResult(source, "-", None, tree.members, time.monotonic() - started)
-    ensure_backup_dir(destination)
-    path = os.path.join(destination, archive_name(safe_name(source), utc_timestamp()))
-    say(messages, "Backing up path: %s" % source)
-    say(messages, "Output: %s" % path)
-    with AtomicArchive(path) as archive:
-        temp_status = os.fstat(archive.file.fileno())
-        try:
-            tree = write_path_archive(source, archive.file,
-                                      exclude={(temp_status.st_dev, temp_status.st_ino)},
-                                      quiet=quiet)
-        except OSError as error:
-            raise BackupError("cannot write %s: %s" % (path, describe_os_error(error)))
-        archive.publish()
-        size = os.fstat(archive.file.fileno()).st_size
-    say(messages, "OK")
-    return BackupResult(safe_name(source), path, size, tree.members, time.monotonic() - started)
+        return tree.members
 
 
 # --- restore ----------------------------------------------------------------
 
-def _top_level_name(archive_file):
-    """Give the one top-level entry name (bytes) of a checked path archive; raises ArchiveError."""
-    reader, members, _ = checked_members(archive_file)
-    top = None
-    for member in members:
+class _TopLevel:
+    """Holds a path archive to its shape: every member below one top-level entry."""
+
+    def __init__(self):
+        self.name = None
+
+    def check(self, member):
         first = member.path.split(b"/", 1)[0]
         if not first:
             raise ArchiveError("it holds the root entry %r, as volume archives do; restore it "
-                               "with restore_docker_volume.py" % member.name.decode("utf-8",
-                                                                                    "replace"))
-        if top is None:
-            top = first
-        elif first != top:
+                               "with restore_docker_volume.py"
+                               % member.name.decode("utf-8", "replace"), "volume-archive")
+        if self.name is None:
+            self.name = first
+        elif first != self.name:
             raise ArchiveError("it has more than one top-level entry, so it is not the archive "
-                               "of one path")
-    if top is None:
-        raise ArchiveError("it holds no members")
-    return top
+                               "of one path", "several-top-level-entries")
 
 
 class _HostExtractor:
@@ -324,67 +286,63 @@ class _HostExtractor:
             os.utime(path, (member.mtime, member.mtime))
 
 
-def restore_path(archive_path, target, messages=None, quiet=True, environ=None):
-    """Make ``target`` exactly what a backup_path archive holds (``-``: read it from stdin).
+class PathTarget:
+    """A host path to restore: extracted next to it while the archive is checked, then
+    swapped in by rename, so a failure leaves it as it was."""
 
-    The archive is checked completely, extracted into a staging folder next
-    to ``target`` and swapped in by rename; on any failure ``target`` stays as
-    it was. Raises BackupError.
-    """
-    environ = os.environ if environ is None else environ
-    messages = sys.stdout if messages is None else messages
-    from_stdin = archive_path == "-"
-    if not from_stdin and not os.path.isfile(archive_path):
-        raise BackupError("archive not found: %s" % archive_path, legacy=True)
-    target = target.rstrip("/") or "/"
-    parent = os.path.dirname(os.path.abspath(target))
-    if target == "/" or not os.path.isdir(parent):
-        raise BackupError("cannot restore to %s: its parent folder %s does not exist"
-                          % (target, parent))
-    say(messages, "Restoring path: %s" % target)
-    say(messages, "From: %s" % archive_path)
-    spool_folder = ensure_backup_dir(environ.get("BACKUP_DIR", "").strip() or DEFAULT_BACKUP_DIR) \
-        if from_stdin else None
-    with spooled_stdin(spool_folder) if from_stdin else open(archive_path, "rb") as archive_file:
-        progress = Progress("Checking archive", total=os.fstat(archive_file.fileno()).st_size,
-                            enabled=not quiet)
+    kind = "path"
+
+    def __init__(self, target):
+        self.name = self.description = target.rstrip("/") or "/"
+        self.parent = os.path.dirname(os.path.abspath(self.name))
+
+    def check(self):
+        if self.name == "/" or not os.path.isdir(self.parent):
+            raise BackupError("cannot restore to %s: its parent folder %s does not exist"
+                              % (self.name, self.parent))
+
+    def prepare(self, reporter):
+        pass
+
+    @contextlib.contextmanager
+    def staged(self, archive, archive_folder, progress, reporter):
+        """Check the archive and extract it into a staging folder in one pass; give the staged
+        top-level entry's path. Raises ArchiveError; the staging folder always goes."""
         try:
-            scan_archive(archive_file, progress)
-            archive_file.seek(0)
-            top = _top_level_name(archive_file)
-        except ArchiveError as error:
-            raise BackupError("the archive %s is refused: %s; %s was not changed"
-                              % (archive_path, error, target))
-        finally:
-            progress.finish()
-        try:
-            staging = tempfile.mkdtemp(prefix=WORK_PREFIX + "restore-", dir=parent)
+            staging = tempfile.mkdtemp(prefix=WORK_PREFIX + "restore-", dir=self.parent)
         except OSError as error:
             raise BackupError("cannot create a staging folder in %s: %s"
-                              % (parent, describe_os_error(error)))
+                              % (self.parent, describe_os_error(error)))
         try:
-            archive_file.seek(0)
-            extractor = _HostExtractor(staging)
-            reader, members, _ = checked_members(archive_file)
+            check = archive.check(progress)
+            top = _TopLevel()
+            # A subfolder, so no archived name can meet the name the old target gets.
+            tree = os.path.join(staging, "tree")
+            os.mkdir(tree, 0o700)
+            extractor = _HostExtractor(tree)
             try:
-                for member in members:
-                    extractor.create(member, reader.data())
+                for member in check.members:
+                    top.check(member)
+                    extractor.create(member, check.data())
                 extractor.finish()
-            except ArchiveError as error:
-                raise BackupError("the archive %s changed while it was restored: %s; %s was not "
-                                  "changed" % (archive_path, error, target))
             except OSError as error:
                 raise BackupError("extracting %s failed: %s; %s was not changed"
-                                  % (archive_path, describe_os_error(error), target))
-            _swap_in(os.path.join(staging, os.fsdecode(top)), target, staging)
+                                  % (archive.name, describe_os_error(error), self.name))
+            if top.name is None:
+                raise ArchiveError("it holds no members", "no-members")
+            yield staging, os.path.join(tree, os.fsdecode(top.name))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    say(messages, "OK")
+
+    def apply(self, staged, archive, reporter, save_copy):
+        staging, new = staged
+        _swap_in(new, self.name, staging)
+        return []
 
 
 def _swap_in(new, target, staging):
     """Replace ``target`` by ``new`` with renames; the old one ends up in ``staging``."""
-    previous = os.path.join(staging, ".previous")
+    previous = os.path.join(staging, "previous")
     had_target = os.path.lexists(target)
     try:
         if had_target:

@@ -1,4 +1,5 @@
-"""Test helpers: tricky file trees, exact tree comparison, docker shortcuts."""
+"""Shared test and tooling kit (tests, dev/demo.py, bench): tricky file trees, exact tree
+comparison, the helper image built from the host's busybox, docker shortcuts."""
 
 import hashlib
 import io

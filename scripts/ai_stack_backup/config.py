@@ -1,0 +1,106 @@
+"""Configuration: the environment read once, at the edge, into one ``Config`` passed down.
+
+Only ``Config.from_environment`` looks at the environment; nothing below the
+command line reads ``os.environ``. backup_all's own variables (VOLUMES,
+RETENTION_DAYS, …) are read only for backup_all, so a typo there never
+stops a single backup or restore.
+"""
+
+import os
+import re
+
+from .errors import ConfigError
+
+DEFAULT_BACKUP_DIR = "/srv/ai-stack/backups"
+DEFAULT_HELPER_IMAGE = "alpine:3.20"
+DEFAULT_GZIP_LEVEL = 6
+DEFAULT_OUTPUT_ROOT = "/home/wasti/ai_stack_data/transcript-miner/output"
+DEFAULT_RETENTION_DAYS = 14
+DEFAULT_MIN_KEEP = 3
+# The runbook's five volumes; the first two keep their old variables.
+OTHER_DEFAULT_VOLUMES = ("context6-data", "context6-cache", "qdrant-data")
+TRUE_WORDS = ("1", "yes", "true", "on")
+FALSE_WORDS = ("", "0", "no", "false", "off")
+
+
+def default_threads():
+    """Give the number of CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _setting(environ, name, default=""):
+    return environ.get(name, "").strip() or default
+
+
+def _whole_number(environ, name, default, minimum, maximum=None):
+    raw = _setting(environ, name)
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < minimum or (maximum is not None and int(raw) > maximum):
+        allowed = "from %d to %d" % (minimum, maximum) if maximum is not None \
+            else "of at least %d" % minimum
+        raise ConfigError("%s must be a whole number %s, not %r" % (name, allowed, raw))
+    return int(raw)
+
+
+def _switch(environ, name):
+    raw = _setting(environ, name).lower()
+    if raw not in TRUE_WORDS + FALSE_WORDS:
+        raise ConfigError("%s must be 1 or 0, not %r" % (name, raw))
+    return raw in TRUE_WORDS
+
+
+class Config:
+    """Everything the operations need to know about their surroundings.
+
+    ``backup_dir`` is absolute (the working folder of a run may change);
+    ``backup_dir_configured`` says whether BACKUP_DIR was set, because a
+    volume restore then keeps its work files and safety backup there rather
+    than next to the archive. The backup_all fields stay None for the other
+    commands.
+    """
+
+    def __init__(self, backup_dir=DEFAULT_BACKUP_DIR, backup_dir_configured=False,
+                 helper_image=DEFAULT_HELPER_IMAGE, gzip_level=DEFAULT_GZIP_LEVEL, threads=None,
+                 volumes=None, output_root=None, retention_days=None, min_keep=None,
+                 stop_containers=False):
+        self.backup_dir = os.path.abspath(backup_dir)
+        self.backup_dir_configured = backup_dir_configured
+        self.helper_image = helper_image
+        self.gzip_level = gzip_level
+        self.threads = threads or default_threads()
+        self.volumes = volumes
+        self.output_root = output_root
+        self.retention_days = retention_days
+        self.min_keep = min_keep
+        self.stop_containers = stop_containers
+
+    @classmethod
+    def from_environment(cls, environ, backup_all=False):
+        """Read the settings from ``environ``; raises ConfigError naming a bad variable."""
+        fields = dict(
+            backup_dir=_setting(environ, "BACKUP_DIR", DEFAULT_BACKUP_DIR),
+            backup_dir_configured=bool(_setting(environ, "BACKUP_DIR")),
+            helper_image=_setting(environ, "BACKUP_HELPER_IMAGE", DEFAULT_HELPER_IMAGE),
+            gzip_level=_whole_number(environ, "BACKUP_GZIP_LEVEL", DEFAULT_GZIP_LEVEL, 1, 9),
+            threads=_whole_number(environ, "BACKUP_THREADS", None, 1))
+        if backup_all:
+            raw_volumes = _setting(environ, "VOLUMES")
+            if raw_volumes:
+                volumes = [name for name in re.split(r"[\s,]+", raw_volumes) if name]
+            else:
+                volumes = [_setting(environ, "OPEN_WEBUI_VOLUME", "owui-data"),
+                           _setting(environ, "TOOL_TM_VOLUME", "tm-data")]
+                volumes += list(OTHER_DEFAULT_VOLUMES)
+            fields.update(
+                volumes=volumes,
+                # Set but empty means: no path source (the old script's behaviour).
+                output_root=environ.get("OUTPUT_ROOT", DEFAULT_OUTPUT_ROOT).strip(),
+                retention_days=_whole_number(environ, "RETENTION_DAYS",
+                                             DEFAULT_RETENTION_DAYS, 0),
+                min_keep=_whole_number(environ, "RETENTION_MIN_KEEP", DEFAULT_MIN_KEEP, 1),
+                stop_containers=_switch(environ, "STOP_CONTAINERS"))
+        return cls(**fields)

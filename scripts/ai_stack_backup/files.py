@@ -1,0 +1,225 @@
+"""Files in the backup folder: the folder itself, atomic archives, work files, batched writes.
+
+Every file or folder the tool leaves in a backup folder while it works is
+named ``.ai_stack_backup-…``, so a later run can recognise and remove what a
+killed run left. Archives are written to a temp file beside their final
+name, fsynced, published by a hard link that never overwrites, and the
+folder is fsynced.
+"""
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import stat
+import tempfile
+
+from .errors import ArchiveExists, BackupError, describe_os_error
+
+WORK_PREFIX = ".ai_stack_backup-"
+TEMP_SUFFIX = ".part"  # never ".tar.gz": a temp file must not look like an archive
+LOCK_NAME = WORK_PREFIX + "lock"
+FOLDER_MODE = 0o700
+READ_SIZE = 1 << 20
+
+
+def ensure_backup_dir(path, enforce_mode=False):
+    """Create the backup folder with mode 0700 when missing; give its path.
+
+    With ``enforce_mode`` an existing folder is set to 0700 as well (backup_all
+    does this on every run, as the old script did). Raises BackupError.
+    """
+    try:
+        os.makedirs(path, mode=FOLDER_MODE)
+        os.chmod(path, FOLDER_MODE)  # makedirs' mode is filtered by the umask
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise BackupError("backup folder %s exists but is not a folder" % path)
+        if enforce_mode:
+            try:
+                os.chmod(path, FOLDER_MODE)
+            except OSError as error:
+                raise BackupError("cannot set mode 0700 on backup folder %s: %s"
+                                  % (path, describe_os_error(error)))
+    except OSError as error:
+        raise BackupError("cannot create backup folder %s: %s" % (path, describe_os_error(error)))
+    return path
+
+
+def fsync_directory(path):
+    """Make a rename or link inside ``path`` durable."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class AtomicArchive:
+    """A temp file in the destination folder that is published under its final name.
+
+    The temp file is mode 0600 (mkstemp), named ``.ai_stack_backup-….part`` and
+    held with a shared flock so that a cleanup in another process can tell it is
+    in use. ``publish()`` fsyncs, links it to the final name (which fails rather
+    than overwrite an existing file) and fsyncs the folder; ``close()`` always
+    removes the temp name. Use as a context manager.
+    """
+
+    def __init__(self, final_path):
+        self.final_path = final_path
+        self.folder = os.path.dirname(os.path.abspath(final_path))
+        self.published = False
+        if os.path.lexists(final_path):
+            raise ArchiveExists("%s already exists; not overwriting it" % final_path)
+        try:
+            descriptor, self.temp_path = tempfile.mkstemp(
+                prefix=WORK_PREFIX, suffix=TEMP_SUFFIX, dir=self.folder)
+        except OSError as error:
+            raise BackupError("cannot create a file in %s: %s"
+                              % (self.folder, describe_os_error(error)))
+        fcntl.flock(descriptor, fcntl.LOCK_SH)
+        self.file = os.fdopen(descriptor, "wb", buffering=0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def identity(self):
+        """Give ``(st_dev, st_ino)`` of the temp file, so a tree walk can leave it out."""
+        status = os.fstat(self.file.fileno())
+        return status.st_dev, status.st_ino
+
+    def publish(self):
+        """Make the archive durable and visible under its final name; give its size.
+
+        Raises ArchiveExists when the name was taken meanwhile, BackupError otherwise.
+        """
+        try:
+            os.fsync(self.file.fileno())
+        except OSError as error:
+            raise BackupError("cannot write %s: %s" % (self.final_path, describe_os_error(error)))
+        try:
+            os.link(self.temp_path, self.final_path)
+        except FileExistsError:
+            raise ArchiveExists("%s already exists; not overwriting it" % self.final_path)
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise BackupError("cannot publish %s: %s"
+                                  % (self.final_path, describe_os_error(error)))
+            # Filesystems without hard links: rename, after a last existence check.
+            if os.path.lexists(self.final_path):
+                raise ArchiveExists("%s already exists; not overwriting it" % self.final_path)
+            os.rename(self.temp_path, self.final_path)
+        self.published = True
+        fsync_directory(self.folder)
+        return os.fstat(self.file.fileno()).st_size
+
+    def close(self):
+        self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.temp_path)
+
+
+def remove_stale_work_files(folder):
+    """Remove what killed runs left in ``folder``; give the removed paths.
+
+    Only entries named ``.ai_stack_backup-*`` (temp archives, transfer folders)
+    that no live process holds a lock on are removed. The lock file stays.
+    """
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        if not name.startswith(WORK_PREFIX) or name == LOCK_NAME:
+            continue
+        path = os.path.join(folder, name)
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            mode = os.fstat(descriptor).st_mode
+            if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+                continue
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a running backup holds it
+            if stat.S_ISDIR(mode):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+            removed.append(path)
+        finally:
+            os.close(descriptor)
+    return removed
+
+
+@contextlib.contextmanager
+def spooled(source, folder):
+    """Copy the binary stream ``source`` (stdin) into a private temp file in ``folder``.
+
+    Gives the file opened for reading. A restore from stdin must read the whole
+    archive before anything changes, and then read it again, so it has to be
+    kept somewhere. The file is removed on exit.
+    """
+    try:
+        descriptor, path = tempfile.mkstemp(prefix=WORK_PREFIX + "stdin-", suffix=TEMP_SUFFIX,
+                                            dir=folder)
+    except OSError as error:
+        raise BackupError("cannot create a file in %s for the archive from stdin: %s"
+                          % (folder, describe_os_error(error)))
+    fcntl.flock(descriptor, fcntl.LOCK_SH)
+    try:
+        with os.fdopen(descriptor, "w+b") as spool:
+            try:
+                shutil.copyfileobj(source, spool, READ_SIZE)
+                spool.flush()
+            except OSError as error:
+                raise BackupError("cannot store the archive from stdin in %s: %s"
+                                  % (folder, describe_os_error(error)))
+            spool.seek(0)
+            yield spool
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+class BatchedWriter:
+    """Gathers small writes into batches for ``write``; big pieces go straight through.
+
+    Tar streams are mostly 512-byte headers and small files: one call per
+    batch instead of three per member. ``count`` is every byte written so far.
+    """
+
+    BATCH = 256 * 1024
+
+    def __init__(self, write):
+        self._write = write
+        self._batch = bytearray()
+        self.count = 0
+
+    def write(self, data):
+        self.count += len(data)
+        if len(data) >= self.BATCH:
+            self.flush()
+            self._write(data)
+            return
+        self._batch += data
+        if len(self._batch) >= self.BATCH:
+            self.flush()
+
+    def flush(self):
+        if self._batch:
+            batch, self._batch = self._batch, bytearray()
+            self._write(batch)
+
+
+def pipe_writer(descriptor):
+    """A BatchedWriter into a pipe descriptor (os.write may take only part of a piece)."""
+    def write_all(data):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(descriptor, view):]
+    return BatchedWriter(write_all)

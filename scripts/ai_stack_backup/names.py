@@ -1,0 +1,47 @@
+"""Archive names: the UTC timestamp, ``<source>__<timestamp>.tar.gz``, the old safe-name rule."""
+
+import calendar
+import re
+import time
+
+TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+ARCHIVE_SUFFIX = ".tar.gz"
+# <source>__<YYYYMMDDTHHMMSSZ>.tar.gz; the source may itself contain "__".
+ARCHIVE_NAME_PATTERN = re.compile(r"(?P<source>.+)__(?P<timestamp>\d{8}T\d{6}Z)\.tar\.gz")
+
+
+def utc_timestamp(when=None):
+    """Give the archive timestamp for ``when`` (seconds since the epoch; default now)."""
+    return time.strftime(TIMESTAMP_FORMAT, time.gmtime(time.time() if when is None else when))
+
+
+def parse_timestamp(text):
+    """Give the epoch seconds of a ``YYYYMMDDTHHMMSSZ`` timestamp; raises ValueError."""
+    return calendar.timegm(time.strptime(text, TIMESTAMP_FORMAT))
+
+
+def safe_name(path):
+    """Give the old scripts' archive name for a host path.
+
+    One leading ``/`` is removed and every character outside ``A-Za-z0-9._-``
+    becomes ``_``: ``/home/wasti/x y`` gives ``home_wasti_x_y``.
+    """
+    if path.startswith("/"):
+        path = path[1:]
+    return re.sub(r"[^A-Za-z0-9._-]", "_", path)
+
+
+def archive_name(source, timestamp):
+    return "%s__%s%s" % (source, timestamp, ARCHIVE_SUFFIX)
+
+
+def parse_archive_name(name):
+    """Give ``(source, timestamp)`` when ``name`` is exactly one of our archive names, else None."""
+    match = ARCHIVE_NAME_PATTERN.fullmatch(name)
+    if not match:
+        return None
+    try:
+        parse_timestamp(match.group("timestamp"))
+    except ValueError:  # 20261399T999999Z matches the pattern but is no time
+        return None
+    return match.group("source"), match.group("timestamp")

@@ -1,0 +1,168 @@
+"""The backup pipeline and the restore pipeline, written once for every kind of source.
+
+backup:  check → status → prepare → quiesced(write_tar → parallel gzip → atomic file | stdout)
+restore: archive | stdin spool → check → status → prepare → staged (one checked pass) → apply
+
+A source (``volume.VolumeSource``, ``hostpath.PathSource``) supplies only what
+differs: ``kind``, ``name``, ``archive_source``, ``check()``,
+``prepare(reporter)``, ``quiesced(reporter)`` and ``write_tar(output,
+progress, reporter, work_folder, exclude)``. A restore target
+(``volume.VolumeTarget``, ``hostpath.PathTarget``) supplies ``kind``,
+``name``, ``description``, ``check()``, ``prepare(reporter)``,
+``staged(archive, archive_folder, progress, reporter)`` — a context manager that reads
+and checks the whole archive once, raising ArchiveError before anything
+changed — and ``apply(staged, archive, reporter, save_copy)``, which makes the
+change (taking its safety copy with ``save_copy(source, folder)`` and rolling
+back itself on failure) and gives the status lines for after ``OK``.
+"""
+
+import contextlib
+import os
+import sys
+import time
+
+from .archive import ArchiveInput
+from .errors import ArchiveError, ArchiveExists, ArchiveRefused, BackupError, NotFound, \
+    describe_os_error
+from .files import AtomicArchive, ensure_backup_dir, spooled
+from .gzipstream import ParallelGzipWriter
+from .names import archive_name, utc_timestamp
+
+
+class BackupResult:
+    """What one backup produced: source name (as in the archive name), path (``-``: stdout),
+    size (None on stdout), members, seconds."""
+
+    def __init__(self, source, path, size, members, seconds):
+        self.source, self.path, self.size, self.members, self.seconds = \
+            source, path, size, members, seconds
+
+
+def _write_gzip_tar(source, output, config, reporter, work_folder=None, exclude=()):
+    """Let ``source`` write its tar stream through the parallel gzip into ``output``.
+
+    Gives the member count. The gzip stream is finished only on success, so a
+    failed stream never looks complete.
+    """
+    gzip_writer = ParallelGzipWriter(output, config.gzip_level, config.threads)
+    try:
+        with reporter.progress("Backing up %s" % source.name) as progress:
+            members = source.write_tar(gzip_writer, progress, reporter, work_folder, exclude)
+        gzip_writer.close()
+    except BaseException:
+        gzip_writer.abort()
+        raise
+    return members
+
+
+def write_archive(source, folder, config, reporter, timestamp=None):
+    """Write ``folder/<source>__<timestamp>.tar.gz`` atomically; give a BackupResult.
+
+    No status lines: ``backup`` frames this, and a safety copy uses it as is.
+    Raises ArchiveExists when the name is taken, BackupError otherwise.
+    """
+    started = time.monotonic()
+    path = os.path.join(folder, archive_name(source.archive_source, timestamp or utc_timestamp()))
+    with AtomicArchive(path) as archive:
+        try:
+            members = _write_gzip_tar(source, archive.file, config, reporter, folder,
+                                      exclude={archive.identity()})
+        except OSError as error:
+            raise BackupError("cannot write %s: %s" % (path, describe_os_error(error)))
+        size = archive.publish()
+    return BackupResult(source.archive_source, path, size, members, time.monotonic() - started)
+
+
+def _copy_saver(config, reporter):
+    """Give ``save_copy(source, folder)``: a quiet ``write_archive`` for a target's safety copy.
+
+    A copy taken in the same second as another archive of that source would
+    get its name; it then takes the next second.
+    """
+    def save_copy(source, folder):
+        try:
+            return write_archive(source, folder, config, reporter.silent())
+        except ArchiveExists:
+            time.sleep(1.05 - time.time() % 1)
+            return write_archive(source, folder, config, reporter.silent())
+    return save_copy
+
+
+def backup(source, destination, config, reporter, stdout=None):
+    """Back up ``source`` into the folder ``destination``, or to stdout for ``-``.
+
+    Shows the old scripts' three lines (``Backing up volume: …``, ``Output:
+    …``, ``OK``), on stderr when stdout carries the archive. Gives a
+    BackupResult; raises BackupError with nothing published.
+    """
+    source.check()
+    to_stdout = destination == "-"
+    if to_stdout:
+        reporter = reporter.status_to_log()
+        path = "-"
+    else:
+        folder = ensure_backup_dir(destination)
+        timestamp = utc_timestamp()
+        path = os.path.join(folder, archive_name(source.archive_source, timestamp))
+    reporter.status("Backing up %s: %s" % (source.kind, source.name))
+    reporter.status("Output: %s" % path)
+    source.prepare(reporter)
+    with source.quiesced(reporter):
+        if to_stdout:
+            started = time.monotonic()
+            output = stdout or sys.stdout.buffer
+            try:
+                members = _write_gzip_tar(source, output, config, reporter)
+                output.flush()
+            except BrokenPipeError:
+                raise BackupError("backing up %s %s failed: stdout was closed"
+                                  % (source.kind, source.name))
+            result = BackupResult(source.archive_source, "-", None, members,
+                                  time.monotonic() - started)
+        else:
+            result = write_archive(source, folder, config, reporter, timestamp)
+    reporter.status("OK")
+    return result
+
+
+@contextlib.contextmanager
+def _opened_archive(archive_path, config, stdin):
+    if archive_path != "-":
+        with open(archive_path, "rb") as file:
+            yield ArchiveInput(file, archive_path)
+        return
+    # It must be read completely before anything changes, and may be read again.
+    with spooled(stdin or sys.stdin.buffer, ensure_backup_dir(config.backup_dir)) as file:
+        yield ArchiveInput(file, "-")
+
+
+def restore(target, archive_path, config, reporter, stdin=None):
+    """Make ``target`` exactly what the archive holds (``-``: read it from stdin).
+
+    Nothing changes until the whole archive checked out: a damaged or hostile
+    archive raises ArchiveRefused naming the rule. Shows ``Restoring …``,
+    ``From: …``, ``OK`` and the target's closing lines; gives those lines.
+    """
+    if archive_path != "-" and not os.path.isfile(archive_path):
+        raise NotFound("archive not found: %s" % archive_path)
+    target.check()
+    reporter.status("Restoring %s: %s" % (target.kind, target.name))
+    reporter.status("From: %s" % archive_path)
+    target.prepare(reporter)
+    archive_folder = None if archive_path == "-" else \
+        os.path.dirname(os.path.abspath(archive_path))
+    with _opened_archive(archive_path, config, stdin) as archive, \
+            contextlib.ExitStack() as stack:
+        with reporter.progress("Checking archive", total=archive.size) as progress:
+            try:
+                staged = stack.enter_context(target.staged(archive, archive_folder, progress,
+                                                                reporter))
+            except ArchiveError as error:
+                raise ArchiveRefused("the archive %s is refused [%s]: %s; %s was not changed"
+                                     % (archive_path, error.rule, error, target.description),
+                                     error.rule)
+        closing = target.apply(staged, archive, reporter, _copy_saver(config, reporter))
+    reporter.status("OK")
+    for line in closing:
+        reporter.status(line)
+    return closing

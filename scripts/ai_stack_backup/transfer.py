@@ -1,0 +1,300 @@
+"""The helper protocol: how a tar stream crosses between this process and a helper container.
+
+The helper (busybox ``sh`` and ``tar`` in the helper image) mounts the volume
+at ``/volume`` and a private transfer folder at ``/transfer``. A FIFO there is
+several times faster than ``docker run`` stdout, and the daemon sees the
+folder even when the service runs with ``PrivateTmp=yes``.
+
+The transfer folder (``.ai_stack_backup-transfer-…``, 0700, flocked while in use):
+
+=============  ==============================================================
+``stream``     FIFO. Backup: the helper's tar writes the volume into it.
+               Restore: the checked stream, when it is not staged.
+``plain.tar``  Restore: every checked member re-emitted in one plain format,
+               staged when the disk has room (then ``stream`` is unused).
+``folders.tar``  Restore: the folder headers only, extracted last.
+``symlinks``   Restore: ``uid NUL gid NUL mtime NUL path NUL`` per symlink.
+``complete``   Restore: created only after the whole archive, gzip trailer
+               included, checked out.
+=============  ==============================================================
+
+The restore script, step by step:
+
+1. fd 4 opens ``plain.tar`` if it exists, else the FIFO ``stream``;
+2. the volume is emptied, hidden entries included;
+3. tar extracts fd 4 with numeric owners;
+4. without ``complete`` the stream ended early: exit 4 (the volume is then
+   rolled back by the caller);
+5. symlink owners and mtimes are set, four fields per ``xargs -n 4`` call
+   (busybox tar skips them);
+6. ``folders.tar`` is extracted: busybox sets a folder's mtime when it
+   creates it, and creates hard links and absolute symlinks after the whole
+   stream, which would change the folders again.
+"""
+
+import contextlib
+import errno
+import fcntl
+import os
+import select
+import shutil
+import tempfile
+import time
+
+from .docker import Helper
+from .errors import ArchiveError, BackupError, DockerError, describe_os_error
+from .files import WORK_PREFIX, BatchedWriter, pipe_writer
+from .tarstream import DIRECTORY, END_OF_ARCHIVE, FILE, SYMLINK, member_header, padding
+
+STREAM, PLAIN, FOLDERS, SYMLINKS, COMPLETE = \
+    "stream", "plain.tar", "folders.tar", "symlinks", "complete"
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; fcntl has the name from 3.10
+SPOOL_CHECK_EVERY = 64 << 20
+SPOOL_RESERVE_MIN = 1 << 30  # staging never leaves less free space than this...
+SPOOL_RESERVE_SHARE = 0.05  # ...or than this share of the filesystem
+ENDED_EARLY = 4  # the restore script's exit code when ``complete`` is missing
+
+BACKUP_SCRIPT = "tar -C /volume -cf /transfer/stream ."
+BACKUP_TO_STDOUT_SCRIPT = "tar -C /volume -cf - ."
+WIPE_SCRIPT = "rm -rf /volume/..?* /volume/.[!.]* /volume/*"  # hidden entries too
+RESTORE_SCRIPT = """if [ -e /transfer/plain.tar ]; then source=plain.tar; else source=stream; fi
+exec 4</transfer/$source
+%s
+tar -xf - -C /volume --numeric-owner <&4
+[ -e /transfer/complete ] || { echo "the archive stream ended early" >&2; exit %d; }
+if [ -s /transfer/symlinks ]; then
+  xargs -0 -n 4 sh -c 'chown -h "$0:$1" "$3" && touch -h -d "@$2" "$3"' </transfer/symlinks
+fi
+tar -xf /transfer/folders.tar -C /volume --numeric-owner""" % (WIPE_SCRIPT, ENDED_EARLY)
+
+
+class TransferFolder:
+    """A private folder (0700) under ``parent`` holding the FIFO ``stream``.
+
+    Held with a shared flock while in use, so a later run can remove it if
+    this process is killed.
+    """
+
+    def __init__(self, parent):
+        try:
+            self.path = tempfile.mkdtemp(prefix=WORK_PREFIX + "transfer-", dir=parent)
+        except OSError as error:
+            raise BackupError("cannot create a transfer folder in %s: %s; set BACKUP_DIR to a "
+                              "writable folder the Docker daemon can see"
+                              % (parent, describe_os_error(error)))
+        self._lock = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(self._lock, fcntl.LOCK_SH)
+        self.fifo = self.file(STREAM)
+        os.mkfifo(self.fifo, 0o600)
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def discard(self, *names):
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.file(name))
+
+    def close(self):
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._lock)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def _set_blocking_and_widen(descriptor):
+    flags = fcntl.fcntl(descriptor, fcntl.F_GETFL)
+    fcntl.fcntl(descriptor, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+    with contextlib.suppress(OSError):  # a larger pipe means fewer, bigger copies
+        fcntl.fcntl(descriptor, F_SETPIPE_SZ, PIPE_SIZE)
+
+
+def _open_fifo_for_reading(fifo, helper, what):
+    """Open the FIFO once the helper has connected; give a blocking descriptor.
+
+    Never hangs on a helper that fails to start: until a writer connects, poll
+    reports nothing (Linux), and the helper's exit is checked in between.
+    """
+    descriptor = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        poller = select.poll()
+        poller.register(descriptor, select.POLLIN | select.POLLHUP)
+        while not poller.poll(100):
+            if not helper.running():
+                raise DockerError(what, "the helper container ended before sending data "
+                                  "(exit %d): %s" % (helper.wait(), helper.error_output()))
+        _set_blocking_and_widen(descriptor)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor
+
+
+def _open_fifo_for_writing(fifo, helper, what):
+    """Open the FIFO once the helper reads it; give a blocking descriptor."""
+    while True:
+        try:
+            descriptor = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as error:
+            if error.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+        if not helper.running():
+            raise DockerError(what, "the helper container ended before reading data (exit %d): %s"
+                              % (helper.wait(), helper.error_output()))
+        time.sleep(0.02)
+    _set_blocking_and_widen(descriptor)
+    return descriptor
+
+
+@contextlib.contextmanager
+def volume_tar_stream(image, volume, work_folder, what):
+    """Start a helper that writes the volume as tar; give ``(descriptor, helper)``.
+
+    With ``work_folder`` the stream comes through a FIFO in a transfer folder
+    there; without (no backup folder: the archive goes to stdout), through the
+    helper's stdout. The volume is mounted read-only.
+    """
+    if work_folder is None:
+        with Helper(image, volume, BACKUP_TO_STDOUT_SCRIPT, read_only=True,
+                    capture_stdout=True) as helper:
+            yield helper.stdout_fd, helper
+        return
+    with TransferFolder(work_folder) as transfer, \
+            Helper(image, volume, BACKUP_SCRIPT, read_only=True,
+                   transfer_path=transfer.path) as helper:
+        descriptor = _open_fifo_for_reading(transfer.fifo, helper, what)
+        try:
+            yield descriptor, helper
+        finally:
+            os.close(descriptor)
+
+
+def wipe_volume(image, volume, reporter):
+    with Helper(image, volume, WIPE_SCRIPT) as helper:
+        helper.finish("emptying volume %s" % volume, reporter)
+
+
+# --- restore: staging the checked stream, then the helper -------------------------
+
+class StagingFull(Exception):
+    """Staging the uncompressed archive would eat into the disk's reserve."""
+
+
+class _StagingWriter:
+    """Writes ``plain.tar``, stopping well before the disk is full.
+
+    The free space is checked every 64 MiB; when less than the reserve (5% of
+    the filesystem, at least 1 GiB) would be left, StagingFull is raised.
+    """
+
+    def __init__(self, path):
+        self.file = open(path, "wb", buffering=BatchedWriter.BATCH)
+        self.unchecked = 0
+        self._check()
+
+    def _check(self):
+        status = os.fstatvfs(self.file.fileno())
+        reserve = max(SPOOL_RESERVE_MIN, status.f_blocks * status.f_frsize * SPOOL_RESERVE_SHARE)
+        if status.f_bavail * status.f_frsize - SPOOL_CHECK_EVERY < reserve:
+            raise StagingFull()
+
+    def write(self, data):
+        try:
+            self.file.write(data)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StagingFull()
+            raise
+        self.unchecked += len(data)
+        if self.unchecked >= SPOOL_CHECK_EVERY:
+            self.unchecked = 0
+            self._check()
+
+    def flush(self):
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def emit_checked_stream(archive, output, transfer, progress=None):
+    """Re-emit the archive's checked members as plain tar into ``output``; give an ArchiveSummary.
+
+    Fills ``folders.tar`` and ``symlinks`` on the way and creates ``complete``
+    only after the whole archive checked out. Raises ArchiveError.
+    """
+    check = archive.check(progress)
+    with open(transfer.file(FOLDERS), "wb") as folders, \
+            open(transfer.file(SYMLINKS), "wb") as symlinks:
+        for member in check.members:
+            header = member_header(member)
+            output.write(header)
+            if member.kind == FILE:
+                for piece in check.data():
+                    output.write(piece)
+                output.write(padding(member.size))
+            elif member.kind == DIRECTORY:
+                folders.write(header)
+            elif member.kind == SYMLINK:
+                symlinks.write(b"%d\0%d\0%d\0/volume/%s\0"
+                               % (member.uid, member.gid, member.mtime, member.path))
+        folders.write(END_OF_ARCHIVE)
+    output.flush()
+    with open(transfer.file(COMPLETE), "wb"):
+        pass
+    try:
+        output.write(END_OF_ARCHIVE)
+        output.flush()
+    except BrokenPipeError:
+        pass  # tar may stop reading at the first zero block; its exit code decides
+    return check.summary()
+
+
+def stage(archive, transfer, progress):
+    """Check the whole archive, staging it as ``plain.tar``; give ``(ArchiveSummary, staged)``.
+
+    When the disk has no room for the staged copy, the archive is only
+    checked here (``staged`` False) and ``fill_volume`` streams it again.
+    Raises ArchiveError for a damaged or hostile archive.
+    """
+    try:
+        writer = _StagingWriter(transfer.file(PLAIN))
+        try:
+            return emit_checked_stream(archive, writer, transfer, progress), True
+        finally:
+            writer.close()
+    except StagingFull:
+        transfer.discard(PLAIN, FOLDERS, SYMLINKS, COMPLETE)
+    progress.done = 0
+    return archive.check(progress).run(), False
+
+
+def fill_volume(image, volume, archive, transfer, staged, reporter):
+    """Empty the volume and extract the checked archive (staged, or streamed again).
+
+    A second pass must be exactly what was checked, or ArchiveError is raised
+    (with ``changed-during-restore``). Raises DockerError if the helper fails;
+    the volume may then be partly filled, which the caller rolls back.
+    """
+    what = "restoring volume %s" % volume
+    with Helper(image, volume, RESTORE_SCRIPT, transfer_path=transfer.path) as helper:
+        if not staged:
+            with reporter.progress("Restoring %s" % volume, total=archive.size) as progress:
+                descriptor = _open_fifo_for_writing(transfer.fifo, helper, what)
+                try:
+                    sent = emit_checked_stream(archive, pipe_writer(descriptor), transfer,
+                                               progress)
+                except BrokenPipeError:
+                    raise helper.failed(what)
+                finally:
+                    os.close(descriptor)
+        helper.finish(what, reporter)
+    if not staged and not archive.unchanged(sent):
+        raise ArchiveError("the archive %s changed while it was being restored" % archive.name,
+                           "changed-during-restore")
