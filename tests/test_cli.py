@@ -28,6 +28,9 @@ def test_help_shows_real_examples(name, capsys):
     assert MAINS[name](["--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: %s.py" % name) and "\nexamples:\n  " in out
+    status = out[out.index("\nexit status:\n"):]
+    for code in ("0", "1", "2", "75", "128+N"):
+        assert "\n  %s " % code in status, code
 
 
 @pytest.mark.parametrize("name", NEED_ARGUMENTS)
@@ -158,3 +161,13 @@ def test_backup_all_dry_run_changes_nothing(tmp_path, capsys, monkeypatch):
                    "would back up path %s" % output_root,
                    "would delete %s" % (folder / names.archive_name(source, "20200101T000000Z"))]
     assert sorted(os.listdir(str(folder))) == sorted(before + [files.LOCK_NAME])
+
+
+def test_a_bad_setting_is_named_before_anything_happens(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BACKUP_GZIP_LEVEL", "fast")
+    (tmp_path / "src").mkdir()
+    assert cli.backup_path_main([str(tmp_path / "src"), str(tmp_path / "b")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "BACKUP_GZIP_LEVEL must be a whole number from 1 to 9, not 'fast'" in captured.err
+    assert not (tmp_path / "b").exists()

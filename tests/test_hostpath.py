@@ -187,9 +187,38 @@ def test_restore_path_refusals_change_nothing(tricky, tmp_path, capsys):
     assert cli.restore_path_main([str(volume_like), str(target), "--force"]) == 1
     error = capsys.readouterr().err
     assert "is refused [volume-archive]" in error and "restore_docker_volume" in error
+    # Shapes that are not one path's archive, refused although every member is sound.
+    for name, members, rule in [
+            ("two-tops.tar.gz", ["a/", "b/"], "several-top-level-entries"),
+            ("no-members.tar.gz", [], "no-members")]:
+        with tarfile.open(str(tmp_path / name), "w:gz") as archive_file:
+            for member in members:
+                info = tarfile.TarInfo(member)
+                info.type = tarfile.DIRTYPE
+                archive_file.addfile(info)
+        assert cli.restore_path_main([str(tmp_path / name), str(target), "--force"]) == 1
+        assert "is refused [%s]" % rule in capsys.readouterr().err
     assert testkit.tree_state(str(target)) == before
     assert sorted(os.listdir(str(tmp_path))) == sorted(["backups", "damaged.tar.gz", "src",
-                                                        "target", "volume.tar.gz"])
+                                                        "target", "volume.tar.gz",
+                                                        "two-tops.tar.gz", "no-members.tar.gz"])
+
+
+def test_restore_path_decompresses_the_archive_once(tricky, tmp_path, monkeypatch):
+    from ai_stack_backup import archive as archive_module
+    source, expected = tricky
+    archive = backup(source, tmp_path / "backups")
+    passes = []
+    original = archive_module.iter_gunzip
+
+    def counted(read):
+        passes.append(read)
+        return original(read)
+    monkeypatch.setattr(archive_module, "iter_gunzip", counted)
+    target = tmp_path / "target"
+    assert cli.restore_path_main([archive, str(target), "--force"]) == 0
+    assert len(passes) == 1
+    assert testkit.tree_state(str(target)) == expected
 
 
 def test_failure_while_extracting_leaves_the_target(tricky, tmp_path, monkeypatch, capsys):

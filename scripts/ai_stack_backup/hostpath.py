@@ -51,21 +51,21 @@ class TreeWriter:
         self._groups = {}
         self._buffer = bytearray(READ_SIZE)
 
-    def _user(self, uid):
-        if uid not in self._users:
+    @staticmethod
+    def _cached_name(cache, lookup, number):
+        """Give the user or group name of ``number`` (``b""`` if it has none), asked once."""
+        if number not in cache:
             try:
-                self._users[uid] = os.fsencode(pwd.getpwuid(uid).pw_name)
+                cache[number] = os.fsencode(lookup(number)[0])
             except KeyError:
-                self._users[uid] = b""
-        return self._users[uid]
+                cache[number] = b""
+        return cache[number]
+
+    def _user(self, uid):
+        return self._cached_name(self._users, pwd.getpwuid, uid)
 
     def _group(self, gid):
-        if gid not in self._groups:
-            try:
-                self._groups[gid] = os.fsencode(grp.getgrgid(gid).gr_name)
-            except KeyError:
-                self._groups[gid] = b""
-        return self._groups[gid]
+        return self._cached_name(self._groups, grp.getgrgid, gid)
 
     def _header(self, arcname, status, kind, linkname=b"", size=0):
         self._emit(encode_header(arcname + b"/" if kind == DIRECTORY else arcname, kind,

@@ -173,6 +173,16 @@ def _pax_integer(records, key, offset, pattern=_DECIMAL):
     return int(match.group(1) if match.groups() else match.group(0))
 
 
+def _data_size(size, records, offset):
+    """Give a member's data size: the pax ``size`` record wins over the header field."""
+    pax_size = _pax_integer(records, b"size", offset)
+    if pax_size is not None:
+        size = pax_size
+    if size < 0:
+        raise ArchiveError("negative size in the tar header at byte %d" % offset, "negative-size")
+    return size
+
+
 class TarReader:
     """Parse a tar stream from an iterator of byte chunks.
 
@@ -302,12 +312,7 @@ class TarReader:
         if typeflag not in _KIND_BY_TYPEFLAG:
             raise ArchiveError("member type %r at byte %d is not supported"
                                % (typeflag.decode("latin-1"), offset), "unsupported-type")
-        pax_size = _pax_integer(records, b"size", offset)
-        if pax_size is not None:
-            size = pax_size
-        if size < 0:
-            raise ArchiveError("negative size in the tar header at byte %d" % offset,
-                               "negative-size")
+        size = _data_size(size, records, offset)
         self._unread = size
         self._padding = -size % BLOCK_SIZE
         self.members += 1
@@ -331,12 +336,7 @@ class TarReader:
         linkname = records.get(b"linkpath", linkname)
         if kind == FILE and typeflag == b"\0" and name.endswith(b"/"):
             kind = DIRECTORY  # old tars mark folders only by the slash
-        pax_size = _pax_integer(records, b"size", offset)
-        if pax_size is not None:
-            size = pax_size
-        if size < 0:
-            raise ArchiveError("negative size in the tar header at byte %d" % offset,
-                               "negative-size")
+        size = _data_size(size, records, offset)
         if kind != FILE and size:
             raise ArchiveError("the %s %s at byte %d carries data" % (KIND_NAMES[kind], show(name),
                                                                        offset), "data-on-non-file")
