@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from ai_stack_backup import cli, files, names
+from ai_stack_backup import cli, files
+from ai_stack_backup.names import archive_name, safe_name, utc_timestamp
 from conftest import SCRIPTS
 
 MAINS = {
@@ -80,7 +81,7 @@ def make_archive(folder, source, timestamp, content=b"data"):
     (data_folder / "file").write_bytes(content)
     assert cli.backup_path_main([str(data_folder), str(folder / "tmp-out")]) == 0
     produced = folder / "tmp-out" / os.listdir(str(folder / "tmp-out"))[0]
-    final = folder / names.archive_name(source, timestamp)
+    final = folder / archive_name(source, timestamp)
     os.rename(str(produced), str(final))
     return str(final)
 
@@ -107,10 +108,10 @@ def test_verify_backup_reports_each_archive(tmp_path, capsys):
 def test_list_backups_groups_by_source_and_ignores_lookalikes(tmp_path, capsys):
     folder = tmp_path / "backups"
     folder.mkdir()
-    newest = names.utc_timestamp(time.time() - 3600)
+    newest = utc_timestamp(time.time() - 3600)
     for source, timestamp in (("owui-data", "20260101T000000Z"), ("owui-data", newest),
                               ("tm-data", "20260105T120000Z"), ("my__vol", "20260102T000000Z")):
-        (folder / names.archive_name(source, timestamp)).write_bytes(b"x" * 1000)
+        (folder / archive_name(source, timestamp)).write_bytes(b"x" * 1000)
     for lookalike in ("owui-data__20261399T999999Z.tar.gz", "notes.tar.gz",
                       ".ai_stack_backup-abc.part", "owui-data__20260101T000000Z.tar.gz.bak"):
         (folder / lookalike).write_bytes(b"x")
@@ -132,7 +133,7 @@ def test_list_backups_groups_by_source_and_ignores_lookalikes(tmp_path, capsys):
 
 def test_list_backups_default_folder_comes_from_backup_dir(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("BACKUP_DIR", str(tmp_path))
-    (tmp_path / names.archive_name("x", "20260101T000000Z")).write_bytes(b"")
+    (tmp_path / archive_name("x", "20260101T000000Z")).write_bytes(b"")
     assert cli.list_backups_main([]) == 0
     assert capsys.readouterr().out.startswith("x\n")
 
@@ -140,26 +141,26 @@ def test_list_backups_default_folder_comes_from_backup_dir(tmp_path, capsys, mon
 def test_backup_all_dry_run_changes_nothing(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "backups"
     folder.mkdir()
-    old = folder / names.archive_name("home_x_output", "20200101T000000Z")
+    old = folder / archive_name("home_x_output", "20200101T000000Z")
     old.write_bytes(b"x")
     for timestamp in ("20200102T000000Z", "20200103T000000Z", "20200104T000000Z"):
-        (folder / names.archive_name("home_x_output", timestamp)).write_bytes(b"x")
+        (folder / archive_name("home_x_output", timestamp)).write_bytes(b"x")
     output_root = tmp_path / "home" / "x" / "output"
     output_root.mkdir(parents=True)
     monkeypatch.setenv("BACKUP_DIR", str(folder))
     monkeypatch.setenv("OUTPUT_ROOT", str(output_root))
     monkeypatch.setenv("VOLUMES", "owui-data tm-data")
     monkeypatch.setenv("PATH", str(tmp_path))  # a dry run asks no engine
-    source = names.safe_name(str(output_root))
+    source = safe_name(str(output_root))
     for timestamp in ("20200101T000000Z", "20200102T000000Z", "20200103T000000Z",
                       "20200104T000000Z"):
-        (folder / names.archive_name(source, timestamp)).write_bytes(b"x")
+        (folder / archive_name(source, timestamp)).write_bytes(b"x")
     before = sorted(os.listdir(str(folder)))
     assert cli.backup_all_main(["--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == ["would back up volume owui-data", "would back up volume tm-data",
                    "would back up path %s" % output_root,
-                   "would delete %s" % (folder / names.archive_name(source, "20200101T000000Z"))]
+                   "would delete %s" % (folder / archive_name(source, "20200101T000000Z"))]
     assert sorted(os.listdir(str(folder))) == sorted(before + [files.LOCK_NAME])
 
 

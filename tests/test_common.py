@@ -10,7 +10,9 @@ import time
 
 import pytest
 
-from ai_stack_backup import config, files, names
+from ai_stack_backup import config, files
+from ai_stack_backup.names import archive_name, parse_archive_name, parse_timestamp, safe_name, \
+    utc_timestamp
 from ai_stack_backup.backupall import BackupLock, retention_plan
 from ai_stack_backup.config import Config
 from ai_stack_backup.errors import ArchiveExists, BackupError, ConfigError, Locked
@@ -27,22 +29,22 @@ from conftest import SCRIPTS
     ("/tmp/ä+b.c-d_e", "tmp___b.c-d_e"),
 ])
 def test_safe_name_is_the_old_rule(path, expected):
-    assert names.safe_name(path) == expected
+    assert safe_name(path) == expected
 
 
 def test_timestamps_and_archive_names():
-    assert names.utc_timestamp(1768737600) == "20260118T120000Z"
-    assert re.fullmatch(r"\d{8}T\d{6}Z", names.utc_timestamp())
-    assert names.parse_timestamp("20260118T120000Z") == 1768737600
-    assert names.archive_name("owui-data", "20260118T120000Z") == \
+    assert utc_timestamp(1768737600) == "20260118T120000Z"
+    assert re.fullmatch(r"\d{8}T\d{6}Z", utc_timestamp())
+    assert parse_timestamp("20260118T120000Z") == 1768737600
+    assert archive_name("owui-data", "20260118T120000Z") == \
         "owui-data__20260118T120000Z.tar.gz"
-    assert names.parse_archive_name("my__vol__20260118T120000Z.tar.gz") == \
+    assert parse_archive_name("my__vol__20260118T120000Z.tar.gz") == \
         ("my__vol", "20260118T120000Z")
     for lookalike in ("owui-data__20261399T999999Z.tar.gz", "owui-data__20260118T120000Z.tar",
                       "owui-data_20260118T120000Z.tar.gz", "__20260118T120000Z.tar.gz",
                       "owui-data__20260118T120000Z.tar.gz.part", "owui-data.tar.gz",
                       "x__20260118T120000.tar.gz"):
-        assert names.parse_archive_name(lookalike) is None, lookalike
+        assert parse_archive_name(lookalike) is None, lookalike
 
 
 def test_atomic_archive_publishes_without_overwriting(tmp_path):
@@ -139,7 +141,7 @@ def test_config_defaults_and_overrides():
 
 
 def _archive(folder, source, days_old, now):
-    name = names.archive_name(source, names.utc_timestamp(now - days_old * 86400))
+    name = archive_name(source, utc_timestamp(now - days_old * 86400))
     path = folder / name
     path.write_bytes(b"x")
     return str(path)

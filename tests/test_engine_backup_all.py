@@ -13,7 +13,8 @@ import time
 import pytest
 
 import testkit
-from ai_stack_backup import cli, files, names
+from ai_stack_backup import cli, files
+from ai_stack_backup.names import archive_name, parse_archive_name, safe_name, utc_timestamp
 from conftest import REPOSITORY, SCRIPTS
 
 pytestmark = pytest.mark.engine
@@ -47,7 +48,7 @@ def app_container(make_volume):
 
 def archives_in(folder):
     return sorted(name for name in os.listdir(str(folder))
-                  if names.parse_archive_name(name))
+                  if parse_archive_name(name))
 
 
 def test_every_source_is_tried_and_failures_are_named(helper_env, two_volumes, make_volume,
@@ -64,8 +65,8 @@ def test_every_source_is_tried_and_failures_are_named(helper_env, two_volumes, m
     assert cli.backup_all_main(["--quiet"]) == 1
     captured = capsys.readouterr()
     names = archives_in(folder)
-    assert [names.parse_archive_name(n)[0] for n in names] == sorted(
-        [first, second, names.safe_name(str(output_root))])
+    assert [parse_archive_name(n)[0] for n in names] == sorted(
+        [first, second, safe_name(str(output_root))])
     summary = [line for line in captured.out.splitlines()
                if re.match(r"(ok|FAILED|skipped) +(volume|path) ", line)]
     assert len(summary) == 4
@@ -100,7 +101,7 @@ def test_retention_in_a_real_run(helper_env, two_volumes, make_volume, tmp_path,
     now = time.time()
 
     def old(source, days):
-        path = folder / names.archive_name(source, names.utc_timestamp(now - days * 86400))
+        path = folder / archive_name(source, utc_timestamp(now - days * 86400))
         path.write_bytes(b"an old archive")
         return path.name
     expired = [old(volume, days) for days in (40, 30, 20)]
@@ -108,7 +109,7 @@ def test_retention_in_a_real_run(helper_env, two_volumes, make_volume, tmp_path,
     fresh = [old(volume, 3)]
     of_failed_source = [old(missing, days) for days in (60, 50, 40, 30)]
     (folder / "sub").mkdir()
-    nested = folder / "sub" / names.archive_name(volume, "20200101T000000Z")
+    nested = folder / "sub" / archive_name(volume, "20200101T000000Z")
     nested.write_bytes(b"x")
     unrelated = ["notes.txt", "%s__20200101T000000Z.tar.gz.keep" % volume]
     for name in unrelated:

@@ -182,7 +182,10 @@ def test_damaged_archive_is_refused_and_changes_nothing(helper_env, tricky_volum
     capsys.readouterr()
     assert cli.restore_docker_volume_main([volume, str(damaged), "--force"]) == 1
     error = capsys.readouterr().err
-    assert "is refused" in error and "was not changed" in error
+    rules = {"flipped byte": "(gzip-crc|gzip-corrupt)", "truncated": "truncated",
+             "cut at member boundary": "truncated"}
+    assert re.search(r"is refused \[%s\]: .*; volume %s was not changed" % (rules[damage], volume),
+                     error), error
     assert testkit.volume_state(volume) == original
     assert os.listdir(damaged.parent) == [damaged.name]  # no safety backup, no leftovers
     missing = make_volume(create=False)

@@ -11,7 +11,8 @@ import time
 import pytest
 
 import testkit
-from ai_stack_backup import cli, files, names
+from ai_stack_backup import cli, files
+from ai_stack_backup.names import archive_name
 from conftest import SCRIPTS
 from test_tarstream import HOSTILE, HOSTILE_RULES, entry, raw_tar
 
@@ -175,7 +176,7 @@ def test_helper_killed_mid_stream_publishes_nothing(helper_env, big_volume, tmp_
 
 def test_disk_full_is_said_plainly_and_leaves_earlier_archives(helper_env, big_volume,
                                                               small_disk, capsys):
-    earlier = os.path.join(small_disk, names.archive_name(big_volume, "20260101T000000Z"))
+    earlier = os.path.join(small_disk, archive_name(big_volume, "20260101T000000Z"))
     write(earlier, b"an earlier archive")
     assert cli.backup_docker_volume_main([big_volume, small_disk, "--quiet"]) == 1
     assert "the disk is full" in capsys.readouterr().err

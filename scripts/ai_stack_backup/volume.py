@@ -124,7 +124,7 @@ class VolumeTarget:
             _, staged = transfer.stage(archive, folder, progress)
             if not staged:
                 reporter.log("too little free space in %s to stage the uncompressed archive; "
-                             "it was checked and is streamed in a second pass" % work_folder)
+                             "checked it first, streaming it in a second pass" % work_folder)
             yield _Staged(folder, staged, work_folder)
 
     def apply(self, staged, archive, reporter, save_copy):
