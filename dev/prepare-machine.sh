@@ -1,7 +1,8 @@
 #!/bin/sh
 # Installs and starts what the demo, the tests and the benchmarks need, on a fresh
-# Debian machine: a Docker engine, static busybox (the tests' helper image) and
-# pytest for every interpreter in $PYTHONS. Does nothing that is already done.
+# Debian machine: a Docker engine, static busybox (the tests' helper image), the
+# rootfs of the tests' app image (dev/build-app-rootfs.sh) and pytest for every
+# interpreter in $PYTHONS. Does nothing that is already done.
 set -eu
 
 missing=""
@@ -34,6 +35,11 @@ if ! docker info >/dev/null 2>&1; then
         fi
         sleep 1
     done
+fi
+
+# The tests' app image (python3 with sqlite3) comes from a cached debootstrap rootfs.
+if [ "$(id -u)" = 0 ]; then
+    sh "$(dirname "$0")/build-app-rootfs.sh" >/dev/null
 fi
 
 for python in ${PYTHONS:-python3}; do

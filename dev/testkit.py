@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import tarfile
+import time
 
 HELPER_IMAGE = "ai-stack-backup-test-helper:latest"
 OTHER_UID, OTHER_GID = 1234, 5678
@@ -242,3 +243,116 @@ def helper_containers():
     """Names of helper containers of the tool that still exist."""
     return docker("ps", "-a", "--filter", "label=ai-stack-backup.helper",
                   "--format", "{{.Names}}").split()
+
+
+# --- an app that writes SQLite ----------------------------------------------------
+
+APP_IMAGE = "ai-stack-backup-test-app:latest"
+APP_ROOTFS = os.environ.get("AI_STACK_APP_ROOTFS") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+    "ai-stack-backup", "app-rootfs.tar")
+ACCOUNTS = 3000
+
+# Moves money between two random accounts per transaction, forever: every committed state
+# has balances summing to zero, and a copy made of pages from different transactions
+# almost never has. The filler makes the file a few MB, so a copy takes long enough for
+# transactions to land in the middle of it. synchronous=OFF only makes it write faster;
+# it changes nothing for a copy. Once a second it prints the longest a commit took.
+WRITER = r'''
+import random, sqlite3, sys, time
+path, mode, accounts = sys.argv[1], sys.argv[2], int(sys.argv[3])
+db = sqlite3.connect(path, isolation_level=None, timeout=60)
+db.execute("PRAGMA journal_mode=" + mode)
+db.execute("PRAGMA synchronous=OFF")
+if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'account'").fetchone():
+    db.execute("BEGIN")
+    db.execute("CREATE TABLE account (id INTEGER PRIMARY KEY, balance INTEGER, filler BLOB)")
+    db.execute("CREATE TABLE meta (commits INTEGER)")
+    db.execute("INSERT INTO meta VALUES (0)")
+    db.executemany("INSERT INTO account VALUES (?, 0, randomblob(1000))",
+                   [(number,) for number in range(accounts)])
+    db.execute("COMMIT")
+rng = random.Random()
+longest, shown = 0.0, time.monotonic()
+print("ready", flush=True)
+while True:
+    one, other, amount = rng.randrange(accounts), rng.randrange(accounts), rng.randrange(1, 999)
+    started = time.monotonic()
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("UPDATE account SET balance = balance - ?, filler = randomblob(1000) "
+               "WHERE id = ?", (amount, one))
+    db.execute("UPDATE account SET balance = balance + ?, filler = randomblob(1000) "
+               "WHERE id = ?", (amount, other))
+    db.execute("UPDATE meta SET commits = commits + 1")
+    db.execute("COMMIT")
+    now = time.monotonic()
+    longest = max(longest, now - started)
+    if now - shown >= 1:
+        print("longest-commit-ms %d" % (longest * 1000), flush=True)
+        longest, shown = 0.0, now
+'''
+
+
+def build_app_image():
+    """Import the app image (Debian minbase with python3) from the cached rootfs tarball."""
+    if subprocess.run(["docker", "image", "inspect", APP_IMAGE],
+                      capture_output=True).returncode == 0:
+        return APP_IMAGE
+    if not os.path.exists(APP_ROOTFS):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build-app-rootfs.sh")
+        subprocess.run(["sh", script, APP_ROOTFS], check=True, stdout=subprocess.DEVNULL)
+    docker("import", APP_ROOTFS, APP_IMAGE)
+    return APP_IMAGE
+
+
+def start_sqlite_writer(volume, name, journal_mode, extra=()):
+    """Run the writer against ``/data/app.db`` in ``volume``; wait until it writes."""
+    docker("run", "-d", "--name", name, "--network", "none", "-v", volume + ":/data",
+           *extra, APP_IMAGE, "python3", "-c", WRITER, "/data/app.db", journal_mode,
+           str(ACCOUNTS))
+    for _ in range(300):
+        if "ready" in docker("logs", name):
+            return name
+        time.sleep(0.1)
+    raise AssertionError("the writer in %s did not start: %s" % (name, docker("logs", name)))
+
+
+def commits(volume):
+    """The writer's committed transactions so far, read from the live database."""
+    import sqlite3
+    uri = "file:%s?mode=ro" % os.path.join(mountpoint(volume), "app.db")
+    connection = sqlite3.connect(uri, uri=True, timeout=60)
+    try:
+        return connection.execute("SELECT commits FROM meta").fetchone()[0]
+    finally:
+        connection.close()
+
+
+def longest_commit_ms(name):
+    """The longest a single commit of the writer took, over its whole log."""
+    values = [int(line.split()[1]) for line in docker("logs", name).splitlines()
+              if line.startswith("longest-commit-ms ")]
+    return max(values) if values else 0
+
+
+def database_state(folder, name="app.db"):
+    """Open a database extracted from an archive as an app would; give (problem, commits).
+
+    ``problem`` is None for a committed state: integrity_check ok and the balances sum
+    to zero over every account.
+    """
+    import sqlite3
+    connection = sqlite3.connect(os.path.join(folder, name), timeout=5)
+    try:
+        check = connection.execute("PRAGMA integrity_check").fetchall()
+        if check != [("ok",)]:
+            return "integrity_check: %s" % check[:3], None
+        total, count = connection.execute("SELECT sum(balance), count(*) FROM account").fetchone()
+        done = connection.execute("SELECT commits FROM meta").fetchone()[0]
+    except sqlite3.DatabaseError as error:
+        return "unreadable: %s" % error, None
+    finally:
+        connection.close()
+    if (total, count) != (0, ACCOUNTS):
+        return "torn: balances sum to %s over %s accounts" % (total, count), done
+    return None, done

@@ -2,7 +2,10 @@
 
 import json
 import os
+import sqlite3
 import subprocess
+import sys
+import tarfile
 import time
 
 import pytest
@@ -44,6 +47,18 @@ def test_no_arguments_is_a_usage_error(name, capsys):
 def test_abbreviations_are_not_accepted(capsys):
     assert cli.restore_docker_volume_main(["v", "a.tar.gz", "--for"]) == 2
     assert cli.backup_docker_volume_main(["v", "--stop"]) == 2
+
+
+def test_consistency_is_one_of_the_modes_and_says_its_default(capsys):
+    assert cli.backup_docker_volume_main(["v", "--consistency", "fast"]) == 2
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+    assert cli.backup_docker_volume_main(["v", "--consistency", "sqlite",
+                                          "--stop-containers"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert cli.backup_docker_volume_main(["--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "live (the old plain copy; the default here, so the runbook's command never stops " \
+        "containers by surprise)" in help_text
 
 
 @pytest.mark.parametrize("script", sorted(name + ".py" for name in MAINS) +
@@ -172,3 +187,27 @@ def test_a_bad_setting_is_named_before_anything_happens(tmp_path, capsys, monkey
     assert captured.out == ""
     assert "BACKUP_GZIP_LEVEL must be a whole number from 1 to 9, not 'fast'" in captured.err
     assert not (tmp_path / "b").exists()
+
+
+def test_verify_checks_every_database(tmp_path):
+    good = tmp_path / "good.db"
+    connection = sqlite3.connect(str(good))
+    connection.execute("CREATE TABLE t (x)")
+    connection.executemany("INSERT INTO t VALUES (?)", [("x" * 500,)] * 200)
+    connection.commit()
+    connection.close()
+    damaged = tmp_path / "damaged.db"
+    data = bytearray(good.read_bytes())
+    data[4096 * 3:4096 * 4] = bytes(4096)  # a page of the table zeroed
+    damaged.write_bytes(bytes(data))
+    archive = tmp_path / "v__20260101T000000Z.tar.gz"
+    with tarfile.open(str(archive), "w:gz") as opened:
+        opened.add(str(good), "./data/good.db")
+        opened.add(str(damaged), "./data/renamed.bin")  # found by content, not by name
+    result = subprocess.run([sys.executable, os.path.join(SCRIPTS, "verify_backup.py"),
+                             str(archive)], capture_output=True, timeout=60)
+    out = result.stdout.decode()
+    assert result.returncode == 1, out
+    assert out.startswith("FAILED %s: 2 members" % archive)
+    assert "  database data/good.db: integrity_check ok" in out
+    assert "  database data/renamed.bin is damaged: " in out

@@ -135,6 +135,22 @@ def test_config_defaults_and_overrides():
                 {"BACKUP_THREADS": "0"}, {"BACKUP_THREADS": "-2"}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             Config.from_environment(bad, backup_all=True)
+    # Consistency: auto by default, STOP_CONTAINERS=1 makes it stop, entries per volume win.
+    assert Config.from_environment({}, backup_all=True).consistency_for("owui-data") == "auto"
+    stopping = Config.from_environment({"STOP_CONTAINERS": "1",
+                                        "BACKUP_CONSISTENCY": "owui-data=sqlite"}, backup_all=True)
+    assert (stopping.consistency_for("owui-data"), stopping.consistency_for("x")) == \
+        ("sqlite", "stop")
+    mixed = Config.from_environment({"BACKUP_CONSISTENCY": " live, qdrant-data=stop ",
+                                     "STOP_CONTAINERS": "1"}, backup_all=True)
+    assert (mixed.consistency_for("qdrant-data"), mixed.consistency_for("tm-data")) == \
+        ("stop", "live")
+    for bad, words in [("fast", "'fast' is not a consistency mode"),
+                       ("a=stop b=halt", "'halt' is not a consistency mode"),
+                       ("=stop", "names no volume"),
+                       ("live stop", "more than one default mode")]:
+        with pytest.raises(ConfigError, match=words):
+            Config.from_environment({"BACKUP_CONSISTENCY": bad}, backup_all=True)
     # backup_all's own variables never stop a single backup or restore.
     single = Config.from_environment({"RETENTION_DAYS": "two", "VOLUMES": "x"})
     assert single.volumes is None and single.retention_days is None

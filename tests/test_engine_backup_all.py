@@ -70,11 +70,13 @@ def test_every_source_is_tried_and_failures_are_named(helper_env, two_volumes, m
     summary = [line for line in captured.out.splitlines()
                if re.match(r"(ok|FAILED|skipped) +(volume|path) ", line)]
     assert len(summary) == 4
-    assert re.match(r"ok +volume %s: %s/%s__\d{8}T\d{6}Z\.tar\.gz, [\d.]+ KiB, [\d.]+ s$"
+    assert re.match(r"ok +volume %s: %s/%s__\d{8}T\d{6}Z\.tar\.gz, [\d.]+ KiB, [\d.]+ s, "
+                    r"consistency live \(auto\): found no database files$"
                     % (first, folder, first), summary[0])
     assert summary[1].startswith("FAILED  volume %s: volume %s does not exist" % (missing, missing))
     assert summary[2].startswith("ok      volume %s: " % second)
     assert summary[3].startswith("ok      path %s: " % output_root)
+    assert summary[3].endswith(", consistency live")
     assert captured.out.count("Verified: ") == 3
     assert "1 of 4 failed: %s" % missing in captured.err
     assert stat.S_IMODE(os.stat(str(folder)).st_mode) == 0o700
@@ -266,7 +268,7 @@ def test_service_is_hardened_and_every_option_commented():
                      "PrivateTmp=yes", "ProtectSystem=strict", "ProtectHome=read-only",
                      "ReadWritePaths=/srv/ai-stack/backups", "TimeoutStartSec=",
                      "Environment=BACKUP_DIR=/srv/ai-stack/backups",
-                     "Environment=RETENTION_DAYS=14",
+                     "Environment=RETENTION_DAYS=14", "Environment=BACKUP_CONSISTENCY=auto",
                      "Environment=OUTPUT_ROOT=/home/wasti/ai_stack_data/transcript-miner/output"):
         assert required in text
     timer = open(os.path.join(REPOSITORY, "scripts", "systemd", "ai_stack_backup.timer")).read()

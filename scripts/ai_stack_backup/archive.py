@@ -6,21 +6,26 @@ an archive that verifies is exactly an archive that restores.
 
 import os
 
+from .databases import DatabaseCheck
 from .errors import BackupError, describe_os_error
 from .gzipstream import iter_gunzip, prefetched
-from .tarstream import ArchiveRules, TarReader
+from .tarstream import FILE, ArchiveRules, TarReader
 
 READ_SIZE = 1 << 20
 
 
 class ArchiveSummary:
-    """What a full check of an archive found."""
+    """What a full check of an archive found (``databases``: DatabaseResults, if checked)."""
 
     def __init__(self, members, data_bytes, tar_bytes, compressed_bytes):
         self.members = members
         self.data_bytes = data_bytes
         self.tar_bytes = tar_bytes
         self.compressed_bytes = compressed_bytes
+        self.databases = []
+
+    def damaged_databases(self):
+        return [result for result in self.databases if result.problem and result.checked]
 
     def same_content(self, other):
         return (self.members, self.data_bytes, self.tar_bytes, self.compressed_bytes) == \
@@ -61,14 +66,16 @@ def checked_members(file, progress=None):
     return reader, members(), counter
 
 
-def scan_archive(file, progress=None):
+def scan_archive(file, progress=None, databases=None):
     """Read a whole gzip tar archive from ``file`` and check everything; give an ArchiveSummary.
 
+    With ``databases`` (a DatabaseCheck) every file member is offered to it.
     Raises ArchiveError naming the first problem.
     """
     reader, members, counter = checked_members(file, progress)
-    for _ in members:
-        pass
+    for member in members:
+        if databases is not None and member.kind == FILE:
+            databases.offer(member.path, reader.data())
     return ArchiveSummary(reader.members, reader.data_bytes, reader.offset, counter.count)
 
 
@@ -129,15 +136,19 @@ class ArchiveInput:
 
 
 def verify_file(path, reporter):
-    """Check the archive at ``path`` completely; give an ArchiveSummary.
+    """Check the archive at ``path`` completely, SQLite databases inside included.
 
-    Raises ArchiveError (with the rule) for a damaged archive, BackupError
-    when it cannot be read.
+    Gives an ArchiveSummary whose ``databases`` hold one result for each
+    database (a damaged one is for the caller to judge). Raises ArchiveError
+    (with the rule) for a damaged archive, BackupError when it cannot be read.
     """
     try:
-        with open(path, "rb") as file:
+        with open(path, "rb") as file, \
+                DatabaseCheck(os.path.dirname(os.path.abspath(path))) as databases:
             with reporter.progress("Checking %s" % os.path.basename(path),
                                    total=os.fstat(file.fileno()).st_size) as progress:
-                return scan_archive(file, progress)
+                summary = scan_archive(file, progress, databases)
+            summary.databases = databases.results()
+            return summary
     except OSError as error:
         raise BackupError("cannot read %s: %s" % (path, describe_os_error(error)))

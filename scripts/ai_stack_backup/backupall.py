@@ -14,7 +14,7 @@ import time
 
 from . import pipeline
 from .archive import verify_file
-from .errors import BackupError, Locked, NotFound
+from .errors import BackupError, DatabaseDamaged, Locked, NotFound
 from .files import LOCK_NAME, ensure_backup_dir, remove_stale_work_files
 from .hostpath import PathSource
 from .names import parse_archive_name, parse_timestamp
@@ -24,7 +24,8 @@ from .volume import VolumeSource
 
 def configured_sources(config):
     """Give the sources backup_all backs up: VOLUMES, then OUTPUT_ROOT (if set)."""
-    sources = [VolumeSource(volume, config, config.stop_containers) for volume in config.volumes]
+    sources = [VolumeSource(volume, config, config.consistency_for(volume))
+               for volume in config.volumes]
     if config.output_root:
         sources.append(PathSource(config.output_root))
     return sources
@@ -63,13 +64,15 @@ class Outcome:
     """How one source went: ``status`` is ok, FAILED or skipped."""
 
     def __init__(self, kind, name, source, status, archive=None, size=None, seconds=0.0,
-                 reason=""):
+                 reason="", consistency=""):
         self.kind, self.name, self.source, self.status = kind, name, source, status
         self.archive, self.size, self.seconds, self.reason = archive, size, seconds, reason
+        self.consistency = consistency
 
     def line(self):
         if self.status == "ok":
-            detail = "%s, %s, %.1f s" % (self.archive, human_size(self.size), self.seconds)
+            detail = "%s, %s, %.1f s, %s" % (self.archive, human_size(self.size), self.seconds,
+                                            self.consistency)
         else:
             detail = "%s (%.1f s)" % (self.reason, self.seconds)
         return "%-7s %s %s: %s" % (self.status, self.kind, self.name, detail)
@@ -94,15 +97,29 @@ def _back_up_and_verify(source, folder, config, reporter):
         return failed(str(error))
     try:
         summary = verify_file(result.path, reporter.silent())
+        damaged = summary.damaged_databases()
+        if damaged:
+            raise DatabaseDamaged("; ".join(database.describe() for database in damaged))
     except BackupError as error:
         # Keep the bytes for inspection, but not under a name that counts as a backup.
         os.rename(result.path, result.path + ".failed-verification")
         return failed("the new archive failed verification (%s); kept as %s.failed-verification"
                       % (error, result.path))
-    reporter.status("Verified: %s (%d members, %s uncompressed)"
-                    % (result.path, summary.members, human_size(summary.data_bytes)))
+    for database in summary.databases:
+        if not database.checked:
+            reporter.warn("%s: %s" % (result.path, database.describe()))
+    reporter.status("Verified: %s (%d members, %s uncompressed%s)"
+                    % (result.path, summary.members, human_size(summary.data_bytes),
+                       _databases_checked(summary)))
     return Outcome(source.kind, source.name, source.archive_source, "ok", result.path,
-                   result.size, time.monotonic() - started)
+                   result.size, time.monotonic() - started, consistency=result.consistency)
+
+
+def _databases_checked(summary):
+    checked = [database for database in summary.databases if database.checked]
+    if not checked:
+        return ""
+    return ", %d SQLite database%s ok" % (len(checked), "" if len(checked) == 1 else "s")
 
 
 def retention_plan(folder, sources, retention_days, min_keep, now=None):

@@ -19,7 +19,7 @@ import time
 from . import pipeline
 from .archive import verify_file
 from .backupall import run_backup_all
-from .config import DEFAULT_BACKUP_DIR, Config
+from .config import CONSISTENCY_MODES, DEFAULT_BACKUP_DIR, Config
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL_BASE, EXIT_STATUS_HELP, BackupError, \
     Interrupted
 from .hostpath import PathSource, PathTarget
@@ -101,7 +101,8 @@ def backup_docker_volume_main(argv=None):
                      "timestamp>.tar.gz (mode 0600, owned by you).", [
                          "backup_docker_volume.sh owui-data /srv/ai-stack/backups",
                          "backup_docker_volume.py tm-data          # into /srv/ai-stack/backups",
-                         "backup_docker_volume.py owui-data --stop-containers",
+                         "backup_docker_volume.py owui-data --consistency auto",
+                         "backup_docker_volume.py qdrant-data --consistency stop",
                          "backup_docker_volume.py owui-data - | ssh newhost "
                          "restore_docker_volume.py owui-data - --force",
                          "environment: BACKUP_HELPER_IMAGE (default alpine:3.20), "
@@ -110,12 +111,19 @@ def backup_docker_volume_main(argv=None):
     parser.add_argument("backup_dir", nargs="?", default=DEFAULT_BACKUP_DIR,
                         help="folder for the archive, created 0700 if missing; '-' writes the "
                              "archive to stdout (default: %(default)s)")
-    parser.add_argument("--stop-containers", action="store_true",
-                        help="stop the running containers that use the volume for a consistent "
-                             "copy, and start them again afterwards (also on failure)")
+    consistency = parser.add_mutually_exclusive_group()
+    consistency.add_argument(
+        "--consistency", choices=CONSISTENCY_MODES, default="live",
+        help="how to copy a volume apps may be writing: live (the old plain copy; the default "
+             "here, so the runbook's command never stops containers by surprise), stop (stop "
+             "the containers using it for the copy, then start exactly those again), sqlite "
+             "(snapshot every SQLite database through SQLite in the app's own image), auto "
+             "(look and choose; what backup_all does)")
+    consistency.add_argument("--stop-containers", dest="consistency", action="store_const",
+                             const="stop", help="the same as --consistency stop")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return _run(prog, parser, argv, lambda args, config, reporter: pipeline.backup(
-        VolumeSource(args.volume_name, config, args.stop_containers), args.backup_dir, config,
+        VolumeSource(args.volume_name, config, args.consistency), args.backup_dir, config,
         reporter))
 
 
@@ -185,7 +193,9 @@ def restore_path_main(argv=None):
 def verify_backup_main(argv=None):
     prog = "verify_backup.py"
     parser = _parser(prog, "Read archives completely with the checks restore uses (gzip CRC "
-                     "and length, tar structure, end marker, safety rules); one line each.", [
+                     "and length, tar structure, end marker, safety rules), and run SQLite's "
+                     "integrity_check on every database inside; one line each, and one line "
+                     "per database.", [
                          "verify_backup.py /srv/ai-stack/backups/owui-data__20260118T120000Z"
                          ".tar.gz",
                          "verify_backup.py /srv/ai-stack/backups/*.tar.gz"])
@@ -197,13 +207,24 @@ def verify_backup_main(argv=None):
         for path in args.archives:
             try:
                 summary = verify_file(path, reporter)
-                reporter.status("OK %s: %d members, %s uncompressed"
-                                % (path, summary.members, human_size(summary.data_bytes)))
             except BackupError as error:
                 failed += 1
                 reporter.status("FAILED %s: %s" % (path, error))
+                continue
+            damaged = summary.damaged_databases()
+            failed += bool(damaged)
+            reporter.status("%s %s: %d members, %s uncompressed%s"
+                            % ("FAILED" if damaged else "OK", path, summary.members,
+                               human_size(summary.data_bytes), _databases(summary)))
+            for database in summary.databases:
+                reporter.status("  " + database.describe())
         return EXIT_FAILED if failed else EXIT_OK
     return _run(prog, parser, argv, verify_all)
+
+
+def _databases(summary):
+    count = len(summary.databases)
+    return ", %d SQLite database%s" % (count, "" if count == 1 else "s") if count else ""
 
 
 def _age(seconds):
@@ -275,12 +296,16 @@ def backup_all_main(argv=None):
                      "environment.", [
                          "backup_all.py",
                          "BACKUP_DIR=/srv/ai-stack/backups RETENTION_DAYS=30 backup_all.py",
-                         "VOLUMES='owui-data tm-data' STOP_CONTAINERS=1 backup_all.py",
+                         "BACKUP_CONSISTENCY='owui-data=sqlite qdrant-data=stop' backup_all.py",
+                         "VOLUMES='owui-data tm-data' BACKUP_CONSISTENCY=live backup_all.py",
                          "backup_all.py --dry-run",
                          "environment: BACKUP_DIR, OUTPUT_ROOT, RETENTION_DAYS (14), "
                          "RETENTION_MIN_KEEP (3),",
                          "  VOLUMES (default: $OPEN_WEBUI_VOLUME $TOOL_TM_VOLUME context6-data "
-                         "context6-cache qdrant-data), STOP_CONTAINERS (0)"])
+                         "context6-cache qdrant-data),",
+                         "  BACKUP_CONSISTENCY (VOLUME=MODE entries and one default MODE; "
+                         "modes auto, sqlite, stop, live;",
+                         "  default auto), STOP_CONTAINERS=1 (the default mode becomes stop)"])
     parser.add_argument("--dry-run", action="store_true",
                         help="print what would be backed up and deleted; change nothing")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)

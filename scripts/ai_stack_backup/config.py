@@ -19,6 +19,8 @@ DEFAULT_RETENTION_DAYS = 14
 DEFAULT_MIN_KEEP = 3
 # The runbook's five volumes; the first two keep their old variables.
 OTHER_DEFAULT_VOLUMES = ("context6-data", "context6-cache", "qdrant-data")
+# How a volume is captured: see volume.VolumeSource and the README's "Live databases".
+CONSISTENCY_MODES = ("auto", "sqlite", "stop", "live")
 TRUE_WORDS = ("1", "yes", "true", "on")
 FALSE_WORDS = ("", "0", "no", "false", "off")
 
@@ -46,6 +48,40 @@ def _whole_number(environ, name, default, minimum, maximum=None):
     return int(raw)
 
 
+def consistency_mode(word, where):
+    """Give ``word`` as a consistency mode; raises ConfigError naming ``where`` it came from."""
+    if word not in CONSISTENCY_MODES:
+        raise ConfigError("%s: %r is not a consistency mode (one of %s)"
+                          % (where, word, ", ".join(CONSISTENCY_MODES)))
+    return word
+
+
+def _consistency(environ, stop_containers):
+    """Parse BACKUP_CONSISTENCY: ``VOLUME=MODE`` entries and at most one bare default MODE.
+
+    Gives ``(default, {volume: mode})``. STOP_CONTAINERS=1 makes ``stop`` the
+    default unless BACKUP_CONSISTENCY names one.
+    """
+    default = "stop" if stop_containers else "auto"
+    per_volume = {}
+    bare = []
+    for word in re.split(r"[\s,]+", _setting(environ, "BACKUP_CONSISTENCY")):
+        if not word:
+            continue
+        volume, equals, mode = word.rpartition("=")
+        if equals and not volume:
+            raise ConfigError("BACKUP_CONSISTENCY: %r names no volume" % word)
+        mode = consistency_mode(mode, "BACKUP_CONSISTENCY")
+        if equals:
+            per_volume[volume] = mode
+        else:
+            bare.append(mode)
+    if len(bare) > 1:
+        raise ConfigError("BACKUP_CONSISTENCY names more than one default mode: %s"
+                          % " ".join(bare))
+    return (bare[0] if bare else default), per_volume
+
+
 def _switch(environ, name):
     raw = _setting(environ, name).lower()
     if raw not in TRUE_WORDS + FALSE_WORDS:
@@ -66,7 +102,7 @@ class Config:
     def __init__(self, backup_dir=DEFAULT_BACKUP_DIR, backup_dir_configured=False,
                  helper_image=DEFAULT_HELPER_IMAGE, gzip_level=DEFAULT_GZIP_LEVEL, threads=None,
                  volumes=None, output_root=None, retention_days=None, min_keep=None,
-                 stop_containers=False):
+                 stop_containers=False, consistency="live", consistency_by_volume=None):
         self.backup_dir = os.path.abspath(backup_dir)
         self.backup_dir_configured = backup_dir_configured
         self.helper_image = helper_image
@@ -77,6 +113,12 @@ class Config:
         self.retention_days = retention_days
         self.min_keep = min_keep
         self.stop_containers = stop_containers
+        self.consistency = consistency
+        self.consistency_by_volume = consistency_by_volume or {}
+
+    def consistency_for(self, volume):
+        """Give the consistency mode for ``volume``: its own entry, else the default."""
+        return self.consistency_by_volume.get(volume, self.consistency)
 
     @classmethod
     def from_environment(cls, environ, backup_all=False):
@@ -95,6 +137,8 @@ class Config:
                 volumes = [_setting(environ, "OPEN_WEBUI_VOLUME", "owui-data"),
                            _setting(environ, "TOOL_TM_VOLUME", "tm-data")]
                 volumes += list(OTHER_DEFAULT_VOLUMES)
+            stop_containers = _switch(environ, "STOP_CONTAINERS")
+            consistency, consistency_by_volume = _consistency(environ, stop_containers)
             fields.update(
                 volumes=volumes,
                 # Set but empty means: no path source (the old script's behaviour).
@@ -102,5 +146,6 @@ class Config:
                 retention_days=_whole_number(environ, "RETENTION_DAYS",
                                              DEFAULT_RETENTION_DAYS, 0),
                 min_keep=_whole_number(environ, "RETENTION_MIN_KEEP", DEFAULT_MIN_KEEP, 1),
-                stop_containers=_switch(environ, "STOP_CONTAINERS"))
+                stop_containers=stop_containers, consistency=consistency,
+                consistency_by_volume=consistency_by_volume)
         return cls(**fields)

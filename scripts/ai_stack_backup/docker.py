@@ -17,13 +17,16 @@ import re
 import secrets
 import subprocess
 import threading
+import time
 
-from .errors import BackupError, DockerError, EngineUnavailable, VolumeMissing
+from .errors import BackupError, ContainerWouldVanish, DockerError, EngineUnavailable, \
+    VolumeMissing
 
 QUERY_TIMEOUT = 60  # seconds for inspect/ls/ps: the engine answers these at once or is broken
 CHANGE_TIMEOUT = 180  # docker stop waits up to 10 s per container, start can be slow
 PULL_TIMEOUT = 600
 STDERR_TAIL_LINES = 20
+STDERR_KEEP_LINES = 1000  # enough to judge every line of a helper's stderr, bounded
 HELPER_EXIT_GRACE = 10  # seconds for a helper whose stream already ended to report its exit
 
 HELPER_LABEL = "ai-stack-backup.helper"
@@ -125,22 +128,30 @@ def ensure_image(image, reporter):
                           "BACKUP_HELPER_IMAGE to a local image with busybox tar" % error.detail)
 
 
+class Container:
+    """A running container: id, name, the image it runs (id) and whether it has ``--rm``."""
+
+    def __init__(self, identifier, name, image, auto_remove):
+        self.id, self.name, self.image, self.auto_remove = identifier, name, image, auto_remove
+
+
 def containers_using_volume(volume):
-    """Give ``[(id, name), …]`` of the running containers that mount the volume."""
+    """Give the running containers that mount the volume, as Container objects."""
     listing = run_docker(["ps", "--filter", "volume=" + volume, "--format", "{{json .}}"],
                          "cannot list containers using volume %s" % volume)
-    candidates = [(entry["ID"], entry.get("Names", entry["ID"])) for entry in _json_lines(listing)]
-    if not candidates:
+    identifiers = [entry["ID"] for entry in _json_lines(listing)]
+    if not identifiers:
         return []
-    # The filter also matches mount destinations; keep only real mounts of this volume.
-    mounts = run_docker(["container", "inspect", "--format", "{{json .Mounts}}"]
-                        + [identifier for identifier, _ in candidates],
-                        "cannot inspect containers using volume %s" % volume)
+    details = run_docker(["container", "inspect", "--format", "{{json .}}"] + identifiers,
+                         "cannot inspect containers using volume %s" % volume)
     users = []
-    for (identifier, name), container_mounts in zip(candidates, _json_lines(mounts)):
+    for detail in _json_lines(details):
+        # The ps filter also matches mount destinations; keep only real mounts of this volume.
         if any(mount.get("Type") == "volume" and mount.get("Name") == volume
-               for mount in container_mounts or []):
-            users.append((identifier, name))
+               for mount in detail.get("Mounts") or []):
+            users.append(Container(detail["Id"], detail.get("Name", detail["Id"]).lstrip("/"),
+                                   detail.get("Image", ""),
+                                   bool((detail.get("HostConfig") or {}).get("AutoRemove"))))
     return users
 
 
@@ -151,35 +162,63 @@ def require_volume(volume, what):
                             "'docker volume ls')" % (volume, what))
 
 
+class Pause:
+    """The containers a ``containers_stopped`` block stopped and for how long (seconds)."""
+
+    def __init__(self):
+        self.names = []
+        self.seconds = 0.0
+
+    def describe(self):
+        if not self.names:
+            return "no running container used it"
+        return "stopped %s for %.1f s" % (", ".join(self.names), self.seconds)
+
+
 @contextlib.contextmanager
 def containers_stopped(volume, reporter, containers=None):
     """Stop the running containers that mount ``volume``; start exactly those again on exit.
 
-    They are started again whatever happens inside, also on SIGTERM/SIGINT. A
-    container that will not start again is reported; the error is raised
+    Gives a Pause that holds, on exit, how long the first was down until the
+    last was up again. They are started again whatever happens inside, also
+    on SIGTERM/SIGINT. A container started with ``--rm`` would be removed by
+    the stop, so it is refused (ContainerWouldVanish) before anything stops.
+    A container that will not start again is reported; the error is raised
     unless another one is already on its way out.
     """
     if containers is None:
         containers = containers_using_volume(volume)
+    removable = [container.name for container in containers if container.auto_remove]
+    if removable:
+        raise ContainerWouldVanish(
+            "volume %s is used by container(s) %s, started with --rm (AutoRemove): stopping "
+            "would remove them, so nothing was stopped and nothing was backed up; recreate them "
+            "without --rm, or choose another consistency mode for this volume"
+            % (volume, " ".join(removable)), removable)
+    pause = Pause()
     stopped = []
     failure = None
+    started = time.monotonic()
     try:
-        for identifier, name in containers:
-            reporter.log("stopping container %s (it uses volume %s)" % (name, volume))
-            run_docker(["stop", identifier], "cannot stop container %s" % name,
+        for container in containers:
+            reporter.log("stopping container %s (it uses volume %s)" % (container.name, volume))
+            run_docker(["stop", container.id], "cannot stop container %s" % container.name,
                        timeout=CHANGE_TIMEOUT)
-            stopped.append((identifier, name))
-        yield [name for _, name in containers]
+            stopped.append(container)
+            pause.names.append(container.name)
+        yield pause
     finally:
         problems = []
-        for identifier, name in stopped:
-            reporter.log("starting container %s again" % name)
+        for container in stopped:
+            reporter.log("starting container %s again" % container.name)
             try:
-                run_docker(["start", identifier], "cannot start container %s again" % name,
+                run_docker(["start", container.id],
+                           "cannot start container %s again" % container.name,
                            timeout=CHANGE_TIMEOUT)
             except BackupError as error:
-                reporter.error("%s; start it with: docker start %s" % (error, name))
+                reporter.error("%s; start it with: docker start %s" % (error, container.name))
                 problems.append(str(error))
+        pause.seconds = time.monotonic() - started if stopped else 0.0
         if problems:
             failure = DockerError("containers using volume %s did not start again" % volume,
                                   "; ".join(problems))
@@ -201,13 +240,15 @@ class Helper:
     """A running helper container: ``sh`` with ``script`` under the stdin watchdog.
 
     The volume is mounted at ``/volume`` (read-only if asked), the folder
-    ``transfer_path`` (if given) at ``/transfer``. With ``capture_stdout`` the container's stdout is
-    readable at ``stdout_fd``. Use as a context manager: leaving it kills the
-    container if it still runs.
+    ``transfer_path`` (if given) at ``/transfer``. With ``capture_stdout`` the
+    container's stdout is readable at ``stdout_fd``. ``command`` runs another
+    program instead of ``sh`` (``["python3", "-c", …]``); it must end by
+    itself when its stdin closes, as the watchdog does. Use as a context
+    manager: leaving it kills the container if it still runs.
     """
 
-    def __init__(self, image, volume, script, read_only=False, transfer_path=None,
-                 capture_stdout=False):
+    def __init__(self, image, volume, script=None, read_only=False, transfer_path=None,
+                 capture_stdout=False, command=None):
         self.name = "ai-stack-backup-%d-%s" % (os.getpid(), secrets.token_hex(4))
         volume_mount = dict(type="volume", source=volume, target="/volume")
         if read_only:
@@ -219,9 +260,12 @@ class Helper:
         if transfer_path is not None:
             arguments += ["--mount", _mount_option(type="bind", source=transfer_path,
                                                    target="/transfer")]
-        arguments += ["--entrypoint", "sh", image, "-euc",
-                      _WATCHDOG.replace("{script}", script)]
-        self._stderr = collections.deque(maxlen=STDERR_TAIL_LINES)
+        if command is None:
+            command = ["sh", "-euc", _WATCHDOG.replace("{script}", script)]
+        # Root inside: it must read every file, whatever user the image defaults to.
+        arguments += ["--user", "0:0", "--entrypoint", command[0], image] + list(command[1:])
+        self._stderr = collections.deque(maxlen=STDERR_KEEP_LINES)
+        self.stderr_lines = 0
         try:
             self.process = subprocess.Popen(
                 ["docker"] + arguments, stdin=subprocess.PIPE,
@@ -236,6 +280,7 @@ class Helper:
 
     def _collect_stderr(self):
         for line in self.process.stderr:
+            self.stderr_lines += 1
             self._stderr.append(line.decode("utf-8", "replace").rstrip("\n"))
 
     def __enter__(self):
@@ -250,11 +295,12 @@ class Helper:
     def error_output(self):
         """Give the helper's last stderr lines in one string."""
         self._stderr_reader.join(timeout=5)
-        return " / ".join(self._stderr) or "no error output"
+        return " / ".join(list(self._stderr)[-STDERR_TAIL_LINES:]) or "no error output"
 
     def warnings(self):
+        """Give every stderr line, or None when there were too many to keep them all."""
         self._stderr_reader.join(timeout=5)
-        return list(self._stderr)
+        return list(self._stderr) if self.stderr_lines <= STDERR_KEEP_LINES else None
 
     def wait(self, timeout=None):
         """Wait for the container to end; give its exit code (None if ``timeout`` ran out)."""
@@ -280,7 +326,7 @@ class Helper:
         returncode = self.wait()
         if returncode != 0:
             raise self.failed(what, returncode)
-        for line in self.warnings():
+        for line in self.warnings() or [self.error_output()]:
             reporter.warn("%s: %s" % (what, line))
 
     def stop(self):

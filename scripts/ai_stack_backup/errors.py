@@ -88,6 +88,18 @@ class RolledBack(BackupError):
     """A restore failed after it began changing the target; the message says how it was left."""
 
 
+class ContainerWouldVanish(BackupError):
+    """A container that would have to stop was started with ``--rm``: stopping removes it."""
+
+    def __init__(self, message, containers):
+        super().__init__(message)
+        self.containers = containers
+
+
+class DatabaseDamaged(BackupError):
+    """An SQLite database inside an archive failed ``PRAGMA integrity_check``."""
+
+
 class Locked(BackupError):
     """Another run holds the lock; exits 75 so a timer can simply try again."""
 

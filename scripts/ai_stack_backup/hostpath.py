@@ -180,6 +180,11 @@ class TreeWriter:
         self._output.flush()
 
 
+class _LiveCopy:
+    def describe(self):
+        return "consistency live"
+
+
 class PathSource:
     """A host folder or file to back up; the archive holds one entry, its basename."""
 
@@ -199,8 +204,9 @@ class PathSource:
         if os.path.islink(self.name.rstrip("/")):
             reporter.log("%s is a symlink; backing up what it points to" % self.name)
 
-    def quiesced(self, reporter):
-        return contextlib.nullcontext()
+    def captured(self, reporter, work_folder=None):
+        """A host path is always copied as it is; give what says so."""
+        return contextlib.nullcontext(_LiveCopy())
 
     def write_tar(self, output, progress, reporter, work_folder=None, exclude=()):
         """Write the tree as tar into ``output``; give the member count. Raises BackupError."""

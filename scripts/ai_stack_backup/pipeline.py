@@ -1,12 +1,13 @@
 """The backup pipeline and the restore pipeline, written once for every kind of source.
 
-backup:  check → status → prepare → quiesced(write_tar → parallel gzip → atomic file | stdout)
+backup:  check → status → prepare → captured(write_tar → parallel gzip → atomic file | stdout)
 restore: archive | stdin spool → check → status → prepare → staged (one checked pass) → apply
 
 A source (``volume.VolumeSource``, ``hostpath.PathSource``) supplies only what
 differs: ``kind``, ``name``, ``archive_source``, ``check()``,
-``prepare(reporter)``, ``quiesced(reporter)`` and ``write_tar(output,
-progress, reporter, work_folder, exclude)``. A restore target
+``prepare(reporter)``, ``captured(reporter, work_folder)`` (a context manager
+giving an object whose ``describe()`` says how the copy was made consistent)
+and ``write_tar(output, progress, reporter, work_folder, exclude)``. A restore target
 (``volume.VolumeTarget``, ``hostpath.PathTarget``) supplies ``kind``,
 ``name``, ``description``, ``check()``, ``prepare(reporter)``,
 ``staged(archive, archive_folder, progress, reporter)`` — a context manager that reads
@@ -31,11 +32,12 @@ from .names import archive_name, utc_timestamp
 
 class BackupResult:
     """What one backup produced: source name (as in the archive name), path (``-``: stdout),
-    size (None on stdout), members, seconds."""
+    size (None on stdout), members, seconds, and how it was made consistent."""
 
-    def __init__(self, source, path, size, members, seconds):
+    def __init__(self, source, path, size, members, seconds, consistency=""):
         self.source, self.path, self.size, self.members, self.seconds = \
             source, path, size, members, seconds
+        self.consistency = consistency
 
 
 def _write_gzip_tar(source, output, config, reporter, work_folder=None, exclude=()):
@@ -107,7 +109,7 @@ def backup(source, destination, config, reporter, stdout=None):
     reporter.status("Backing up %s: %s" % (source.kind, source.name))
     reporter.status("Output: %s" % path)
     source.prepare(reporter)
-    with source.quiesced(reporter):
+    with source.captured(reporter, None if to_stdout else folder) as capture:
         if to_stdout:
             started = time.monotonic()
             output = stdout or sys.stdout.buffer
@@ -121,6 +123,7 @@ def backup(source, destination, config, reporter, stdout=None):
                                   time.monotonic() - started)
         else:
             result = write_archive(source, folder, config, reporter, timestamp)
+    result.consistency = capture.describe()
     reporter.status("OK")
     return result
 

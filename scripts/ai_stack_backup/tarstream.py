@@ -217,9 +217,11 @@ class TarReader:
             yield member
 
     def data(self):
-        """Yield the current member's data as memoryviews."""
-        size, self._unread = self._unread, 0
-        yield from self._stream.pieces(size)
+        """Yield the current member's data as memoryviews; what is not taken is skipped."""
+        for piece in self._stream.pieces(self._unread):
+            yield piece
+            # Counted once the taker is back, so a taker that stops early leaves it unread.
+            self._unread -= len(piece)
 
     def _skip_rest(self):
         if self._unread or self._padding:

@@ -11,7 +11,7 @@ if anything fails after that the volume is rolled back from the safety copy.
 import contextlib
 import os
 
-from . import docker, transfer
+from . import capture, docker, transfer
 from .archive import ArchiveInput
 from .errors import ArchiveError, BackupError, RolledBack, VolumeInUse
 from .files import ensure_backup_dir
@@ -43,15 +43,48 @@ def _chunks_into(descriptor, gzip_writer, progress):
             return
 
 
+def _chunks(descriptor, progress):
+    """Yield the stream from ``descriptor`` in chunks (for a stream that is re-emitted)."""
+    while True:
+        chunk = os.read(descriptor, CHUNK_SIZE)
+        if not chunk:
+            return
+        progress.advance(len(chunk))
+        yield chunk
+
+
+def _finish_tar(helper, what, reporter, left_out=()):
+    """Wait for the helper's tar; files that vanished mid-copy are warnings, all else fails.
+
+    ``left_out`` names files the archive leaves out anyway (a snapshotted
+    database's journal): their vanishing is not worth a warning.
+    """
+    returncode = helper.wait()
+    lines = helper.warnings()
+    vanished = capture.vanished_files(returncode, lines)
+    if vanished is not None:
+        for name in vanished:
+            if name not in left_out:
+                reporter.warn("%s: %s vanished while it was backed up; skipped" % (what, name))
+        return
+    if returncode:
+        raise helper.failed(what, returncode)
+    for line in lines or []:
+        reporter.warn("%s: %s" % (what, line))
+
+
 class VolumeSource:
-    """A volume to back up; with ``stop_containers`` its running users are stopped for the copy."""
+    """A volume to back up, captured by ``consistency`` (see ``capture``: live, stop, sqlite,
+    auto)."""
 
     kind = "volume"
 
-    def __init__(self, volume, config, stop_containers=False):
+    def __init__(self, volume, config, consistency="live"):
         self.name = self.archive_source = volume
         self.image = config.helper_image
-        self.stop_containers = stop_containers
+        self.backup_dir = config.backup_dir
+        self.consistency = consistency
+        self._capture = None
 
     def check(self):
         docker.check_volume_name(self.name)
@@ -60,33 +93,46 @@ class VolumeSource:
         docker.require_volume(self.name, "backed up")
         docker.ensure_image(self.image, reporter)
 
-    def quiesced(self, reporter):
-        if self.stop_containers:
-            return docker.containers_stopped(self.name, reporter)
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def captured(self, reporter, work_folder=None):
+        """Hold the volume still, or snapshot its databases, for the copy; give the Capture."""
+        with capture.captured(self.consistency, self.name, self.image,
+                              work_folder or self.backup_dir, reporter) as held:
+            self._capture = held
+            try:
+                yield held
+            finally:
+                self._capture = None
 
     def write_tar(self, output, progress, reporter, work_folder=None, exclude=()):
         """Pass the helper's tar of the volume into ``output``, checking it; give the members.
 
+        With database snapshots the stream is re-emitted with them put in.
         Raises DockerError unless the stream is a complete tar (end-of-archive
-        marker included) and the helper exited 0.
+        marker included) and the helper's tar ended well.
         """
         what = "backing up volume %s" % self.name
+        snapshots = self._capture.snapshots if self._capture else {}
         with transfer.volume_tar_stream(self.image, self.name, work_folder, what) as \
                 (descriptor, helper):
-            # Structure and end marker only: a restore reads every member fully.
-            reader = TarReader(_chunks_into(descriptor, output, progress), light=True)
             try:
-                for _ in reader:
-                    pass
+                if snapshots:
+                    members = capture.write_with_snapshots(
+                        _chunks(descriptor, progress), output, snapshots, reporter)
+                else:
+                    # Structure and end marker only: a restore reads every member fully.
+                    reader = TarReader(_chunks_into(descriptor, output, progress), light=True)
+                    for _ in reader:
+                        pass
+                    members = reader.members
             except ArchiveError as error:
                 returncode = helper.wait(timeout=docker.HELPER_EXIT_GRACE)
                 if returncode:
                     raise helper.failed(what, returncode)
                 raise BackupError("%s failed: the tar stream from the helper is incomplete (%s)"
                                   % (what, error))
-            helper.finish(what, reporter)
-        return reader.members
+            _finish_tar(helper, what, reporter, capture.left_out(snapshots))
+        return members
 
 
 class VolumeTarget:
@@ -130,11 +176,11 @@ class VolumeTarget:
     def apply(self, staged, archive, reporter, save_copy):
         users = docker.containers_using_volume(self.name) if self.existed else []
         if users and not self.stop_containers:
-            names = " ".join(name for _, name in users)
+            names = " ".join(container.name for container in users)
             raise VolumeInUse("volume %s is in use by running container(s) %s; stop them first "
                               "(docker stop %s) or pass --stop-containers to stop and restart "
                               "them around the restore; nothing was changed"
-                              % (self.name, names, names), [name for _, name in users])
+                              % (self.name, names, names), [container.name for container in users])
         closing = []
         with docker.containers_stopped(self.name, reporter, users) if users \
                 else contextlib.nullcontext():
