@@ -194,6 +194,36 @@ def bench_volume(step_backup, step_restore, volume, work, label):
         shutil.rmtree(new_folder)
 
 
+def bench_auto(step, volume, work, label):
+    """``--consistency auto`` against ``live`` on the same volume: what looking costs.
+
+    A container that mounts the volume runs meanwhile, so auto has to look into it.
+    """
+    app = "aisb-bench-app-%s" % label
+    testkit.start_app_container(volume, app)
+    try:
+        _bench_auto_rounds(step, volume, work, label)
+    finally:
+        subprocess.run(["docker", "rm", "-f", app], capture_output=True)
+
+
+def _bench_auto_rounds(step, volume, work, label):
+    for round_number in range(ROUNDS):
+        folders = [os.path.join(work, "%s-%s-%d" % (label, mode, round_number))
+                   for mode in ("live", "auto")]
+        (seconds, _), (new_seconds, rss) = alternately(
+            round_number,
+            script("backup_docker_volume.py", volume, folders[0], "--consistency", "live"),
+            script("backup_docker_volume.py", volume, folders[1], "--consistency", "auto"))
+        step.old.append(seconds)
+        step.new.append(new_seconds)
+        step.rss.append(rss)
+        print("  %s round %d: live %.2f s, auto %.2f s" % (
+            label, round_number + 1, seconds, new_seconds), flush=True)
+        for folder in folders:
+            shutil.rmtree(folder)
+
+
 def main():
     testkit.build_helper_image()
     os.environ["BACKUP_HELPER_IMAGE"] = IMAGE
@@ -212,6 +242,9 @@ def main():
         backup, restore = Step("volume backup (389 MB)"), Step("volume restore, empty volume")
         bench_volume(backup, restore, volume, work, "stack")
         steps += [backup, restore]
+        auto = Step("auto vs live, 389 MB")
+        bench_auto(auto, volume, work, "stack-auto")
+        steps.append(auto)
 
         path_step = Step("path backup (389 MB)")
         for round_number in range(ROUNDS):
@@ -240,6 +273,8 @@ def main():
         many_backup = Step("volume backup, %dk files" % (MANY_FILES // 1000))
         many_restore = Step("volume restore, %dk files" % (MANY_FILES // 1000))
         bench_volume(many_backup, many_restore, many, work, "many")
+        many_auto = Step("auto vs live, %dk files" % (MANY_FILES // 1000))
+        bench_auto(many_auto, many, work, "many-auto")
         many_path = Step("path backup, %dk files" % (MANY_FILES // 1000))
         for round_number in range(ROUNDS):
             (seconds, _), (new_seconds, rss) = alternately(
@@ -251,14 +286,15 @@ def main():
             many_path.rss.append(rss)
             os.unlink(os.path.join(work, "many.tar.gz"))
             shutil.rmtree(os.path.join(work, "mp"))
-        steps += [many_backup, many_restore, many_path]
+        steps += [many_backup, many_restore, many_auto, many_path]
 
         print("\n%-34s %9s %9s %7s %10s  %s" % ("step (median of %d)" % ROUNDS, "old", "new",
                                                 "ratio", "peak RSS", "archive old / new"))
         for step in steps:
             print(step.line())
         print("(%d CPUs; old = the runbook's shell procedure in the helper image, or GNU tar "
-              "-czf for paths; peak RSS = our Python process)" % cores)
+              "-czf for paths, or for 'auto vs live' our --consistency live; peak RSS = our "
+              "Python process)" % cores)
     finally:
         volume_remove(volume, many)
         shutil.rmtree(work, ignore_errors=True)

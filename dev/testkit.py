@@ -328,11 +328,10 @@ def commits(volume):
         connection.close()
 
 
-def longest_commit_ms(name):
-    """The longest a single commit of the writer took, over its whole log."""
-    values = [int(line.split()[1]) for line in docker("logs", name).splitlines()
-              if line.startswith("longest-commit-ms ")]
-    return max(values) if values else 0
+def commit_times_ms(name):
+    """The writer's longest commit of each second so far, in milliseconds, oldest first."""
+    return [int(line.split()[1]) for line in docker("logs", name).splitlines()
+            if line.startswith("longest-commit-ms ")]
 
 
 def database_state(folder, name="app.db"):

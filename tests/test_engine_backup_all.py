@@ -71,7 +71,7 @@ def test_every_source_is_tried_and_failures_are_named(helper_env, two_volumes, m
                if re.match(r"(ok|FAILED|skipped) +(volume|path) ", line)]
     assert len(summary) == 4
     assert re.match(r"ok +volume %s: %s/%s__\d{8}T\d{6}Z\.tar\.gz, [\d.]+ KiB, [\d.]+ s, "
-                    r"consistency live \(auto\): found no database files$"
+                    r"consistency live \(auto\): no running container uses it$"
                     % (first, folder, first), summary[0])
     assert summary[1].startswith("FAILED  volume %s: volume %s does not exist" % (missing, missing))
     assert summary[2].startswith("ok      volume %s: " % second)

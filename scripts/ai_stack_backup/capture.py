@@ -44,14 +44,14 @@ ENGINE_MARKERS = (
     ("MySQL/MariaDB data folder", ("ibdata1",)),
 )
 
-# Looks without writing (the volume is mounted read-only) and prints one line per finding.
+# Looks without writing (the volume is mounted read-only): one line per engine found, then
+# the first 16 bytes of every file large enough to be a database (one page, 512 bytes), from
+# one ``head`` per batch of files rather than one process per file.
 DETECT_SCRIPT = "cd /volume\n" + "".join(
     'for m in %s; do if [ -e "$m" ]; then echo "engine %s: $m"; break; fi; done\n'
     % (" ".join(paths), meaning) for meaning, paths in ENGINE_MARKERS) + """\
-printf 'SQLite format 3\\000' >/tmp/sqlite-header
-find . -type f -size +511c -exec sh -c '
-  for f; do if cmp -s -n 16 "$f" /tmp/sqlite-header; then echo "sqlite $f"; exit 0; fi; done
-  exit 0' sh {} + | head -n 1"""
+echo headers
+find . -type f -size +511c -exec head -c 16 {} +"""
 
 # Runs as ``python3 -c`` in the app's own image (any Python 3.7+): snapshots every database
 # into /transfer/snapshot-N, owned by the invoking user, and prints one JSON line for each.
@@ -160,11 +160,14 @@ def detect(image, volume, reporter):
                        capture_stdout=True) as helper:
         output = _read_all(helper.stdout_fd)
         helper.finish(what, reporter)
-    findings = output.decode("utf-8", "replace").splitlines()
-    engines = [line[len("engine "):] for line in findings if line.startswith("engine ")]
+    findings, _, headers = output.partition(b"headers\n")
+    engines = [line[len("engine "):] for line in findings.decode("utf-8", "replace").splitlines()
+               if line.startswith("engine ")]
     if engines:
         return "stop", "found %s, which must not be copied while it runs" % engines[0]
-    if any(line.startswith("sqlite ") for line in findings):
+    # head puts "==> name <==" lines between files, and names hold no NUL: the header's
+    # 16 bytes, NUL last, can only be the first 16 bytes of some file.
+    if SQLITE_HEADER in headers:
         return "sqlite", "found SQLite databases"
     return "live", "found no database files"
 
@@ -195,15 +198,20 @@ def captured(requested, volume, image, spare_folder, reporter):
 
     ``spare_folder`` is where snapshots may be kept (the backup folder).
     """
-    mode, reason = requested, ""
+    mode, reason, users = requested, "", None
     if requested == "auto":
-        mode, reason = detect(image, volume, reporter)
-        reporter.log("volume %s: consistency auto chose %s (%s)" % (volume, mode, reason))
+        users = docker.containers_using_volume(volume)
+        if users:
+            mode, reason = detect(image, volume, reporter)
+            reporter.log("volume %s: consistency auto chose %s (%s)" % (volume, mode, reason))
+        else:  # nothing runs that could write: the plain copy is a consistent one
+            mode, reason = "live", "no running container uses it"
     capture = Capture(requested, mode, reason)
     if mode == "live":
         yield capture
         return
-    users = docker.containers_using_volume(volume)
+    if users is None:
+        users = docker.containers_using_volume(volume)
     if mode == "sqlite" and not users:
         capture.reason = "no running container uses it, so nothing writes; copied as is"
         yield capture
