@@ -192,8 +192,8 @@ def containers_stopped(volume, reporter, containers=None):
     if removable:
         raise ContainerWouldVanish(
             "volume %s is used by container(s) %s, started with --rm (AutoRemove): stopping "
-            "would remove them, so nothing was stopped and nothing was backed up; recreate them "
-            "without --rm, or choose another consistency mode for this volume"
+            "would remove them, so none was stopped and nothing was done; recreate them without "
+            "--rm, or back this volume up with another consistency mode (sqlite or live)"
             % (volume, " ".join(removable)), removable)
     pause = Pause()
     stopped = []
