@@ -239,10 +239,13 @@ def starts(volume):
         return len(file.read().splitlines())
 
 
-def helper_containers():
-    """Names of helper containers of the tool that still exist."""
+def helper_containers(volume):
+    """Names of the tool's helper containers that still exist and mount ``volume``.
+
+    Only ever the test's own volume: a real backup may run on the same host.
+    """
     return docker("ps", "-a", "--filter", "label=ai-stack-backup.helper",
-                  "--format", "{{.Names}}").split()
+                  "--filter", "volume=" + volume, "--format", "{{.Names}}").split()
 
 
 # --- an app that writes SQLite ----------------------------------------------------

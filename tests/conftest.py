@@ -59,11 +59,19 @@ def engine(tmp_path_factory):
     return testkit.HELPER_IMAGE
 
 
+@pytest.fixture(autouse=True)
+def own_backup_dir(monkeypatch, tmp_path_factory):
+    """Every test gets a backup folder of its own: work files and safety copies never go to
+    the host's real /srv/ai-stack/backups (operators run the tests on their servers)."""
+    folder = tmp_path_factory.mktemp("backup-dir")
+    monkeypatch.setenv("BACKUP_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture
 def helper_env(engine, monkeypatch):
     """Point the tool at the test helper image; never at a registry."""
     monkeypatch.setenv("BACKUP_HELPER_IMAGE", engine)
-    monkeypatch.delenv("BACKUP_DIR", raising=False)
     return engine
 
 

@@ -65,7 +65,7 @@ def test_a_pipeline_shows_everything_through_its_reporter(tmp_path, capsys):
     config = Config(backup_dir=str(tmp_path / "backups"), threads=1)
     result = pipeline.backup(PathSource(str(source)), str(tmp_path / "backups"), config, reporter)
     target = tmp_path / "restored"
-    pipeline.restore(PathTarget(str(target)), result.path, config, reporter)
+    pipeline.restore(PathTarget(str(target), config), result.path, config, reporter)
     assert capsys.readouterr() == ("", "")
     assert status.getvalue().splitlines() == [
         "Backing up path: %s" % source, "Output: %s" % result.path, "OK",

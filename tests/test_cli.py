@@ -83,11 +83,13 @@ def test_invalid_volume_names_are_refused_before_docker(tmp_path, capsys, monkey
         assert "is not a valid Docker volume name" in capsys.readouterr().err
 
 
-def test_missing_docker_is_a_clear_error(tmp_path, capsys, monkeypatch):
+def test_missing_docker_is_a_clear_error_and_creates_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     assert cli.backup_docker_volume_main(["owui-data", str(tmp_path / "b")]) == 1
-    assert "the docker command was not found" in capsys.readouterr().err
-    assert os.listdir(str(tmp_path / "b")) == []
+    captured = capsys.readouterr()
+    assert "the docker command was not found in PATH" in captured.err
+    assert captured.out == ""  # not even the Output: line
+    assert not (tmp_path / "b").exists()
 
 
 def make_archive(folder, source, timestamp, content=b"data"):
@@ -116,7 +118,7 @@ def test_verify_backup_reports_each_archive(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("OK ")
     assert lines[1].startswith("FAILED %s: " % bad) and "length mismatch" in lines[1]
-    assert lines[2] == "FAILED %s: not a gzip file" % not_gzip
+    assert lines[2] == "FAILED %s: not a gzip file [not-gzip]" % not_gzip
     assert lines[3].startswith("FAILED %s: cannot read" % (tmp_path / "none"))
 
 
@@ -211,3 +213,10 @@ def test_verify_checks_every_database(tmp_path):
     assert out.startswith("FAILED %s: 2 members" % archive)
     assert "  database data/good.db: integrity_check ok" in out
     assert "  database data/renamed.bin is damaged: " in out
+
+
+def test_an_archive_dated_in_the_future_says_so(tmp_path, capsys):
+    future = utc_timestamp(time.time() + 7200)
+    (tmp_path / archive_name("owui-data", future)).write_bytes(b"x")
+    assert cli.list_backups_main([str(tmp_path)]) == 0
+    assert "  %s         1 B  in the future  (newest)" % future in capsys.readouterr().out

@@ -99,7 +99,8 @@ def test_only_dead_leftovers_are_removed(tmp_path):
         dead.write_bytes(b"left by a killed run")
         dead_folder = tmp_path / (files.WORK_PREFIX + "transfer-old")
         (dead_folder / "sub").mkdir(parents=True)
-        keep = ["notes.txt", "a__20260118T120000Z.tar.gz", files.LOCK_NAME]
+        keep = ["notes.txt", "a__20260118T120000Z.tar.gz", files.LOCK_NAME,
+                files.LOCK_NAME + "-volume-owui-data"]
         for name in keep:
             (tmp_path / name).write_text("keep")
         removed = files.remove_stale_work_files(str(tmp_path))

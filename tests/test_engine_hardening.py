@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,7 +155,7 @@ def test_sigkill_leaves_no_archive_and_no_helper(helper_env, big_volume, tmp_pat
     wait_for(growing_temp_file(folder), "the backup to be under way")
     process.kill()
     process.wait()
-    wait_for(lambda: not testkit.helper_containers(), "the helper to go", timeout=10)
+    wait_for(lambda: not testkit.helper_containers(big_volume), "the helper to go", timeout=10)
     assert not any(name.endswith(".tar.gz") for name in os.listdir(str(folder)))
     # The next backup_all removes what the killed run left.
     removed = files.remove_stale_work_files(str(folder))
@@ -165,7 +166,7 @@ def test_helper_killed_mid_stream_publishes_nothing(helper_env, big_volume, tmp_
     folder = tmp_path / "backups"
     process = start_backup(big_volume, folder)
     wait_for(growing_temp_file(folder), "the backup to be under way")
-    for name in testkit.helper_containers():
+    for name in testkit.helper_containers(big_volume):
         testkit.docker("kill", name, check=False)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 1
@@ -206,7 +207,7 @@ def backup_of(volume, folder):
 
 
 def test_safety_backup_is_an_ordinary_archive(helper_env, small_volume, make_volume, tmp_path,
-                                              capsys, monkeypatch):
+                                              capsys, monkeypatch, own_backup_dir):
     volume, original = small_volume
     other = make_volume()
     testkit.fill_volume(other, testkit.make_tricky_tree(tmp_path / "tricky").decode())
@@ -214,10 +215,11 @@ def test_safety_backup_is_an_ordinary_archive(helper_env, small_volume, make_vol
     capsys.readouterr()
     assert cli.restore_docker_volume_main([volume, archive, "--force"]) == 0
     out = capsys.readouterr().out.splitlines()
-    snapshots = [name for name in os.listdir(str(tmp_path / "archives"))
+    assert os.listdir(str(tmp_path / "archives")) == [os.path.basename(archive)]
+    snapshots = [name for name in os.listdir(str(own_backup_dir))
                  if name.startswith(volume + "__")]
-    assert len(snapshots) == 1  # next to the archive, as BACKUP_DIR is not set
-    snapshot = os.path.join(str(tmp_path / "archives"), snapshots[0])
+    assert len(snapshots) == 1  # in the (private) backup folder, never next to the archive
+    snapshot = os.path.join(str(own_backup_dir), snapshots[0])
     assert out[2] == "Safety backup of the current contents: %s" % snapshot
     assert out[-1] == "Previous contents kept in: %s" % snapshot
     assert testkit.volume_state(volume) == testkit.volume_state(other)
@@ -251,7 +253,20 @@ def restore_caught_after_the_wipe(engine, volume, tmp_path, make_volume):
     other = make_volume()
     testkit.fill_volume(other, testkit.make_tricky_tree(tmp_path / "tricky").decode())
     archive = backup_of(other, tmp_path / "archives")  # helper_env set the plain image
+    process = start_slow_restore(volume, archive)
+    wait_for(lambda: not os.listdir(testkit.mountpoint(volume)), "the wipe")
+    testkit.docker("tag", engine, SLOW_IMAGE)
+    return process
+
+
+SLOW_IMAGE = "ai-stack-backup-test-slow-extract:latest"
+
+
+def start_slow_restore(volume, archive):
+    """Start a restore whose helper's tar extraction hangs; give the process once it has
+    begun deleting the volume's data."""
     slow = testkit.build_variant_image("slow-extract", SLOW_EXTRACT)
+    assert slow == SLOW_IMAGE
     process = subprocess.Popen(
         [sys.executable, os.path.join(SCRIPTS, "restore_docker_volume.py"), volume, archive,
          "--force"], env=dict(os.environ, BACKUP_HELPER_IMAGE=slow),
@@ -259,8 +274,6 @@ def restore_caught_after_the_wipe(engine, volume, tmp_path, make_volume):
     for line in process.stdout:
         if line.startswith(b"WARNING: deleting existing volume data"):
             break
-    wait_for(lambda: not os.listdir(testkit.mountpoint(volume)), "the wipe")
-    testkit.docker("tag", engine, slow)
     return process
 
 
@@ -268,7 +281,7 @@ def test_helper_killed_after_the_wipe_rolls_back(helper_env, small_volume, make_
                                                  tmp_path):
     volume, original = small_volume
     process = restore_caught_after_the_wipe(helper_env, volume, tmp_path, make_volume)
-    for name in testkit.helper_containers():
+    for name in testkit.helper_containers(volume):
         testkit.docker("kill", name, check=False)
     process.stdout.read()
     error = process.stderr.read()
@@ -277,21 +290,26 @@ def test_helper_killed_after_the_wipe_rolls_back(helper_env, small_volume, make_
     assert testkit.volume_state(volume) == original
 
 
-def test_sigterm_during_a_restore_rolls_back(helper_env, small_volume, make_volume, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_during_a_restore_rolls_back(helper_env, small_volume, make_volume, tmp_path,
+                                              signum):
+    """SIGHUP is what a dropped SSH session sends: it must roll back like SIGTERM."""
     volume, original = small_volume
     process = restore_caught_after_the_wipe(helper_env, volume, tmp_path, make_volume)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     process.stdout.read()
     error = process.stderr.read()
-    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    assert process.wait(timeout=120) == 128 + signum
     assert b"was rolled back to its previous contents from the safety backup" in error
-    assert b"stopped by SIGTERM after cleaning up" in error
+    assert b"stopped by %s after cleaning up" % signal.Signals(signum).name.encode() in error
     assert testkit.volume_state(volume) == original
-    wait_for(lambda: not testkit.helper_containers(), "the helpers to go", timeout=10)
+    wait_for(lambda: not testkit.helper_containers(volume), "the helpers to go", timeout=10)
+    assert not [name for name in os.listdir(str(tmp_path / "archives"))
+                if name.startswith(files.WORK_PREFIX)]  # no staging file left behind
 
 
-def test_disk_full_inside_the_volume_rolls_back(helper_env, make_volume, small_disk, tmp_path,
-                                               capsys):
+def test_a_volume_without_room_is_refused_before_it_changes(helper_env, make_volume, small_disk,
+                                                           tmp_path, capsys):
     folder = os.path.join(small_disk, "volume-data")
     os.mkdir(folder)
     volume = make_volume(create=False)
@@ -309,8 +327,10 @@ def test_disk_full_inside_the_volume_rolls_back(helper_env, make_volume, small_d
     capsys.readouterr()
     assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet"]) == 1
     error = capsys.readouterr().err
-    assert "No space left on device" in error
-    assert "was rolled back to its previous contents" in error
+    assert re.search(r"volume %s has room for about \d MiB \(\d MiB free and 0 MiB it holds "
+                     r"now\), but the archive needs about 5 MiB; nothing was changed" % volume,
+                     error), error
+    assert "Safety backup" not in error
     assert testkit.volume_state(volume) == original
 
 

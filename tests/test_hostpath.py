@@ -9,11 +9,12 @@ import stat
 import subprocess
 import sys
 import tarfile
+import threading
 
 import pytest
 
 import testkit
-from ai_stack_backup import cli, hostpath
+from ai_stack_backup import cli, files, hostpath
 from conftest import SCRIPTS
 
 
@@ -298,3 +299,105 @@ def test_copying_scripts_alone_is_an_install(tmp_path):
                              str(tmp_path / "b")], cwd="/", capture_output=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().splitlines()[-1] == "OK"
+
+
+def test_internal_names_never_meet_archived_ones(tmp_path):
+    """A top-level entry or a folder named like the tool's own staging names restores too."""
+    for top in (".previous", "previous", "tree"):
+        source = tmp_path / ("src-" + top) / top
+        (source / ".previous" / "tree").mkdir(parents=True)
+        (source / ".previous" / "tree" / "f").write_text(top)
+        state = testkit.tree_state(str(source))
+        archive = backup(str(source), tmp_path / ("b-" + top))
+        target = tmp_path / ("t-" + top) / top
+        target.mkdir(parents=True)
+        (target / "old").write_text("old")
+        assert cli.restore_path_main([archive, str(target), "--force", "--quiet"]) == 0
+        assert testkit.tree_state(str(target)) == state
+
+
+def test_a_backup_folder_inside_target_is_never_swapped_away(tricky, tmp_path, monkeypatch,
+                                                             capsys):
+    source, _ = tricky
+    archive = backup(source, tmp_path / "outside")
+    target = tmp_path / "target"
+    (target / "backups").mkdir(parents=True)
+    kept = target / "backups" / "owui-data__20260101T000000Z.tar.gz"
+    kept.write_bytes(b"an archive the operator keeps here")
+    monkeypatch.setenv("BACKUP_DIR", str(target / "backups"))
+    before = testkit.tree_state(str(target))
+    capsys.readouterr()
+    assert cli.restore_path_main([archive, str(target), "--force"]) == 1
+    error = capsys.readouterr().err
+    assert "the backup folder %s lies inside %s" % (target / "backups", target) in error
+    assert testkit.tree_state(str(target)) == before
+    # Nor when the archive itself lies inside TARGET.
+    inside = target / "backups" / os.path.basename(archive)
+    shutil.copyfile(archive, str(inside))
+    monkeypatch.setenv("BACKUP_DIR", str(tmp_path / "elsewhere"))
+    assert cli.restore_path_main([str(inside), str(target), "--force"]) == 1
+    assert "the archive %s lies inside %s" % (inside, target) in capsys.readouterr().err
+    assert kept.read_bytes() == b"an archive the operator keeps here"
+
+
+def test_restore_path_keeps_the_previous_contents_as_an_archive(tricky, tmp_path, own_backup_dir,
+                                                                capsys):
+    source, state = tricky
+    archive = backup(source, tmp_path / "backups")
+    target = tmp_path / "target"
+    (target / "sub").mkdir(parents=True)
+    (target / "sub" / "precious").write_text("the only copy")
+    previous = testkit.tree_state(str(target))
+    capsys.readouterr()
+    assert cli.restore_path_main([archive, str(target), "--force"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    saved = [name for name in os.listdir(str(own_backup_dir)) if name.endswith(".tar.gz")]
+    assert len(saved) == 1
+    saved = os.path.join(str(own_backup_dir), saved[0])
+    assert out[2] == "Safety backup of the current contents: %s" % saved
+    assert out[-2:] == ["OK", "Previous contents kept in: %s" % saved]
+    assert testkit.tree_state(str(target)) == state
+    assert cli.restore_path_main([saved, str(target), "--force", "--no-safety-backup"]) == 0
+    assert testkit.tree_state(str(target)) == previous
+    assert len(os.listdir(str(own_backup_dir))) == 1  # declined: no second copy
+
+
+def test_a_swapped_staging_folder_redirects_nothing(tricky, tmp_path, monkeypatch):
+    """Another user who can write TARGET's parent swaps the staging folder for a symlink
+    into a folder of theirs, whose ``tree`` points at a folder they must not touch."""
+    source, state = tricky
+    archive = backup(source, tmp_path / "backups")
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    os.chmod(str(parent), 0o777)
+    target = parent / "output"
+    target.mkdir()
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    os.symlink(str(victim), str(evil / "tree"))
+    swapped = threading.Event()
+
+    def thief():
+        while not swapped.is_set():
+            for name in os.listdir(str(parent)):
+                if name.startswith(files.WORK_PREFIX + "restore-"):
+                    os.rename(str(parent / name), str(parent / "moved-away"))
+                    os.symlink(str(evil), str(parent / name))
+                    swapped.set()
+                    return
+    original_create = hostpath._HostExtractor.create
+
+    def create_after_the_swap(self, member, data):
+        assert swapped.wait(10), "the thief never saw the staging folder"
+        return original_create(self, member, data)
+    monkeypatch.setattr(hostpath._HostExtractor, "create", create_after_the_swap)
+    thread = threading.Thread(target=thief, daemon=True)
+    thread.start()
+    assert cli.restore_path_main([archive, str(target), "--force", "--quiet"]) == 0
+    thread.join(10)
+    assert os.listdir(str(victim)) == [] and os.stat(str(victim)).st_uid == os.geteuid()
+    assert os.listdir(str(evil)) == ["tree"]
+    assert not os.path.islink(str(target))
+    assert testkit.tree_state(str(target)) == state

@@ -152,10 +152,11 @@ HOSTILE = {
     "hard link to an outside file": [entry("./passwd", tarfile.LNKTYPE, linkname="/etc/passwd")],
     "hard link to a later file": [entry("./early", tarfile.LNKTYPE, linkname="./late"),
                                   entry("./late", data=b"x")],
+    "through a hard link to a symlink": [entry("./s", tarfile.SYMTYPE, linkname="/etc"),
+                                         entry("./l", tarfile.LNKTYPE, linkname="./s"),
+                                         entry("./l/cron.d/evil", data=b"x")],
     "hard link to a folder": [entry("./d", tarfile.DIRTYPE),
                               entry("./l", tarfile.LNKTYPE, linkname="./d")],
-    "hard link to a symlink": [entry("./s", tarfile.SYMTYPE, linkname="/etc/shadow"),
-                               entry("./l", tarfile.LNKTYPE, linkname="./s")],
     "hard link to itself": [entry("./a", data=b"x"), entry("./a", tarfile.LNKTYPE,
                                                             linkname="./a")],
     "folder replaced by a symlink": [entry("./d/f", data=b"x"),
@@ -180,9 +181,10 @@ HOSTILE_RULES = {
     "NUL in a pax path": "nul-byte", "character device": "device-file",
     "block device": "device-file", "through a symlink": "through-symlink",
     "through a relative symlink": "through-symlink",
+    "through a hard link to a symlink": "through-symlink",
     "hard link to an outside file": "absolute-name", "hard link to a later file": "hardlink-target",
-    "hard link to a folder": "hardlink-target", "hard link to a symlink": "hardlink-target",
-    "hard link to itself": "repeated-member", "folder replaced by a symlink": "type-change",
+    "hard link to a folder": "hardlink-target",
+    "hard link to itself": "hardlink-target", "folder replaced by a symlink": "type-change",
     "file turned into a folder": "through-non-folder", "folder turned into a file": "type-change",
     "root as a symlink": "root-not-folder", "file twice": "repeated-member",
     "hard link twice": "repeated-member", "file replaced by a hard link": "repeated-member",
@@ -204,10 +206,14 @@ def test_ordinary_volume_contents_pass_the_rules():
                entry("./a/b/c", data=b"implicit folders"), entry("./a", tarfile.DIRTYPE),
                entry("./a/hard", tarfile.LNKTYPE, linkname="./a/b/c"),
                entry("./a/", tarfile.DIRTYPE, mode=0o700),  # folders may repeat
-               entry("a//b/./d", data=b"odd spelling")]
+               entry("a//b/./d", data=b"odd spelling"),
+               # Another name for a symlink or a FIFO: what a volume may hold.
+               entry("./abs-too", tarfile.LNKTYPE, linkname="./abs"),
+               entry("./pipe", tarfile.FIFOTYPE),
+               entry("./pipe-too", tarfile.LNKTYPE, linkname="./pipe")]
     members = read_all(raw_tar(entries), rules=True)
     assert [m.path for m, _ in members] == [b"", b"abs", b"rel", b"a/b/c", b"a", b"a/hard",
-                                            b"a", b"a/b/d"]
+                                            b"a", b"a/b/d", b"abs-too", b"pipe", b"pipe-too"]
 
 
 def test_normalize():

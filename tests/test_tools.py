@@ -12,6 +12,7 @@ import time
 import pytest
 
 import testkit
+from ai_stack_backup import files
 from conftest import SCRIPTS
 
 
@@ -95,7 +96,8 @@ def test_volume_streams_between_hosts(helper_env, make_volume, tmp_path):
     assert pipeline.returncode == 0, pipeline.stderr
     assert pipeline.stdout.decode().splitlines()[-1] == "OK"
     assert testkit.volume_state(target) == testkit.volume_state(source)
-    assert os.listdir(str(spool)) == []  # the spooled copy of stdin is gone
+    # The spooled copy of stdin is gone; the volume's lock file stays.
+    assert os.listdir(str(spool)) == [files.LOCK_NAME + "-volume-" + target]
     # A damaged stream is refused as a whole and changes nothing.
     before = testkit.volume_state(target)
     damaged = bytearray(streamed.stdout)

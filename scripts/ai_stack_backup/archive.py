@@ -7,7 +7,7 @@ an archive that verifies is exactly an archive that restores.
 import os
 
 from .databases import DatabaseCheck
-from .errors import BackupError, describe_os_error
+from .errors import ArchiveError, BackupError, describe_os_error
 from .gzipstream import iter_gunzip, prefetched
 from .tarstream import FILE, ArchiveRules, TarReader
 
@@ -79,6 +79,63 @@ def scan_archive(file, progress=None, databases=None):
     return ArchiveSummary(reader.members, reader.data_bytes, reader.offset, counter.count)
 
 
+class VolumeShape:
+    """Holds an archive to a volume's shape: refuses one that is a single path's archive.
+
+    A volume archive holds the volume's root folder ``./`` (as the old scripts
+    made it); one with no root entry and a single top-level entry is what
+    backup_path makes, and restoring it would leave the volume holding only
+    that folder.
+    """
+
+    def __init__(self):
+        self.root = False
+        self.tops = set()
+
+    def check(self, member):
+        top = member.path.split(b"/", 1)[0]
+        if not top:
+            self.root = True
+        elif len(self.tops) < 2:
+            self.tops.add(top)
+
+    def finish(self):
+        if not self.root and len(self.tops) == 1:
+            raise ArchiveError("it holds the one top-level entry %r and no root folder, as "
+                               "backup_path archives do; restore it with restore_path.py"
+                               % next(iter(self.tops)).decode("utf-8", "replace"), "path-archive")
+
+
+class PathShape:
+    """Holds an archive to a path's shape: every member below one top-level entry."""
+
+    def __init__(self):
+        self.name = None
+
+    def check(self, member):
+        first = member.path.split(b"/", 1)[0]
+        if not first:
+            raise ArchiveError("it holds the root entry %r, as volume archives do; restore it "
+                               "with restore_docker_volume.py"
+                               % member.name.decode("utf-8", "replace"), "volume-archive")
+        if self.name is None:
+            self.name = first
+        elif first != self.name:
+            raise ArchiveError("it has more than one top-level entry, so it is not the archive "
+                               "of one path", "several-top-level-entries")
+
+    def finish(self):
+        if self.name is None:
+            raise ArchiveError("it holds no members", "no-members")
+
+
+def _shaped(members, shape):
+    for member in members:
+        shape.check(member)
+        yield member
+    shape.finish()
+
+
 class CheckPass:
     """One pass over an archive: ``members`` yields each member once the rules passed it.
 
@@ -87,9 +144,11 @@ class CheckPass:
     before taking the next member.
     """
 
-    def __init__(self, archive, progress):
+    def __init__(self, archive, progress, shape=None):
         self._archive = archive
         self.reader, self.members, self._counter = checked_members(archive.file, progress)
+        if shape is not None:
+            self.members = _shaped(self.members, shape)
 
     def data(self):
         return self.reader.data()
@@ -127,9 +186,10 @@ class ArchiveInput:
         status = os.fstat(self.file.fileno())
         return status.st_size, status.st_mtime_ns
 
-    def check(self, progress=None):
+    def check(self, progress=None, shape=None):
+        """A fresh pass from the start; ``shape`` (VolumeShape, PathShape) judges the whole."""
         self.file.seek(0)
-        return CheckPass(self, progress)
+        return CheckPass(self, progress, shape)
 
     def unchanged(self, summary):
         return self._current_stamp() == self._stamp and summary.same_content(self.first_summary)

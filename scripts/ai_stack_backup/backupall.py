@@ -8,14 +8,13 @@ the timestamp in the name, never the newest few of a source, and never for a
 source whose backup failed in this run.
 """
 
-import fcntl
 import os
 import time
 
 from . import pipeline
 from .archive import verify_file
-from .errors import BackupError, DatabaseDamaged, Locked, NotFound
-from .files import LOCK_NAME, ensure_backup_dir, remove_stale_work_files
+from .errors import BackupError, DatabaseDamaged, NotFound
+from .files import LOCK_NAME, Lock, ensure_backup_dir, remove_stale_work_files
 from .hostpath import PathSource
 from .names import parse_archive_name, parse_timestamp
 from .report import human_size
@@ -31,33 +30,9 @@ def configured_sources(config):
     return sources
 
 
-class BackupLock:
-    """An exclusive flock on ``<folder>/.ai_stack_backup-lock`` holding the owner's PID.
-
-    Raises Locked (exit 75), naming the holder's PID, when another run has it.
-    """
-
-    def __init__(self, folder):
-        self.path = os.path.join(folder, LOCK_NAME)
-        self.descriptor = None
-
-    def __enter__(self):
-        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(descriptor, 64).decode("ascii", "replace").strip() or "unknown"
-            os.close(descriptor)
-            raise Locked("another backup_all run (PID %s) holds the lock %s; not starting"
-                              % (holder, self.path))
-        os.ftruncate(descriptor, 0)
-        os.write(descriptor, b"%d\n" % os.getpid())
-        self.descriptor = descriptor
-        return self
-
-    def __exit__(self, *exc_info):
-        os.ftruncate(self.descriptor, 0)
-        os.close(self.descriptor)  # closing releases the flock
+def BackupLock(folder):
+    """backup_all's lock: one run at a time per backup folder (exit 75 for the second)."""
+    return Lock(folder, LOCK_NAME, "another backup_all run")
 
 
 class Outcome:

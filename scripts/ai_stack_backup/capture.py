@@ -26,8 +26,7 @@ import re
 
 from . import docker, transfer
 from .files import BatchedWriter
-from .tarstream import DIRECTORY, END_OF_ARCHIVE, FIFO, FILE, HARDLINK, SYMLINK, TarReader, \
-    encode_header, normalize, padding
+from .tarstream import END_OF_ARCHIVE, FILE, TarReader, encode_header, normalize, padding
 
 SQLITE_HEADER = b"SQLite format 3\0"
 COMPANION_SUFFIXES = (b"-journal", b"-wal", b"-shm")
@@ -255,27 +254,26 @@ def vanished_files(returncode, lines):
 
 def left_out(snapshots):
     """Give the names (as tar shows them) of the companions the snapshots replace."""
-    return {"./" + os.fsdecode(path + suffix) for path in snapshots for suffix in COMPANION_SUFFIXES}
+    return {"./" + os.fsdecode(path + suffix)
+            for path in snapshots for suffix in COMPANION_SUFFIXES}
 
 
-def write_with_snapshots(chunks, output, snapshots, reporter):
+def write_with_snapshots(chunks, output, snapshots, check):
     """Re-emit the volume's tar stream with every snapshotted database put in; give members.
 
     The database members carry their snapshot's bytes (with the live file's
     name, owner, mode and mtime); their ``-journal``, ``-wal`` and ``-shm``
-    are left out. Everything else is re-emitted as it came.
+    are left out. Everything else is re-emitted as it came. ``check(member)``
+    applies the restore's rules to each member.
     """
     reader = TarReader(chunks)
     writer = BatchedWriter(output.write)
     members = 0
     for member in reader:
-        path = normalize(member.name)
+        check(member)  # the restore's rules: sets member.path
+        path = member.path
         if any(path.endswith(suffix) and path[:-len(suffix)] in snapshots
                for suffix in COMPANION_SUFFIXES):
-            continue
-        if member.kind not in (FILE, DIRECTORY, SYMLINK, HARDLINK, FIFO):
-            reporter.warn("%s is a device file; skipped (restore refuses device files)"
-                          % member.name.decode("utf-8", "replace"))
             continue
         snapshot = snapshots.get(path) if member.kind == FILE else None
         size = os.path.getsize(snapshot.file) if snapshot else member.size

@@ -20,8 +20,8 @@ from . import pipeline
 from .archive import verify_file
 from .backupall import run_backup_all
 from .config import CONSISTENCY_MODES, DEFAULT_BACKUP_DIR, Config
-from .errors import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL_BASE, EXIT_STATUS_HELP, BackupError, \
-    Interrupted
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL_BASE, EXIT_STATUS_HELP, ArchiveError, \
+    BackupError, Interrupted
 from .hostpath import PathSource, PathTarget
 from .names import parse_archive_name, parse_timestamp
 from .report import Reporter, human_size
@@ -37,6 +37,11 @@ def _parser(prog, description, examples):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n" + "\n".join("  " + line for line in examples)
         + "\n\n" + EXIT_STATUS_HELP)
+
+
+def _absolute(path):
+    """Paths become absolute here, once: the daemon resolves bind mounts from its own cwd."""
+    return path if path == "-" else os.path.abspath(path)
 
 
 @contextlib.contextmanager
@@ -123,8 +128,8 @@ def backup_docker_volume_main(argv=None):
                              const="stop", help="the same as --consistency stop")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return _run(prog, parser, argv, lambda args, config, reporter: pipeline.backup(
-        VolumeSource(args.volume_name, config, args.consistency), args.backup_dir, config,
-        reporter))
+        VolumeSource(args.volume_name, config, args.consistency), _absolute(args.backup_dir),
+        config, reporter))
 
 
 def backup_path_main(argv=None):
@@ -141,7 +146,7 @@ def backup_path_main(argv=None):
                              "(default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return _run(prog, parser, argv, lambda args, config, reporter: pipeline.backup(
-        PathSource(args.path), args.backup_dir, config, reporter))
+        PathSource(args.path), _absolute(args.backup_dir), config, reporter))
 
 
 def restore_docker_volume_main(argv=None):
@@ -169,7 +174,8 @@ def restore_docker_volume_main(argv=None):
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return _run(prog, parser, argv, lambda args, config, reporter: pipeline.restore(
         VolumeTarget(args.volume_name, config, safety_copy=not args.no_safety_backup,
-                     stop_containers=args.stop_containers), args.archive, config, reporter),
+                     stop_containers=args.stop_containers), _absolute(args.archive), config,
+        reporter),
         needs_force=True)
 
 
@@ -177,7 +183,8 @@ def restore_path_main(argv=None):
     prog = "restore_path.py"
     parser = _parser(prog, "Replace a host path with what a backup_path archive holds. The "
                      "archive is checked completely, extracted next to TARGET and swapped in by "
-                     "rename, so a failure leaves TARGET as it was.", [
+                     "rename, so a failure leaves TARGET as it was. TARGET's current contents "
+                     "are saved first as an ordinary archive in BACKUP_DIR.", [
                          "restore_path.py /srv/ai-stack/backups/"
                          "home_wasti_ai_stack_data_transcript-miner_output__20260118T120000Z"
                          ".tar.gz /home/wasti/ai_stack_data/transcript-miner/output --force"])
@@ -185,9 +192,12 @@ def restore_path_main(argv=None):
     parser.add_argument("target", help="the path that was backed up")
     parser.add_argument("--force", action="store_true",
                         help="required: confirms that TARGET's current contents go")
+    parser.add_argument("--no-safety-backup", action="store_true",
+                        help="do not save TARGET's current contents first")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return _run(prog, parser, argv, lambda args, config, reporter: pipeline.restore(
-        PathTarget(args.target), args.archive, config, reporter), needs_force=True)
+        PathTarget(_absolute(args.target), config, safety_copy=not args.no_safety_backup),
+        _absolute(args.archive), config, reporter), needs_force=True)
 
 
 def verify_backup_main(argv=None):
@@ -207,6 +217,10 @@ def verify_backup_main(argv=None):
         for path in args.archives:
             try:
                 summary = verify_file(path, reporter)
+            except ArchiveError as error:
+                failed += 1
+                reporter.status("FAILED %s: %s [%s]" % (path, error, error.rule))
+                continue
             except BackupError as error:
                 failed += 1
                 reporter.status("FAILED %s: %s" % (path, error))
@@ -228,10 +242,13 @@ def _databases(summary):
 
 
 def _age(seconds):
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    return "%dd %dh" % (days, rest // 3600) if days else "%dh %dm" % (rest // 3600,
-                                                                       rest % 3600 // 60)
+    """Say how old an archive is, by the timestamp in its name (a clock set wrong shows)."""
+    if seconds < 0:
+        return "in the future"
+    days, rest = divmod(int(seconds), 86400)
+    if days:
+        return "%dd %dh old" % (days, rest // 3600)
+    return "%dh %dm old" % (rest // 3600, rest % 3600 // 60)
 
 
 def list_archives(folder):
@@ -281,7 +298,7 @@ def list_backups_main(argv=None):
             if entry["source"] != source:
                 source = entry["source"]
                 reporter.status("%s%s" % ("" if entry is entries[0] else "\n", source))
-            reporter.status("  %s  %10s  %8s old%s"
+            reporter.status("  %s  %10s  %12s%s"
                             % (entry["timestamp"], human_size(entry["size"]),
                                _age(entry["age_seconds"]), "  (newest)" if entry["newest"] else ""))
         if not entries:

@@ -76,24 +76,32 @@ class VolumeMissing(BackupError):
     """The volume to back up does not exist (nothing is created)."""
 
 
-class VolumeInUse(BackupError):
-    """Running containers mount the volume a restore would replace."""
+class ContainersInTheWay(BackupError):
+    """Running containers stand in the way; ``containers`` names them."""
 
     def __init__(self, message, containers):
         super().__init__(message)
         self.containers = containers
+
+
+class VolumeInUse(ContainersInTheWay):
+    """Running containers mount the volume a restore would replace."""
 
 
 class RolledBack(BackupError):
     """A restore failed after it began changing the target; the message says how it was left."""
 
 
-class ContainerWouldVanish(BackupError):
+class ContainerWouldVanish(ContainersInTheWay):
     """A container that would have to stop was started with ``--rm``: stopping removes it."""
 
-    def __init__(self, message, containers):
-        super().__init__(message)
-        self.containers = containers
+
+class Unrestorable(BackupError):
+    """A source holds something the restore rules refuse; no archive of it is published."""
+
+
+class NoRoom(BackupError):
+    """The volume's filesystem cannot hold what a restore would write; nothing changed."""
 
 
 class DatabaseDamaged(BackupError):

@@ -15,7 +15,7 @@ import shutil
 import stat
 import tempfile
 
-from .errors import ArchiveExists, BackupError, describe_os_error
+from .errors import ArchiveExists, BackupError, Locked, describe_os_error
 
 WORK_PREFIX = ".ai_stack_backup-"
 TEMP_SUFFIX = ".part"  # never ".tar.gz": a temp file must not look like an archive
@@ -45,6 +45,51 @@ def ensure_backup_dir(path, enforce_mode=False):
     except OSError as error:
         raise BackupError("cannot create backup folder %s: %s" % (path, describe_os_error(error)))
     return path
+
+
+def is_private(path):
+    """True when only this user (or root) can change what ``path`` names.
+
+    The real path and every folder above it must be owned by this user or
+    root and not writable by others; in a sticky folder (like /tmp) others
+    cannot rename what is ours, so that is allowed above ``path`` itself.
+    """
+    path = os.path.realpath(path)
+    uid = os.geteuid()
+    current = path
+    while True:
+        status = os.lstat(current)
+        if status.st_uid not in (uid, 0):
+            return False
+        if status.st_mode & 0o022 and (current == path or not status.st_mode & stat.S_ISVTX):
+            return False
+        parent = os.path.dirname(current)
+        if parent == current:
+            return True
+        current = parent
+
+
+def private_work_folder(backup_dir, reporter):
+    """Give a folder for work files (transfer folders, safety copies, spooled stdin).
+
+    The docker daemon bind-mounts work folders by path, so nobody else may be
+    able to swap one for a symlink: BACKUP_DIR when it is private to this
+    user, else ``~/.cache/ai-stack-backup`` (0700); the log says which.
+    """
+    try:
+        folder = ensure_backup_dir(backup_dir)
+        if is_private(folder):
+            return folder
+        reason = "can be changed by other users"
+    except BackupError as error:
+        reason = "cannot be used (%s)" % error
+    own = os.path.join(os.path.expanduser("~"), ".cache", "ai-stack-backup")
+    folder = ensure_backup_dir(own)
+    if not is_private(folder):
+        raise BackupError("no private folder for work files: %s %s, and %s can be changed by "
+                          "other users" % (backup_dir, reason, own))
+    reporter.log("work files go to %s: the backup folder %s %s" % (folder, backup_dir, reason))
+    return folder
 
 
 def fsync_directory(path):
@@ -123,15 +168,75 @@ class AtomicArchive:
             os.unlink(self.temp_path)
 
 
+class Lock:
+    """An exclusive flock on ``<folder>/<name>`` that holds the owner's PID.
+
+    Raises Locked (exit 75) naming ``holder_words`` and the holder's PID when
+    another process has it. The file stays; only the flock matters, and it
+    goes with the process, however that ends.
+    """
+
+    def __init__(self, folder, name, holder_words):
+        self.path = os.path.join(folder, name)
+        self.holder_words = holder_words
+        self.descriptor = None
+
+    def __enter__(self):
+        flags = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        try:
+            try:
+                descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | flags, 0o644)
+                # Readable by all: root's restore and the service user's timer share it.
+                if os.fstat(descriptor).st_uid == os.geteuid():
+                    os.fchmod(descriptor, 0o644)
+            except PermissionError:  # another user's lock file: a flock needs no write access
+                descriptor = os.open(self.path, os.O_RDONLY | flags)
+        except OSError as error:
+            raise BackupError("cannot open the lock %s: %s" % (self.path, describe_os_error(error)))
+        try:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise BackupError("the lock %s is not a regular file" % self.path)
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(descriptor)
+            raise Locked("%s (PID %s) holds the lock %s; not starting"
+                         % (self.holder_words, holder, self.path))
+        except BaseException:
+            os.close(descriptor)
+            raise
+        with contextlib.suppress(OSError):  # read-only: the holder's PID stays unknown
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, b"%d\n" % os.getpid())
+        self.descriptor = descriptor
+        return self
+
+    def __exit__(self, *exc_info):
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.descriptor, 0)
+        os.close(self.descriptor)  # closing releases the flock
+
+
+def volume_lock(volume, folders):
+    """The lock for one volume's backups and restores, in the first of ``folders`` that exists.
+
+    The backup folder comes first, so the timer and an operator's restore
+    meet at the same lock file.
+    """
+    folder = next(folder for folder in folders if folder and os.path.isdir(folder))
+    return Lock(folder, "%s-volume-%s" % (LOCK_NAME, volume),
+                "another backup or restore of volume %s" % volume)
+
+
 def remove_stale_work_files(folder):
     """Remove what killed runs left in ``folder``; give the removed paths.
 
     Only entries named ``.ai_stack_backup-*`` (temp archives, transfer folders)
-    that no live process holds a lock on are removed. The lock file stays.
+    that no live process holds a lock on are removed. Lock files stay.
     """
     removed = []
     for name in sorted(os.listdir(folder)):
-        if not name.startswith(WORK_PREFIX) or name == LOCK_NAME:
+        if not name.startswith(WORK_PREFIX) or name.startswith(LOCK_NAME):
             continue
         path = os.path.join(folder, name)
         try:

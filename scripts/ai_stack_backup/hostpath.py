@@ -14,12 +14,12 @@ import errno
 import grp
 import os
 import pwd
-import shutil
+import secrets
 import stat
-import tempfile
 
-from .errors import ArchiveError, BackupError, NotFound, describe_os_error
-from .files import WORK_PREFIX, BatchedWriter, fsync_directory
+from .archive import PathShape
+from .errors import BackupError, NotFound, describe_os_error
+from .files import WORK_PREFIX, BatchedWriter
 from .names import safe_name
 from .tarstream import BLOCK_SIZE, DIRECTORY, END_OF_ARCHIVE, FIFO, FILE, HARDLINK, SYMLINK, \
     encode_header, padding
@@ -189,6 +189,7 @@ class PathSource:
     """A host folder or file to back up; the archive holds one entry, its basename."""
 
     kind = "path"
+    uses_work_folder = False
 
     def __init__(self, path):
         self.name = path
@@ -219,148 +220,280 @@ class PathSource:
 
 # --- restore ----------------------------------------------------------------
 
-class _TopLevel:
-    """Holds a path archive to its shape: every member below one top-level entry."""
+FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-    def __init__(self):
-        self.name = None
 
-    def check(self, member):
-        first = member.path.split(b"/", 1)[0]
-        if not first:
-            raise ArchiveError("it holds the root entry %r, as volume archives do; restore it "
-                               "with restore_docker_volume.py"
-                               % member.name.decode("utf-8", "replace"), "volume-archive")
-        if self.name is None:
-            self.name = first
-        elif first != self.name:
-            raise ArchiveError("it has more than one top-level entry, so it is not the archive "
-                               "of one path", "several-top-level-entries")
+def _open_folder(name, dir_fd):
+    return os.open(name, FOLDER_FLAGS, dir_fd=dir_fd)
 
 
 class _HostExtractor:
-    """Creates checked members below ``root`` (a fresh private folder), metadata as archived."""
+    """Creates checked members below the folder open at ``root_fd``, metadata as archived.
 
-    def __init__(self, root):
-        self.root = os.fsencode(root)
+    Every name is resolved from a folder descriptor, one component at a time
+    with O_NOFOLLOW, and owners, modes and times are set on descriptors or
+    with follow_symlinks=False: no symlink anywhere in a path is followed,
+    whatever another user swaps meanwhile.
+    """
+
+    def __init__(self, root_fd):
+        self.root_fd = root_fd
         self.as_root = os.geteuid() == 0
         self.folders = {}  # path -> its last folder member: a later entry wins, as in tar
+        self._open = (None, None)  # the last folder used: (path, descriptor)
 
-    def _owner(self, path, member, follow=True):
+    def folder(self, path, create=True):
+        """Give a descriptor of the folder ``path`` (``b""``: the root), made if missing.
+
+        The last one is kept open: members come folder by folder.
+        """
+        if not path:
+            return self.root_fd
+        if self._open[0] == path:
+            return self._open[1]
+        descriptor = self.root_fd
+        for part in path.split(b"/"):
+            try:
+                child = _open_folder(part, descriptor)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                os.mkdir(part, 0o700, dir_fd=descriptor)
+                child = _open_folder(part, descriptor)
+            if descriptor != self.root_fd:
+                os.close(descriptor)
+            descriptor = child
+        self.close()
+        self._open = (path, descriptor)
+        return descriptor
+
+    def close(self):
+        if self._open[1] is not None:
+            os.close(self._open[1])
+            self._open = (None, None)
+
+    def _owner(self, member, descriptor=None, name=None, parent=None):
         if self.as_root:
-            os.chown(path, member.uid, member.gid, follow_symlinks=follow)
+            if descriptor is not None:
+                os.fchown(descriptor, member.uid, member.gid)
+            else:
+                os.chown(name, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
 
     def create(self, member, data):
-        path = os.path.join(self.root, member.path)
-        parent = os.path.dirname(path)
-        if not os.path.isdir(parent):
-            os.makedirs(parent, 0o700)
-        if member.kind != DIRECTORY and os.path.lexists(path):
-            os.unlink(path)  # a later member of the same name replaces the earlier one
+        folder, _, name = member.path.rpartition(b"/")
+        parent = self.folder(folder)
+        if member.kind != DIRECTORY:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=parent)  # a later member of the same name wins
         if member.kind == FILE:
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                                 | os.O_CLOEXEC, 0o600)
-            with open(descriptor, "wb", buffering=0) as file:
+            descriptor = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o600, dir_fd=parent)
+            with open(descriptor, "wb", buffering=0, closefd=False) as file:
                 for piece in data:
                     while piece:
                         piece = piece[file.write(piece):]
-                self._owner(descriptor, member)
-                os.chmod(descriptor, member.mode)  # after chown, which clears setuid
-            os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+            try:
+                self._owner(member, descriptor)
+                os.fchmod(descriptor, member.mode)  # after chown, which clears setuid
+                os.utime(descriptor, (member.mtime, member.mtime))
+            finally:
+                os.close(descriptor)
         elif member.kind == DIRECTORY:
-            if not os.path.isdir(path):
-                os.mkdir(path, 0o700)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=parent)
             self.folders[member.path] = member  # metadata last: contents change them
         elif member.kind == SYMLINK:
-            os.symlink(member.linkname, path)
-            self._owner(path, member, follow=False)
-            os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+            os.symlink(member.linkname, name, dir_fd=parent)
+            self._set_on_name(member, name, parent)
         elif member.kind == HARDLINK:
-            os.link(os.path.join(self.root, member.link_path), path, follow_symlinks=False)
+            target_folder, _, target_name = member.link_path.rpartition(b"/")
+            source = self.root_fd
+            if target_folder:
+                source = self.root_fd
+                for part in target_folder.split(b"/"):
+                    child = _open_folder(part, source)
+                    if source != self.root_fd:
+                        os.close(source)
+                    source = child
+            try:
+                os.link(target_name, name, src_dir_fd=source, dst_dir_fd=parent,
+                        follow_symlinks=False)
+            finally:
+                if source != self.root_fd:
+                    os.close(source)
         elif member.kind == FIFO:
-            os.mkfifo(path, 0o600)
-            self._owner(path, member)
-            os.chmod(path, member.mode)
-            os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+            os.mkfifo(name, 0o600, dir_fd=parent)
+            # Opening a FIFO would block; our own 0700 staging holds it, so the name is ours.
+            self._owner(member, name=name, parent=parent)
+            os.chmod(name, member.mode, dir_fd=parent)
+            os.utime(name, (member.mtime, member.mtime), dir_fd=parent, follow_symlinks=False)
+
+    def _set_on_name(self, member, name, parent):
+        self._owner(member, name=name, parent=parent)
+        os.utime(name, (member.mtime, member.mtime), dir_fd=parent, follow_symlinks=False)
 
     def finish(self):
+        self.close()
         # Deepest first: a folder made read-only must not block its children's metadata.
         for member in sorted(self.folders.values(), key=lambda folder: -folder.path.count(b"/")):
-            path = os.path.join(self.root, member.path)
-            self._owner(path, member)
-            os.chmod(path, member.mode)
-            os.utime(path, (member.mtime, member.mtime))
+            descriptor = self.folder(member.path, create=False) if member.path else \
+                os.dup(self.root_fd)
+            self._open = (None, None)  # this one is closed here, not kept
+            try:
+                self._owner(member, descriptor)
+                os.fchmod(descriptor, member.mode)
+                os.utime(descriptor, (member.mtime, member.mtime))
+            finally:
+                os.close(descriptor)
+
+
+def _remove_below(descriptor):
+    """Remove everything inside the folder open at ``descriptor``, never following a link."""
+    for entry in os.scandir(descriptor):
+        if entry.is_dir(follow_symlinks=False):
+            child = _open_folder(entry.name, descriptor)
+            try:
+                _remove_below(child)
+            finally:
+                os.close(child)
+            os.rmdir(entry.name, dir_fd=descriptor)
+        else:
+            os.unlink(entry.name, dir_fd=descriptor)
+
+
+def _inside(path, folder):
+    """True when ``path`` is ``folder`` or lies below it (symlinks resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 class PathTarget:
     """A host path to restore: extracted next to it while the archive is checked, then
-    swapped in by rename, so a failure leaves it as it was."""
+    swapped in by rename, so a failure leaves it as it was. Its current contents are saved
+    first as an ordinary archive, unless ``safety_copy`` is off."""
 
     kind = "path"
 
-    def __init__(self, target):
+    def __init__(self, target, config, safety_copy=True):
         self.name = self.description = target.rstrip("/") or "/"
         self.parent = os.path.dirname(os.path.abspath(self.name))
+        self.backup_dir = config.backup_dir
+        self.safety_copy = safety_copy
 
-    def check(self):
+    def check(self, archive_path):
         if self.name == "/" or not os.path.isdir(self.parent):
             raise BackupError("cannot restore to %s: its parent folder %s does not exist"
                               % (self.name, self.parent))
+        # The swap replaces everything below TARGET: archives there would go with it.
+        for what, path in (("the archive", archive_path), ("the backup folder", self.backup_dir)):
+            if path != "-" and os.path.lexists(path) and _inside(path, self.name):
+                raise BackupError("%s %s lies inside %s, which the restore replaces as a whole; "
+                                  "move it out first (or set BACKUP_DIR elsewhere); nothing was "
+                                  "changed" % (what, path, self.name))
 
     def prepare(self, reporter):
         pass
 
     @contextlib.contextmanager
-    def staged(self, archive, archive_folder, progress, reporter):
-        """Check the archive and extract it into a staging folder in one pass; give the staged
-        top-level entry's path. Raises ArchiveError; the staging folder always goes."""
+    def staged(self, archive, work_folder, progress, reporter):
+        """Check the archive and extract it into a staging folder in one pass; give a _Staging.
+
+        The staging folder is made next to TARGET (a rename cannot cross
+        filesystems) and used only through descriptors, so another user who
+        can write TARGET's parent gains nothing by swapping it. Raises
+        ArchiveError; the staging folder always goes.
+        """
+        if self.safety_copy and _inside(work_folder, self.name):
+            raise BackupError("the work folder %s, where the safety copy would go, lies inside "
+                              "%s; set BACKUP_DIR to a folder outside it; nothing was changed"
+                              % (work_folder, self.name))
+        staging = _Staging(self.parent)
         try:
-            staging = tempfile.mkdtemp(prefix=WORK_PREFIX + "restore-", dir=self.parent)
-        except OSError as error:
-            raise BackupError("cannot create a staging folder in %s: %s"
-                              % (self.parent, describe_os_error(error)))
-        try:
-            check = archive.check(progress)
-            top = _TopLevel()
-            # A subfolder, so no archived name can meet the name the old target gets.
-            tree = os.path.join(staging, "tree")
-            os.mkdir(tree, 0o700)
-            extractor = _HostExtractor(tree)
+            top = PathShape()
+            check = archive.check(progress, top)
+            extractor = _HostExtractor(staging.tree)
             try:
                 for member in check.members:
-                    top.check(member)
                     extractor.create(member, check.data())
                 extractor.finish()
             except OSError as error:
                 raise BackupError("extracting %s failed: %s; %s was not changed"
                                   % (archive.name, describe_os_error(error), self.name))
-            if top.name is None:
-                raise ArchiveError("it holds no members", "no-members")
-            yield staging, os.path.join(tree, os.fsdecode(top.name))
+            finally:
+                extractor.close()
+            staging.top = top.name
+            yield staging
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            staging.remove()
 
     def apply(self, staged, archive, reporter, save_copy):
-        staging, new = staged
-        _swap_in(new, self.name, staging)
-        return []
+        closing = []
+        if self.safety_copy and os.path.lexists(self.name):
+            try:
+                saved = save_copy(PathSource(self.name))
+            except BackupError as error:
+                raise BackupError("cannot save the current contents of %s before the restore, "
+                                  "so nothing was changed: %s" % (self.name, error))
+            reporter.status("Safety backup of the current contents: %s" % saved.path)
+            closing.append("Previous contents kept in: %s" % saved.path)
+        staged.swap_in(os.fsencode(os.path.basename(self.name)), self.name)
+        return closing
 
 
-def _swap_in(new, target, staging):
-    """Replace ``target`` by ``new`` with renames; the old one ends up in ``staging``."""
-    previous = os.path.join(staging, "previous")
-    had_target = os.path.lexists(target)
-    try:
-        if had_target:
-            os.rename(target, previous)
+class _Staging:
+    """A private staging folder beside TARGET, held by descriptors: ``parent``, ``folder``
+    (the staging folder) and ``tree`` (where the archive is extracted; a subfolder, so no
+    archived name can meet the name the old TARGET gets)."""
+
+    def __init__(self, parent):
+        self.parent_path = parent
+        self.name = (WORK_PREFIX + "restore-" + secrets.token_hex(8)).encode()
+        self.parent = self.folder = self.tree = None
+        self.top = None
         try:
-            os.rename(new, target)
-        except OSError:
-            if had_target:
-                os.rename(previous, target)
-            raise
-    except OSError as error:
-        raise BackupError("cannot put the restored %s in place: %s; %s was not changed"
-                          % (target, describe_os_error(error), target))
-    fsync_directory(os.path.dirname(os.path.abspath(target)))
+            self.parent = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            os.mkdir(self.name, 0o700, dir_fd=self.parent)
+            self.folder = _open_folder(self.name, self.parent)
+            status = os.fstat(self.folder)
+            if status.st_uid != os.geteuid() or stat.S_IMODE(status.st_mode) != 0o700:
+                raise OSError(errno.EPERM, "the staging folder was replaced by another one")
+            os.mkdir(b"tree", 0o700, dir_fd=self.folder)
+            self.tree = _open_folder(b"tree", self.folder)
+        except OSError as error:
+            self.remove()
+            raise BackupError("cannot create a staging folder in %s: %s"
+                              % (parent, describe_os_error(error)))
 
+    def swap_in(self, target_name, shown):
+        """Replace the entry ``target_name`` of the parent by the staged top-level entry."""
+        had_target = True
+        try:
+            try:
+                os.rename(target_name, b"previous", src_dir_fd=self.parent,
+                          dst_dir_fd=self.folder)
+            except FileNotFoundError:
+                had_target = False
+            try:
+                os.rename(self.top, target_name, src_dir_fd=self.tree, dst_dir_fd=self.parent)
+            except OSError:
+                if had_target:
+                    os.rename(b"previous", target_name, src_dir_fd=self.folder,
+                              dst_dir_fd=self.parent)
+                raise
+        except OSError as error:
+            raise BackupError("cannot put the restored %s in place: %s; %s was not changed"
+                              % (shown, describe_os_error(error), shown))
+        os.fsync(self.parent)
+
+    def remove(self):
+        """Remove the staging folder (the old TARGET with it), through the descriptors."""
+        if self.folder is not None:
+            with contextlib.suppress(OSError):
+                _remove_below(self.folder)
+            with contextlib.suppress(OSError):
+                # By name, last: if someone moved the folder, this removes nothing of ours.
+                os.rmdir(self.name, dir_fd=self.parent)
+        for descriptor in (self.tree, self.folder, self.parent):
+            if descriptor is not None:
+                os.close(descriptor)
+        self.parent = self.folder = self.tree = None

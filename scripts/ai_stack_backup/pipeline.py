@@ -1,7 +1,7 @@
 """The backup pipeline and the restore pipeline, written once for every kind of source.
 
-backup:  check → status → prepare → captured(write_tar → parallel gzip → atomic file | stdout)
-restore: archive | stdin spool → check → status → prepare → staged (one checked pass) → apply
+backup:  check → prepare → status → captured(write_tar → parallel gzip → atomic file | stdout)
+restore: check → prepare → status → archive | stdin spool → staged (one checked pass) → apply
 
 A source (``volume.VolumeSource``, ``hostpath.PathSource``) supplies only what
 differs: ``kind``, ``name``, ``archive_source``, ``check()``,
@@ -9,11 +9,11 @@ differs: ``kind``, ``name``, ``archive_source``, ``check()``,
 giving an object whose ``describe()`` says how the copy was made consistent)
 and ``write_tar(output, progress, reporter, work_folder, exclude)``. A restore target
 (``volume.VolumeTarget``, ``hostpath.PathTarget``) supplies ``kind``,
-``name``, ``description``, ``check()``, ``prepare(reporter)``,
-``staged(archive, archive_folder, progress, reporter)`` — a context manager that reads
+``name``, ``description``, ``check(archive_path)``, ``prepare(reporter)``,
+``staged(archive, work_folder, progress, reporter)`` — a context manager that reads
 and checks the whole archive once, raising ArchiveError before anything
 changed — and ``apply(staged, archive, reporter, save_copy)``, which makes the
-change (taking its safety copy with ``save_copy(source, folder)`` and rolling
+change (taking its safety copy with ``save_copy(source)`` and rolling
 back itself on failure) and gives the status lines for after ``OK``.
 """
 
@@ -25,7 +25,7 @@ import time
 from .archive import ArchiveInput
 from .errors import ArchiveError, ArchiveExists, ArchiveRefused, BackupError, NotFound, \
     describe_os_error
-from .files import AtomicArchive, ensure_backup_dir, spooled
+from .files import AtomicArchive, ensure_backup_dir, private_work_folder, spooled
 from .gzipstream import ParallelGzipWriter
 from .names import archive_name, utc_timestamp
 
@@ -57,17 +57,18 @@ def _write_gzip_tar(source, output, config, reporter, work_folder=None, exclude=
     return members
 
 
-def write_archive(source, folder, config, reporter, timestamp=None):
+def write_archive(source, folder, config, reporter, work_folder, timestamp=None):
     """Write ``folder/<source>__<timestamp>.tar.gz`` atomically; give a BackupResult.
 
     No status lines: ``backup`` frames this, and a safety copy uses it as is.
-    Raises ArchiveExists when the name is taken, BackupError otherwise.
+    ``work_folder`` (private) holds the transfer folder. Raises ArchiveExists
+    when the name is taken, BackupError otherwise.
     """
     started = time.monotonic()
     path = os.path.join(folder, archive_name(source.archive_source, timestamp or utc_timestamp()))
     with AtomicArchive(path) as archive:
         try:
-            members = _write_gzip_tar(source, archive.file, config, reporter, folder,
+            members = _write_gzip_tar(source, archive.file, config, reporter, work_folder,
                                       exclude={archive.identity()})
         except OSError as error:
             raise BackupError("cannot write %s: %s" % (path, describe_os_error(error)))
@@ -75,18 +76,19 @@ def write_archive(source, folder, config, reporter, timestamp=None):
     return BackupResult(source.archive_source, path, size, members, time.monotonic() - started)
 
 
-def _copy_saver(config, reporter):
-    """Give ``save_copy(source, folder)``: a quiet ``write_archive`` for a target's safety copy.
+def _copy_saver(config, reporter, work_folder):
+    """Give ``save_copy(source)``: a quiet ``write_archive`` of a target's safety copy.
 
-    A copy taken in the same second as another archive of that source would
-    get its name; it then takes the next second.
+    The copy goes to the private work folder. One taken in the same second
+    as another archive of that source would get its name; it then takes the
+    next second.
     """
-    def save_copy(source, folder):
+    def save_copy(source):
         try:
-            return write_archive(source, folder, config, reporter.silent())
+            return write_archive(source, work_folder, config, reporter.silent(), work_folder)
         except ArchiveExists:
             time.sleep(1.05 - time.time() % 1)
-            return write_archive(source, folder, config, reporter.silent())
+            return write_archive(source, work_folder, config, reporter.silent(), work_folder)
     return save_copy
 
 
@@ -98,6 +100,7 @@ def backup(source, destination, config, reporter, stdout=None):
     BackupResult; raises BackupError with nothing published.
     """
     source.check()
+    source.prepare(reporter)  # nothing is created, not even the folder, before this passed
     to_stdout = destination == "-"
     if to_stdout:
         reporter = reporter.status_to_log()
@@ -106,10 +109,11 @@ def backup(source, destination, config, reporter, stdout=None):
         folder = ensure_backup_dir(destination)
         timestamp = utc_timestamp()
         path = os.path.join(folder, archive_name(source.archive_source, timestamp))
+    work_folder = private_work_folder(config.backup_dir, reporter) \
+        if source.uses_work_folder else None
     reporter.status("Backing up %s: %s" % (source.kind, source.name))
     reporter.status("Output: %s" % path)
-    source.prepare(reporter)
-    with source.captured(reporter, None if to_stdout else folder) as capture:
+    with source.captured(reporter, work_folder) as capture:
         if to_stdout:
             started = time.monotonic()
             output = stdout or sys.stdout.buffer
@@ -122,20 +126,20 @@ def backup(source, destination, config, reporter, stdout=None):
             result = BackupResult(source.archive_source, "-", None, members,
                                   time.monotonic() - started)
         else:
-            result = write_archive(source, folder, config, reporter, timestamp)
+            result = write_archive(source, folder, config, reporter, work_folder, timestamp)
     result.consistency = capture.describe()
     reporter.status("OK")
     return result
 
 
 @contextlib.contextmanager
-def _opened_archive(archive_path, config, stdin):
+def _opened_archive(archive_path, work_folder, stdin):
     if archive_path != "-":
         with open(archive_path, "rb") as file:
             yield ArchiveInput(file, archive_path)
         return
     # It must be read completely before anything changes, and may be read again.
-    with spooled(stdin or sys.stdin.buffer, ensure_backup_dir(config.backup_dir)) as file:
+    with spooled(stdin or sys.stdin.buffer, work_folder) as file:
         yield ArchiveInput(file, "-")
 
 
@@ -148,23 +152,23 @@ def restore(target, archive_path, config, reporter, stdin=None):
     """
     if archive_path != "-" and not os.path.isfile(archive_path):
         raise NotFound("archive not found: %s" % archive_path)
-    target.check()
+    target.check(archive_path)
+    target.prepare(reporter)
     reporter.status("Restoring %s: %s" % (target.kind, target.name))
     reporter.status("From: %s" % archive_path)
-    target.prepare(reporter)
-    archive_folder = None if archive_path == "-" else \
-        os.path.dirname(os.path.abspath(archive_path))
-    with _opened_archive(archive_path, config, stdin) as archive, \
+    work_folder = private_work_folder(config.backup_dir, reporter)
+    with _opened_archive(archive_path, work_folder, stdin) as archive, \
             contextlib.ExitStack() as stack:
         with reporter.progress("Checking archive", total=archive.size) as progress:
             try:
-                staged = stack.enter_context(target.staged(archive, archive_folder, progress,
+                staged = stack.enter_context(target.staged(archive, work_folder, progress,
                                                                 reporter))
             except ArchiveError as error:
                 raise ArchiveRefused("the archive %s is refused [%s]: %s; %s was not changed"
                                      % (archive_path, error.rule, error, target.description),
                                      error.rule)
-        closing = target.apply(staged, archive, reporter, _copy_saver(config, reporter))
+        closing = target.apply(staged, archive, reporter,
+                               _copy_saver(config, reporter, work_folder))
     reporter.status("OK")
     for line in closing:
         reporter.status(line)

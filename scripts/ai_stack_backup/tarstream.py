@@ -21,6 +21,7 @@ from .errors import ArchiveError
 BLOCK_SIZE = 512
 ZERO_BLOCK = bytes(BLOCK_SIZE)
 END_OF_ARCHIVE = bytes(2 * BLOCK_SIZE)
+MAX_OWNER = 2 ** 32 - 2  # (uid_t) -1 means "unchanged" to chown
 EXTENDED_HEADER_LIMIT = 1 << 20  # GNU long names and pax records larger than this are hostile
 
 # Member kinds. The path table stores them in 3 bits, so they stay below 8.
@@ -443,11 +444,13 @@ class ArchiveRules:
     """The restore safety rules, applied member by member in archive order.
 
     A member is refused when it: has an empty, absolute or NUL-containing name
-    or a ``..`` component; is a character or block device; passes through a
-    symlink (or any non-folder) an earlier member created; is a hard link
-    whose target is not an earlier regular file; changes the type of a path
-    an earlier member created; repeats a path that is not a folder; makes the
-    root anything but a folder.
+    or a ``..`` component; is a character or block device; has an owner no
+    Linux system has (uid or gid above 2^32 - 2); passes through a symlink
+    (or any non-folder) an earlier member created; is a hard link whose
+    target is not an earlier regular file, symlink or FIFO; changes the type
+    of a path an earlier member created; repeats a path that is not a folder;
+    makes the root anything but a folder. Backup, verify and restore all
+    apply these same rules, so what one accepts the others accept.
     """
 
     def __init__(self):
@@ -463,6 +466,9 @@ class ArchiveRules:
         if kind in (CHAR_DEVICE, BLOCK_DEVICE):
             raise ArchiveError("the member %s is a %s; device files are refused"
                                % (show(member.name), KIND_NAMES[kind]), "device-file")
+        if member.uid > MAX_OWNER or member.gid > MAX_OWNER:
+            raise ArchiveError("the member %s has the owner %d:%d, which no Linux system has"
+                               % (show(member.name), member.uid, member.gid), "owner-range")
         if not path:
             if kind != DIRECTORY:
                 raise ArchiveError("the member %s would make the root a %s"
@@ -485,7 +491,15 @@ class ArchiveRules:
                                    "it a %s" % (show(member.name), show(parent),
                                                 KIND_NAMES[existing]), "through-non-folder")
         self._sound_parent = parent_path
-        recorded = FILE if kind == HARDLINK else kind
+        recorded = kind
+        if kind == HARDLINK:
+            target = normalize(member.linkname, "hard link target")
+            recorded = self._kinds.get(target) if target != path else None
+            if recorded not in (FILE, SYMLINK, FIFO):
+                raise ArchiveError("the hard link %s points to %s, which is not an earlier "
+                                   "regular file, symlink or FIFO of the archive"
+                                   % (show(member.name), show(member.linkname)), "hardlink-target")
+            member.link_path = target
         existing = self._kinds.put(path, recorded)
         if existing is not None and existing != recorded:
             raise ArchiveError("the member %s changes a %s an earlier member created into a %s"
@@ -496,14 +510,7 @@ class ArchiveRules:
             # by then, so a second entry for a non-folder could not be extracted faithfully.
             raise ArchiveError("the member %s appears a second time (only folders may)"
                                % show(member.name), "repeated-member")
-        if kind == HARDLINK:
-            target = normalize(member.linkname, "hard link target")
-            if target == path or self._kinds.get(target) != FILE:
-                raise ArchiveError("the hard link %s points to %s, which is not an earlier "
-                                   "regular file of the archive"
-                                   % (show(member.name), show(member.linkname)), "hardlink-target")
-            member.link_path = target
-        elif kind == SYMLINK:
+        if kind == SYMLINK:
             if not member.linkname or b"\0" in member.linkname:
                 raise ArchiveError("the symlink %s has an empty or NUL-containing target"
                                    % show(member.name), "symlink-target")

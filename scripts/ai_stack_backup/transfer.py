@@ -42,7 +42,7 @@ import tempfile
 import time
 
 from .docker import Helper
-from .errors import ArchiveError, BackupError, DockerError, describe_os_error
+from .errors import ArchiveError, BackupError, DockerError, NoRoom, describe_os_error
 from .files import WORK_PREFIX, BatchedWriter, pipe_writer
 from .tarstream import DIRECTORY, END_OF_ARCHIVE, FILE, SYMLINK, member_header, padding
 
@@ -175,8 +175,41 @@ def volume_tar_stream(image, volume, work_folder, what):
             os.close(descriptor)
 
 
-def wipe_volume(image, volume, reporter):
-    with Helper(image, volume, WIPE_SCRIPT) as helper:
+SPACE_SCRIPT = "df -P -k /volume | tail -n 1; du -s -k /volume"
+BLOCK = 4096  # what one member takes at least on the usual filesystems
+
+
+def space_check(image, volume, summary, reporter):
+    """Refuse (NoRoom) unless the volume's filesystem can hold what the archive will write.
+
+    What the volume holds now is counted as free: it goes before extraction.
+    The need is each member's data plus one block, so a tree of small files is
+    not underestimated. Sparse files are written out in full by tar.
+    """
+    with Helper(image, volume, SPACE_SCRIPT, read_only=True, capture_stdout=True) as helper:
+        output = b""
+        while True:
+            piece = os.read(helper.stdout_fd, 1 << 16)
+            if not piece:
+                break
+            output += piece
+        helper.finish("measuring volume %s" % volume, reporter)
+    lines = output.decode("utf-8", "replace").splitlines()
+    free = int(lines[0].split()[3]) * 1024
+    held = int(lines[1].split()[0]) * 1024
+    need = summary.data_bytes + summary.members * BLOCK
+    if need > free + held:
+        raise NoRoom("volume %s has room for about %d MiB (%d MiB free and %d MiB it holds now), "
+                     "but the archive needs about %d MiB; nothing was changed"
+                     % (volume, (free + held) >> 20, free >> 20, held >> 20, need >> 20))
+
+
+def wipe_volume(image, volume, reporter, root=None):
+    """Empty the volume; with ``root`` (uid, gid, mode, mtime) set its root folder so too."""
+    script = WIPE_SCRIPT
+    if root is not None:
+        script += "\nchown %d:%d /volume\nchmod %o /volume\ntouch -d @%d /volume" % root
+    with Helper(image, volume, script) as helper:
         helper.finish("emptying volume %s" % volume, reporter)
 
 
@@ -223,13 +256,13 @@ class _StagingWriter:
         self.file.close()
 
 
-def emit_checked_stream(archive, output, transfer, progress=None):
+def emit_checked_stream(archive, output, transfer, progress=None, shape=None):
     """Re-emit the archive's checked members as plain tar into ``output``; give an ArchiveSummary.
 
     Fills ``folders.tar`` and ``symlinks`` on the way and creates ``complete``
     only after the whole archive checked out. Raises ArchiveError.
     """
-    check = archive.check(progress)
+    check = archive.check(progress, shape)
     with open(transfer.file(FOLDERS), "wb") as folders, \
             open(transfer.file(SYMLINKS), "wb") as symlinks:
         for member in check.members:
@@ -256,7 +289,7 @@ def emit_checked_stream(archive, output, transfer, progress=None):
     return check.summary()
 
 
-def stage(archive, transfer, progress):
+def stage(archive, transfer, progress, shape=None):
     """Check the whole archive, staging it as ``plain.tar``; give ``(ArchiveSummary, staged)``.
 
     When the disk has no room for the staged copy, the archive is only
@@ -266,13 +299,13 @@ def stage(archive, transfer, progress):
     try:
         writer = _StagingWriter(transfer.file(PLAIN))
         try:
-            return emit_checked_stream(archive, writer, transfer, progress), True
+            return emit_checked_stream(archive, writer, transfer, progress, shape), True
         finally:
             writer.close()
     except StagingFull:
         transfer.discard(PLAIN, FOLDERS, SYMLINKS, COMPLETE)
     progress.done = 0
-    return archive.check(progress).run(), False
+    return archive.check(progress, shape).run(), False
 
 
 def fill_volume(image, volume, archive, transfer, staged, reporter):

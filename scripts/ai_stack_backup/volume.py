@@ -11,12 +11,11 @@ if anything fails after that the volume is rolled back from the safety copy.
 import contextlib
 import os
 
-from . import capture, docker, transfer
-from .archive import ArchiveInput
-from .errors import ArchiveError, BackupError, RolledBack, VolumeInUse
-from .files import ensure_backup_dir
+from . import capture, docker, files, transfer
+from .archive import ArchiveInput, VolumeShape
+from .errors import ArchiveError, BackupError, RolledBack, Unrestorable, VolumeInUse
 from .gzipstream import CHUNK_SIZE
-from .tarstream import TarReader
+from .tarstream import ArchiveRules, TarReader
 
 
 def _chunks_into(descriptor, gzip_writer, progress):
@@ -73,11 +72,29 @@ def _finish_tar(helper, what, reporter, left_out=()):
         reporter.warn("%s: %s" % (what, line))
 
 
+class _RulesOfRestore:
+    """The restore's rules, applied to a backup as it is made: nothing is published that a
+    restore would refuse (a device node, say). Raises Unrestorable naming the member."""
+
+    def __init__(self, volume):
+        self.volume = volume
+        self._rules = ArchiveRules()
+
+    def check(self, member):
+        try:
+            self._rules.check(member)
+        except ArchiveError as error:
+            raise Unrestorable("volume %s cannot be backed up as it is: %s [%s], and a restore "
+                               "would refuse such an archive, so nothing was published; remove "
+                               "that entry from the volume" % (self.volume, error, error.rule))
+
+
 class VolumeSource:
     """A volume to back up, captured by ``consistency`` (see ``capture``: live, stop, sqlite,
     auto)."""
 
     kind = "volume"
+    uses_work_folder = True
 
     def __init__(self, volume, config, consistency="live"):
         self.name = self.archive_source = volume
@@ -94,10 +111,14 @@ class VolumeSource:
         docker.ensure_image(self.image, reporter)
 
     @contextlib.contextmanager
-    def captured(self, reporter, work_folder=None):
-        """Hold the volume still, or snapshot its databases, for the copy; give the Capture."""
-        with capture.captured(self.consistency, self.name, self.image,
-                              work_folder or self.backup_dir, reporter) as held:
+    def captured(self, reporter, work_folder):
+        """Hold the volume still, or snapshot its databases, for the copy; give the Capture.
+
+        The volume's lock is held throughout: no restore can change it meanwhile.
+        """
+        with files.volume_lock(self.name, (self.backup_dir, work_folder)), \
+                capture.captured(self.consistency, self.name, self.image, work_folder,
+                                 reporter) as held:
             self._capture = held
             try:
                 yield held
@@ -115,15 +136,15 @@ class VolumeSource:
         snapshots = self._capture.snapshots if self._capture else {}
         with transfer.volume_tar_stream(self.image, self.name, work_folder, what) as \
                 (descriptor, helper):
+            rules = _RulesOfRestore(self.name)
             try:
                 if snapshots:
                     members = capture.write_with_snapshots(
-                        _chunks(descriptor, progress), output, snapshots, reporter)
+                        _chunks(descriptor, progress), output, snapshots, rules.check)
                 else:
-                    # Structure and end marker only: a restore reads every member fully.
-                    reader = TarReader(_chunks_into(descriptor, output, progress), light=True)
-                    for _ in reader:
-                        pass
+                    reader = TarReader(_chunks_into(descriptor, output, progress))
+                    for member in reader:
+                        rules.check(member)
                     members = reader.members
             except ArchiveError as error:
                 returncode = helper.wait(timeout=docker.HELPER_EXIT_GRACE)
@@ -149,31 +170,29 @@ class VolumeTarget:
         self.safety_copy = safety_copy
         self.stop_containers = stop_containers
         self.existed = None
+        self._empty_root = None  # (uid, gid, mode, mtime) of an empty volume's root folder
 
-    def check(self):
+    def check(self, archive_path):
         docker.check_volume_name(self.name)
 
     def prepare(self, reporter):
         self.existed = docker.volume_exists(self.name)
         docker.ensure_image(self.image, reporter)
 
-    def _work_folder(self, archive_folder):
-        """BACKUP_DIR when set (or for stdin), else the archive's folder."""
-        if self.config.backup_dir_configured or archive_folder is None:
-            return ensure_backup_dir(self.config.backup_dir)
-        return archive_folder
-
     @contextlib.contextmanager
-    def staged(self, archive, archive_folder, progress, reporter):
-        work_folder = self._work_folder(archive_folder)
-        with transfer.TransferFolder(work_folder) as folder:
-            _, staged = transfer.stage(archive, folder, progress)
+    def staged(self, archive, work_folder, progress, reporter):
+        """Check the archive into a transfer folder, holding the volume's lock until the end."""
+        with files.volume_lock(self.name, (self.config.backup_dir, work_folder)), \
+                transfer.TransferFolder(work_folder) as folder:
+            summary, staged = transfer.stage(archive, folder, progress, VolumeShape())
             if not staged:
                 reporter.log("too little free space in %s to stage the uncompressed archive; "
                              "checked it first, streaming it in a second pass" % work_folder)
-            yield _Staged(folder, staged, work_folder)
+            yield _Staged(folder, staged, work_folder, summary)
 
     def apply(self, staged, archive, reporter, save_copy):
+        if self.existed:
+            transfer.space_check(self.image, self.name, staged.summary, reporter)
         users = docker.containers_using_volume(self.name) if self.existed else []
         if users and not self.stop_containers:
             names = " ".join(container.name for container in users)
@@ -186,9 +205,7 @@ class VolumeTarget:
                 else contextlib.nullcontext():
             snapshot = None
             if self.existed and self.safety_copy:
-                snapshot = self._save_current(self.config.backup_dir
-                                              if self.config.backup_dir_configured
-                                              else staged.work_folder, reporter, save_copy)
+                snapshot = self._save_current(reporter, save_copy)
             if not self.existed:
                 docker.create_volume(self.name)
             reporter.status("WARNING: deleting existing volume data")
@@ -210,18 +227,23 @@ class VolumeTarget:
             closing.append("Previous contents kept in: %s" % snapshot)
         return closing
 
-    def _save_current(self, folder, reporter, save_copy):
-        """Save the volume as an ordinary archive in ``folder``; give its path, or None if empty.
+    def _save_current(self, reporter, save_copy):
+        """Save the volume as an ordinary archive (in the work folder); give its path, or None
+        if it is empty.
 
         Raises BackupError when it cannot be written: the restore then stops
         before anything changed.
         """
         try:
-            result = save_copy(VolumeSource(self.name, self.config), ensure_backup_dir(folder))
+            result = save_copy(VolumeSource(self.name, self.config))
         except BackupError as error:
             raise BackupError("cannot save the current contents of volume %s before the "
                               "restore, so nothing was changed: %s" % (self.name, error))
         if result.members <= 1:  # only the volume's root folder: it is empty
+            with open(result.path, "rb") as file:
+                check = ArchiveInput(file, result.path).check()
+                root = next(check.members)
+                self._empty_root = (root.uid, root.gid, root.mode, root.mtime)
             os.unlink(result.path)
             return None
         reporter.status("Safety backup of the current contents: %s" % result.path)
@@ -236,8 +258,9 @@ class VolumeTarget:
                 docker.remove_volume(self.name)
                 return "volume %s, which this restore created, was removed again" % self.name
             if snapshot is None:
-                transfer.wipe_volume(self.image, self.name, reporter)
-                return "volume %s was emptied again, as it was before" % self.name
+                transfer.wipe_volume(self.image, self.name, reporter, self._empty_root)
+                return ("volume %s was emptied again, its root folder's owner, mode and mtime "
+                        "put back, as it was before" % self.name)
             with open(snapshot, "rb") as file, transfer.TransferFolder(work_folder) as folder:
                 archive = ArchiveInput(file, snapshot)
                 with reporter.silent().progress("Checking the safety backup") as progress:
@@ -255,5 +278,6 @@ class VolumeTarget:
 
 
 class _Staged:
-    def __init__(self, folder, staged, work_folder):
+    def __init__(self, folder, staged, work_folder, summary):
         self.folder, self.staged, self.work_folder = folder, staged, work_folder
+        self.summary = summary

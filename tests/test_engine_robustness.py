@@ -1,0 +1,241 @@
+"""Robustness against other users and bad luck (real engine): private work folders, one
+restore per volume, archives that are always restorable, paths made absolute once."""
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+
+import pytest
+
+import testkit
+from ai_stack_backup import cli, files
+from conftest import SCRIPTS
+from test_engine_hardening import SLOW_IMAGE, backup_of, gz, small_volume, \
+    start_slow_restore, wait_for  # noqa: F401
+from test_tarstream import entry, raw_tar
+
+pytestmark = pytest.mark.engine
+
+
+class FolderThief(threading.Thread):
+    """Another user's process: swaps every transfer folder that appears in ``folder`` for a
+    symlink to a folder of its own, and remembers what it caught."""
+
+    def __init__(self, folder, loot):
+        super().__init__(daemon=True)
+        self.folder, self.loot = str(folder), str(loot)
+        self.seen = []
+        self.running = True
+
+    def run(self):
+        while self.running:
+            for name in os.listdir(self.folder):
+                path = os.path.join(self.folder, name)
+                if name.startswith(files.WORK_PREFIX + "transfer-") and not os.path.islink(path):
+                    self.seen.append(name)
+                    try:
+                        os.rename(path, path + ".stolen")
+                        os.symlink(self.loot, path)
+                    except OSError:
+                        pass
+            time.sleep(0.001)
+
+    def stop(self):
+        self.running = False
+        self.join()
+
+
+def test_work_files_never_go_to_a_folder_others_can_write(helper_env, small_volume, make_volume,
+                                                          tmp_path, public_tmp, own_backup_dir):
+    volume, original = small_volume
+    other = make_volume()
+    testkit.fill_volume(other, testkit.make_tricky_tree(tmp_path / "tricky").decode())
+    shared = os.path.join(public_tmp, "shared")
+    os.mkdir(shared)
+    os.chmod(shared, 0o777)  # a folder every user can write, no sticky bit
+    archive = backup_of(other, shared)
+    loot = os.path.join(public_tmp, "loot")
+    os.mkdir(loot)
+    thief = FolderThief(shared, loot)
+    thief.start()
+    try:
+        assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet"]) == 0
+    finally:
+        thief.stop()
+    assert thief.seen == [] and os.listdir(loot) == []  # nothing of the volume leaked
+    assert [name for name in os.listdir(shared) if not name.startswith(files.LOCK_NAME)] == \
+        [os.path.basename(archive)]
+    assert testkit.volume_state(volume) == testkit.volume_state(other)
+    safety = [name for name in os.listdir(str(own_backup_dir)) if name.startswith(volume)]
+    assert len(safety) == 1
+
+
+def test_a_backup_folder_others_can_write_is_not_used_for_work_files(
+        helper_env, small_volume, tmp_path, public_tmp, monkeypatch, capsys):
+    volume, _ = small_volume
+    shared = os.path.join(public_tmp, "shared-backups")
+    os.mkdir(shared)
+    os.chmod(shared, 0o777)
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    monkeypatch.setenv("BACKUP_DIR", shared)
+    monkeypatch.setenv("HOME", str(home))
+    loot = os.path.join(public_tmp, "loot")
+    os.mkdir(loot)
+    thief = FolderThief(shared, loot)
+    thief.start()
+    try:
+        assert cli.backup_docker_volume_main([volume, str(tmp_path / "mine"), "--quiet"]) == 0
+    finally:
+        thief.stop()
+    assert thief.seen == [] and os.listdir(loot) == []
+    private = home / ".cache" / "ai-stack-backup"
+    assert "work files go to %s: the backup folder %s can be changed by other users" % (
+        private, shared) in capsys.readouterr().err
+    assert stat.S_IMODE(os.stat(str(private)).st_mode) == 0o700
+
+
+def test_one_restore_per_volume_at_a_time(helper_env, small_volume, make_volume, tmp_path,
+                                          own_backup_dir, capsys):
+    volume, original = small_volume
+    archive = backup_of(volume, tmp_path / "archives")
+    lock = os.path.join(str(own_backup_dir), files.LOCK_NAME + "-volume-" + volume)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, b'%d\\n' % os.getpid())\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n"), lock], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        assert cli.restore_docker_volume_main([volume, archive, "--force"]) == 75
+        assert "another backup or restore of volume %s (PID %d) holds the lock" % (
+            volume, holder.pid) in capsys.readouterr().err
+        assert cli.backup_docker_volume_main([volume, str(tmp_path / "b")]) == 75
+    finally:
+        holder.kill()
+        holder.wait()
+    assert testkit.volume_state(volume) == original
+    assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet"]) == 0
+
+
+def test_two_real_restores_of_one_volume_do_not_mix(helper_env, small_volume, make_volume,
+                                                    tmp_path):
+    volume, _ = small_volume
+    other = make_volume()
+    testkit.fill_volume(other, testkit.make_tricky_tree(tmp_path / "tricky").decode())
+    archive = backup_of(other, tmp_path / "archives")
+    first = start_slow_restore(volume, archive)
+    try:
+        second = subprocess.run(
+            [sys.executable, os.path.join(SCRIPTS, "restore_docker_volume.py"), volume, archive,
+             "--force"], capture_output=True, timeout=120)
+        assert second.returncode == 75, second.stderr
+        assert b"(PID %d) holds the lock" % first.pid in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_what_restore_refuses_is_never_published(helper_env, make_volume, tmp_path, capsys):
+    volume = make_volume()
+    root = testkit.mountpoint(volume)
+    os.mknod(os.path.join(root, "null-copy"), 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    folder = tmp_path / "backups"
+    assert cli.backup_docker_volume_main([volume, str(folder)]) == 1
+    error = capsys.readouterr().err
+    assert "is a character device; device files are refused [device-file]" in error
+    assert "nothing was published" in error
+    assert not folder.exists() or os.listdir(str(folder)) == []
+
+
+def test_hard_links_to_symlinks_and_fifos_restore_as_they_were(helper_env, make_volume,
+                                                               tmp_path):
+    volume = make_volume()
+    root = testkit.mountpoint(volume)
+    os.symlink("/etc/hostname", os.path.join(root, "absolute"))
+    os.symlink("relative-target", os.path.join(root, "relative"))
+    os.mkfifo(os.path.join(root, "pipe"))
+    os.mkdir(os.path.join(root, "sub"))
+    for name in ("absolute", "relative", "pipe"):
+        os.link(os.path.join(root, name), os.path.join(root, "sub", name + "-link"),
+                follow_symlinks=False)
+    archive = backup_of(volume, tmp_path / "backups")
+    assert cli.verify_backup_main([archive]) == 0
+    target = make_volume(create=False)
+    assert cli.restore_docker_volume_main([target, archive, "--force", "--quiet"]) == 0
+    assert testkit.volume_state(target) == testkit.volume_state(volume)
+    restored = testkit.mountpoint(target)
+    for name in ("absolute", "relative", "pipe"):
+        assert os.lstat(os.path.join(restored, name)).st_ino == \
+            os.lstat(os.path.join(restored, "sub", name + "-link")).st_ino
+
+
+def test_verify_and_restore_give_one_verdict(helper_env, make_volume, tmp_path, capsys):
+    members = [entry("./", tarfile.DIRTYPE), entry("./big-owner", data=b"x",
+                                                   pax={"uid": str(2 ** 60)})]
+    archive = tmp_path / "owner.tar.gz"
+    archive.write_bytes(gz(raw_tar(members, tarfile.PAX_FORMAT)))
+    assert cli.verify_backup_main([str(archive)]) == 1
+    assert capsys.readouterr().out.rstrip().endswith("which no Linux system has [owner-range]")
+    volume = make_volume()
+    assert cli.restore_docker_volume_main([volume, str(archive), "--force"]) == 1
+    assert "is refused [owner-range]" in capsys.readouterr().err
+
+
+def test_a_path_archive_is_not_restored_into_a_volume(helper_env, small_volume, tmp_path,
+                                                      capsys):
+    volume, original = small_volume
+    source = tmp_path / "notes"
+    (source / "sub").mkdir(parents=True)
+    (source / "sub" / "a.txt").write_text("a")
+    assert cli.backup_path_main([str(source), str(tmp_path / "b"), "--quiet"]) == 0
+    archive = os.path.join(str(tmp_path / "b"), os.listdir(str(tmp_path / "b"))[0])
+    capsys.readouterr()
+    assert cli.restore_docker_volume_main([volume, archive, "--force"]) == 1
+    error = capsys.readouterr().err
+    assert "is refused [path-archive]: it holds the one top-level entry 'notes'" in error
+    assert "restore it with restore_path.py" in error
+    assert testkit.volume_state(volume) == original
+
+
+def test_a_failed_restore_into_an_empty_volume_puts_its_root_back(helper_env, make_volume,
+                                                                  tmp_path):
+    volume = make_volume()
+    root = testkit.mountpoint(volume)
+    os.chown(root, 1234, 5678)
+    os.chmod(root, 0o750)
+    os.utime(root, (1_500_000_000, 1_500_000_000))
+    empty = testkit.volume_state(volume)
+    other = make_volume()
+    testkit.fill_volume(other, testkit.make_tricky_tree(tmp_path / "tricky").decode())
+    archive = backup_of(other, tmp_path / "archives")
+    process = start_slow_restore(volume, archive)
+    wait_for(lambda: testkit.helper_containers(volume), "the restore's helper")
+    testkit.docker("tag", helper_env, SLOW_IMAGE)  # the rollback runs at normal speed
+    for name in testkit.helper_containers(volume):
+        testkit.docker("kill", name, check=False)
+    error = process.stderr.read()
+    assert process.wait(timeout=120) == 1
+    assert b"was emptied again, its root folder's owner, mode and mtime put back" in error
+    assert testkit.volume_state(volume) == empty
+
+
+@pytest.mark.compat
+def test_relative_folders_work_on_every_python(helper_env, small_volume, make_volume, tmp_path,
+                                               monkeypatch):
+    volume, original = small_volume
+    monkeypatch.chdir(str(tmp_path))
+    monkeypatch.setenv("BACKUP_DIR", "relative-backup-dir")
+    assert cli.backup_docker_volume_main([volume, "relative", "--quiet"]) == 0
+    archive = os.path.join("relative", os.listdir("relative")[0])
+    target = make_volume(create=False)
+    assert cli.restore_docker_volume_main([target, archive, "--force", "--quiet"]) == 0
+    assert testkit.volume_state(target) == original
+    shutil.rmtree("relative")
