@@ -401,3 +401,19 @@ def test_a_swapped_staging_folder_redirects_nothing(tricky, tmp_path, monkeypatc
     assert os.listdir(str(evil)) == ["tree"]
     assert not os.path.islink(str(target))
     assert testkit.tree_state(str(target)) == state
+
+
+def test_sparse_files_come_back_sparse(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    with open(str(source / "disk.img"), "wb") as file:
+        file.truncate(100 * 1024 * 1024)
+        file.seek(50 * 1024 * 1024)
+        file.write(os.urandom(1024 * 1024))
+    archive = backup(str(source), tmp_path / "b")
+    target = tmp_path / "restored"
+    assert cli.restore_path_main([archive, str(target), "--force", "--quiet"]) == 0
+    restored = os.stat(str(target / "disk.img"))
+    assert restored.st_size == 100 * 1024 * 1024
+    assert restored.st_blocks * 512 < 10 * 1024 * 1024  # not inflated to 100 MiB
+    assert testkit.tree_state(str(target)) == testkit.tree_state(str(source))

@@ -288,10 +288,11 @@ class _HostExtractor:
         if member.kind == FILE:
             descriptor = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                                  | os.O_CLOEXEC, 0o600, dir_fd=parent)
-            with open(descriptor, "wb", buffering=0, closefd=False) as file:
-                for piece in data:
-                    while piece:
-                        piece = piece[file.write(piece):]
+            try:
+                _write_sparse(descriptor, data, member.size)
+            except BaseException:
+                os.close(descriptor)
+                raise
             try:
                 self._owner(member, descriptor)
                 os.fchmod(descriptor, member.mode)  # after chown, which clears setuid
@@ -345,6 +346,25 @@ class _HostExtractor:
                 os.utime(descriptor, (member.mtime, member.mtime))
             finally:
                 os.close(descriptor)
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _write_sparse(descriptor, data, size):
+    """Write the pieces of ``data``, leaving holes where a whole piece is zeros.
+
+    Pieces are at most 1 MiB, so a sparse file that was backed up (its holes
+    read as zeros) comes back sparse instead of filling the disk.
+    """
+    for piece in data:
+        if len(piece) <= len(_ZEROS) and piece == _ZEROS[:len(piece)]:
+            os.lseek(descriptor, len(piece), os.SEEK_CUR)
+            continue
+        view = memoryview(piece)
+        while view:
+            view = view[os.write(descriptor, view):]
+    os.ftruncate(descriptor, size)  # a hole at the end has no data to mark the length
 
 
 def _remove_below(descriptor):
