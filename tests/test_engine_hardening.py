@@ -54,9 +54,15 @@ def small_disk(public_tmp):
         pytest.skip("mounting a tmpfs needs root")
     path = os.path.join(public_tmp, "small-disk")
     os.mkdir(path)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", path], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", path],
+                   check=True)
     yield path
     subprocess.run(["umount", "-l", path], check=True)
+
+
+def without_locks(names):
+    """The names of a folder but the lock files (they stay: only the flock on them counts)."""
+    return [name for name in names if not name.startswith(files.LOCK_NAME)]
 
 
 def gz(data):
@@ -196,7 +202,7 @@ def test_restore_streams_twice_when_the_disk_cannot_stage_it(helper_env, make_vo
     assert cli.restore_docker_volume_main([target, archive, "--force", "--quiet"]) == 0
     assert "streaming it in a second pass" in capsys.readouterr().err
     assert testkit.volume_state(target) == testkit.volume_state(source)
-    assert os.listdir(small_disk) == []
+    assert without_locks(os.listdir(small_disk)) == []
 
 
 # --- safety backup and rollback ------------------------------------------------------
@@ -216,7 +222,7 @@ def test_safety_backup_is_an_ordinary_archive(helper_env, small_volume, make_vol
     assert cli.restore_docker_volume_main([volume, archive, "--force"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert os.listdir(str(tmp_path / "archives")) == [os.path.basename(archive)]
-    snapshots = [name for name in os.listdir(str(own_backup_dir))
+    snapshots = [name for name in without_locks(os.listdir(str(own_backup_dir)))
                  if name.startswith(volume + "__")]
     assert len(snapshots) == 1  # in the (private) backup folder, never next to the archive
     snapshot = os.path.join(str(own_backup_dir), snapshots[0])
@@ -229,7 +235,8 @@ def test_safety_backup_is_an_ordinary_archive(helper_env, small_volume, make_vol
     # With BACKUP_DIR set, the safety backup goes there.
     monkeypatch.setenv("BACKUP_DIR", str(tmp_path / "configured"))
     assert cli.restore_docker_volume_main([check, archive, "--force", "--quiet"]) == 0
-    assert [name.split("__")[0] for name in os.listdir(str(tmp_path / "configured"))] == [check]
+    configured = without_locks(os.listdir(str(tmp_path / "configured")))
+    assert [name.split("__")[0] for name in configured] == [check]
 
 
 def test_no_safety_backup_of_an_empty_volume_or_when_declined(helper_env, small_volume,
@@ -351,7 +358,7 @@ def test_restore_stops_before_any_change_if_the_safety_backup_fails(
     assert "cannot save the current contents" in error and "nothing was changed" in error
     assert "the disk is full" in error
     assert testkit.volume_state(big_volume) == before
-    assert os.listdir(small_disk) == []
+    assert without_locks(os.listdir(small_disk)) == []
 
 
 # --- volumes in use ----------------------------------------------------------------

@@ -250,7 +250,10 @@ class Helper:
     def __init__(self, image, volume, script=None, read_only=False, transfer_path=None,
                  capture_stdout=False, command=None):
         self.name = "ai-stack-backup-%d-%s" % (os.getpid(), secrets.token_hex(4))
-        volume_mount = dict(type="volume", source=volume, target="/volume")
+        volume_mount = {"type": "volume", "source": volume, "target": "/volume",
+                        # An empty volume would otherwise get the image's /volume copied
+                        # into it, its root folder's owner and mode included.
+                        "volume-nocopy": True}
         if read_only:
             volume_mount["readonly"] = True
         arguments = ["run", "-i", "--rm", "--name", self.name, "--label", HELPER_LABEL + "=1",
@@ -326,7 +329,8 @@ class Helper:
         returncode = self.wait()
         if returncode != 0:
             raise self.failed(what, returncode)
-        for line in self.warnings() or [self.error_output()]:
+        lines = self.warnings()
+        for line in [self.error_output()] if lines is None else lines:
             reporter.warn("%s: %s" % (what, line))
 
     def stop(self):
