@@ -206,3 +206,16 @@ def test_lock_is_exclusive_and_names_the_holder(tmp_path):
         with pytest.raises(BlockingIOError):
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.close(descriptor)
+
+
+def test_only_vanished_files_are_forgiven():
+    from ai_stack_backup.capture import vanished_files
+    delayed = "tar: error exit delayed from previous errors"
+    assert vanished_files(1, ["tar: ./a-journal: No such file or directory",
+                              "tar: can't open './b-wal': No such file or directory",
+                              delayed]) == ["./a-journal", "./b-wal"]
+    assert vanished_files(1, ["tar: ./x: Permission denied", delayed]) is None
+    assert vanished_files(1, ["tar: ./a: No such file or directory",
+                              "tar: ./x: Permission denied"]) is None
+    assert vanished_files(2, ["tar: ./a: No such file or directory"]) is None
+    assert vanished_files(1, [delayed]) is None and vanished_files(1, None) is None

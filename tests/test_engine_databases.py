@@ -83,8 +83,11 @@ def test_auto_gives_committed_states_every_night(writers, helper_env, tmp_path, 
     time.sleep(3)  # a few seconds of undisturbed writing, to compare the pauses against
     idle = {mode: testkit.commit_times_ms(name) for mode, (_, name) in writers.items()}
     for run in range(RUNS):
-        assert cli.backup_all_main(["--quiet"]) == 0, capsys.readouterr()
-        out = capsys.readouterr().out
+        code = cli.backup_all_main(["--quiet"])
+        captured = capsys.readouterr()
+        assert code == 0, [line for line in (captured.out + captured.err).splitlines()
+                           if "FAILED" in line or "ERROR" in line]
+        out = captured.out
         for volume, _ in writers.values():
             line = re.search(r"ok +volume %s: .*, consistency sqlite \(auto\): 1 database "
                              r"snapshotted, longest \d+\.\d\d s" % volume, out)

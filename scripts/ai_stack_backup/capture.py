@@ -45,12 +45,13 @@ ENGINE_MARKERS = (
 
 # Looks without writing (the volume is mounted read-only): one line per engine found, then
 # the first 16 bytes of every file large enough to be a database (one page, 512 bytes), from
-# one ``head`` per batch of files rather than one process per file.
+# one ``head`` per batch of files rather than one process per file. Apps keep writing
+# meanwhile: a journal that is gone before head reads it is no error here.
 DETECT_SCRIPT = "cd /volume\n" + "".join(
     'for m in %s; do if [ -e "$m" ]; then echo "engine %s: $m"; break; fi; done\n'
     % (" ".join(paths), meaning) for meaning, paths in ENGINE_MARKERS) + """\
 echo headers
-find . -type f -size +511c -exec head -c 16 {} +"""
+find . -type f -size +511c -exec head -c 16 {} + 2>/dev/null || true"""
 
 # Runs as ``python3 -c`` in the app's own image (any Python 3.7+): snapshots every database
 # into /transfer/snapshot-N, owned by the invoking user, and prints one JSON line for each.
@@ -114,9 +115,10 @@ sys.stderr.flush()
 os._exit(code)  # no interpreter shutdown: the watchdog thread still blocks in read()
 '''
 
-# busybox tar's words for a file that was listed but gone when it came to be read, and the
-# last line it adds after such errors (its exit code is 1 for every error alike).
-_VANISHED = re.compile(r"tar: (.+): No such file or directory")
+# busybox tar's words for a file that was listed but gone when it came to be read (gone
+# before its lstat, or between that and its open), and the last line it adds after such
+# errors (its exit code is 1 for every error alike).
+_VANISHED = re.compile(r"tar: (?:can't open '(.+)'|(.+)): No such file or directory")
 _DELAYED_EXIT = "tar: error exit delayed from previous errors"
 
 
@@ -249,7 +251,7 @@ def vanished_files(returncode, lines):
     matches = [_VANISHED.fullmatch(line) for line in lines if line != _DELAYED_EXIT]
     if not matches or not all(matches):
         return None
-    return [match.group(1) for match in matches]
+    return [match.group(1) or match.group(2) for match in matches]
 
 
 def left_out(snapshots):
