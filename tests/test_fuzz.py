@@ -161,7 +161,8 @@ def test_host_restore_of_damaged_archives(tmp_path, capsys):
         archive.write_bytes(data)
         expected = model(data, b"top")
         before = testkit.tree_state(str(target))
-        code = cli.restore_path_main([str(archive), str(target), "--force", "--quiet"])
+        code = cli.restore_path_main([str(archive), str(target), "--force", "--quiet",
+                                      "--no-safety-backup"])  # not under test here
         capsys.readouterr()
         if expected is None:
             assert code == 1, description
