@@ -122,8 +122,22 @@ class _ChunkStream:
             pass
 
 
+_NUMBERS = {}  # field bytes -> value: modes, owners and sizes repeat from member to member
+_NUMBERS_KEPT = 4096
+
+
 def _number(field, what, offset):
     """Give the value of a numeric header field (octal or GNU base-256); raises ArchiveError."""
+    value = _NUMBERS.get(field)
+    if value is None:
+        value = _parse_number(field, what, offset)
+        if len(_NUMBERS) >= _NUMBERS_KEPT:
+            _NUMBERS.clear()
+        _NUMBERS[field] = value
+    return value
+
+
+def _parse_number(field, what, offset):
     if field[0] & 0x80:
         if field[0] in (0x80, 0xFF):
             return int.from_bytes(field, "big", signed=True) if field[0] == 0xFF \
