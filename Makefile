@@ -10,6 +10,7 @@ CHECKOUT := $(abspath .)
 SERVICE_USER ?= $(shell stat -c %U $(CHECKOUT))
 SERVICE_GROUP ?= $(shell id -gn $(SERVICE_USER))
 UNIT_DIR ?= /etc/systemd/system
+BACKUP_DIR ?= /srv/ai-stack/backups
 
 .PHONY: prepare demo test bench install-systemd lint
 
@@ -31,14 +32,19 @@ test: prepare
 bench: prepare
 	$(PYTHON) bench/bench.py
 
-# Renders the unit templates for this checkout (paths, user) and installs them.
+# Renders the unit templates for this checkout (paths, user, backup folder) and installs them.
+RENDER = sed -e 's\#/home/wasti/ai_stack/\#$(CHECKOUT)/\#g' \
+	    -e 's\#^User=wasti$$\#User=$(SERVICE_USER)\#' \
+	    -e 's\#^Group=wasti$$\#Group=$(SERVICE_GROUP)\#' \
+	    -e 's\#-o wasti -g wasti\#-o $(SERVICE_USER) -g $(SERVICE_GROUP)\#' \
+	    -e 's\#/srv/ai-stack/backups\#$(BACKUP_DIR)\#g' \
+	    -e 's\#^\\\# Template for .*\#\\\# Rendered by make install-systemd for $(CHECKOUT).\#'
+
 install-systemd:
 	install -d $(DESTDIR)$(UNIT_DIR)
-	sed -e 's#/home/wasti/ai_stack/#$(CHECKOUT)/#g' \
-	    -e 's#^User=wasti$$#User=$(SERVICE_USER)#' \
-	    -e 's#^Group=wasti$$#Group=$(SERVICE_GROUP)#' \
-	    -e 's#^\# Template for .*#\# Rendered by make install-systemd for $(CHECKOUT).#' \
-	    systemd/ai_stack_backup.service > $(DESTDIR)$(UNIT_DIR)/ai_stack_backup.service
+	for unit in ai_stack_backup.service ai_stack_backup-failure.service; do \
+		$(RENDER) systemd/$$unit > $(DESTDIR)$(UNIT_DIR)/$$unit || exit 1; \
+	done
 	install -m 644 systemd/ai_stack_backup.timer $(DESTDIR)$(UNIT_DIR)/ai_stack_backup.timer
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 

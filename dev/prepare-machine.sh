@@ -1,7 +1,7 @@
 #!/bin/sh
 # Installs and starts what the demo, the tests and the benchmarks need, on a fresh
 # Debian machine: a Docker engine, static busybox (the tests' helper image), the
-# rootfs of the tests' app image (dev/build-app-rootfs.sh) and pytest for every
+# root filesystems of the tests' images (dev/build-rootfs.sh) and pytest for every
 # interpreter in $PYTHONS. Does nothing that is already done.
 set -eu
 
@@ -37,9 +37,11 @@ if ! docker info >/dev/null 2>&1; then
     done
 fi
 
-# The tests' app image (python3 with sqlite3) comes from a cached debootstrap rootfs.
+# The tests' app image (python3 with sqlite3) and systemd host image come from cached
+# debootstrap root filesystems.
 if [ "$(id -u)" = 0 ]; then
-    sh "$(dirname "$0")/build-app-rootfs.sh" >/dev/null
+    sh "$(dirname "$0")/build-rootfs.sh" app python3 >/dev/null
+    sh "$(dirname "$0")/build-rootfs.sh" systemd systemd,systemd-sysv,dbus,python3 >/dev/null
 fi
 
 for python in ${PYTHONS:-python3}; do

@@ -251,9 +251,9 @@ def helper_containers(volume):
 # --- an app that writes SQLite ----------------------------------------------------
 
 APP_IMAGE = "ai-stack-backup-test-app:latest"
-APP_ROOTFS = os.environ.get("AI_STACK_APP_ROOTFS") or os.path.join(
-    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-    "ai-stack-backup", "app-rootfs.tar")
+CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                     "ai-stack-backup")
+APP_ROOTFS = os.path.join(CACHE, "app-rootfs.tar")
 ACCOUNTS = 3000
 
 # Moves money between two random accounts per transaction, forever: every committed state
@@ -301,11 +301,18 @@ def build_app_image():
     if subprocess.run(["docker", "image", "inspect", APP_IMAGE],
                       capture_output=True).returncode == 0:
         return APP_IMAGE
-    if not os.path.exists(APP_ROOTFS):
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build-app-rootfs.sh")
-        subprocess.run(["sh", script, APP_ROOTFS], check=True, stdout=subprocess.DEVNULL)
-    docker("import", APP_ROOTFS, APP_IMAGE)
+    docker("import", rootfs("app", "python3"), APP_IMAGE)
     return APP_IMAGE
+
+
+def rootfs(name, packages):
+    """The cached rootfs tarball ``name`` (a minimal Debian with ``packages``), built if missing."""
+    tarball = os.path.join(CACHE, "%s-rootfs.tar" % name)
+    if not os.path.exists(tarball):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build-rootfs.sh")
+        subprocess.run(["sh", script, name, packages, tarball], check=True,
+                       stdout=subprocess.DEVNULL)
+    return tarball
 
 
 def start_sqlite_writer(volume, name, journal_mode, extra=()):

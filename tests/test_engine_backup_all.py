@@ -247,6 +247,7 @@ def test_rendered_units_verify_cleanly(tmp_path):
     assert "User=%s" % subprocess.check_output(["stat", "-c", "%U", REPOSITORY]).decode().strip() \
         in text
     result = subprocess.run(["systemd-analyze", "verify", "--recursive-errors=no", service,
+                             os.path.join(units, "ai_stack_backup-failure.service"),
                              os.path.join(units, "ai_stack_backup.timer")], capture_output=True)
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
 
@@ -267,7 +268,9 @@ def test_service_is_hardened_and_every_option_commented():
     text = "\n".join(lines)
     for required in ("Type=oneshot", "User=wasti", "Group=wasti", "NoNewPrivileges=yes",
                      "PrivateTmp=yes", "ProtectSystem=strict", "ProtectHome=read-only",
-                     "ReadWritePaths=/srv/ai-stack/backups", "TimeoutStartSec=",
+                     "ReadWritePaths=-/srv/ai-stack/backups",
+                     "ExecStartPre=+/usr/bin/install -d -o wasti -g wasti -m 0700 /srv/ai-stack/backups",
+                     "OnFailure=ai_stack_backup-failure.service", "TimeoutStartSec=",
                      "Environment=BACKUP_DIR=/srv/ai-stack/backups",
                      "Environment=RETENTION_DAYS=14", "Environment=BACKUP_CONSISTENCY=auto",
                      "Environment=OUTPUT_ROOT=/home/wasti/ai_stack_data/transcript-miner/output"):

@@ -1,6 +1,6 @@
 """Live databases (real engine): SQLite snapshotted through SQLite, engines stopped, live copies.
 
-An app image with python3 (Debian minbase, see dev/build-app-rootfs.sh) runs a
+An app image with python3 (Debian minbase, see dev/build-rootfs.sh) runs a
 writer that moves money between accounts in an SQLite database, forever:
 every committed state sums to zero. Backups are taken while it writes.
 """

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 
-from . import pipeline
+from . import notify, pipeline
 from .archive import verify_file
 from .backupall import run_backup_all
 from .config import CONSISTENCY_MODES, DEFAULT_BACKUP_DIR, Config
@@ -337,3 +337,26 @@ def backup_all_main(argv=None):
             return EXIT_FAILED
         return EXIT_OK
     return _run(prog, parser, argv, run, backup_all=True)
+
+
+def report_failure_main(argv=None):
+    prog = "report_failure.py"
+    parser = _parser(prog, "Tell a person that a backup run failed: one line in the journal, "
+                     "and a JSON POST to NOTIFY_URL when that is set. systemd runs it as "
+                     "ai_stack_backup-failure.service (OnFailure=), with the failed unit's "
+                     "outcome in MONITOR_* variables.", [
+                         "report_failure.py",
+                         "NOTIFY_URL=https://hooks.example/backup report_failure.py"])
+
+    def report(args, config, reporter):
+        environ = os.environ
+        failure = notify.Failure(
+            environ.get("MONITOR_UNIT", ""), environ.get("MONITOR_SERVICE_RESULT", ""),
+            environ.get("MONITOR_EXIT_CODE", ""), environ.get("MONITOR_EXIT_STATUS", ""),
+            environ.get("MONITOR_INVOCATION_ID", ""))
+        reporter.log(failure.line())
+        url = environ.get("NOTIFY_URL", "").strip()
+        if url:
+            notify.send(url, failure)
+            reporter.log("sent to NOTIFY_URL")
+    return _run(prog, parser, argv, report)

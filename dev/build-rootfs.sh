@@ -1,18 +1,21 @@
 #!/bin/sh
-# Builds, once, the root filesystem of the tests' app image: a minimal Debian with
-# python3 (and its sqlite3 module), as an app container that writes SQLite needs.
+# Builds, once, a root filesystem for the tests' images: a minimal Debian with the
+# packages given, e.g. `app python3` (an app container that writes SQLite) or
+# `systemd systemd,systemd-sysv,dbus,python3` (a host booted with systemd as PID 1).
 # There is no registry here, so it comes from debootstrap with the suite and mirror
-# this machine's apt already uses, and is cached as a tarball that the tests
-# `docker import`. Usage: build-app-rootfs.sh [TARBALL]; prints the tarball's path.
+# this machine's apt already uses, and is cached as a tarball the tests `docker import`.
+# Usage: build-rootfs.sh NAME PACKAGES [TARBALL]; prints the tarball's path.
 set -eu
 
-tarball=${1:-${AI_STACK_APP_ROOTFS:-${XDG_CACHE_HOME:-$HOME/.cache}/ai-stack-backup/app-rootfs.tar}}
+name=$1
+packages=$2
+tarball=${3:-${XDG_CACHE_HOME:-$HOME/.cache}/ai-stack-backup/$name-rootfs.tar}
 if [ -s "$tarball" ]; then
     echo "$tarball"
     exit 0
 fi
 if [ "$(id -u)" != 0 ]; then
-    echo "build-app-rootfs: debootstrap needs root" >&2
+    echo "build-rootfs: debootstrap needs root" >&2
     exit 1
 fi
 
@@ -26,20 +29,20 @@ if [ -z "$mirror" ]; then
         $1 == "deb" && $3 == suite { print $2; exit }')
 fi
 if [ -z "$suite" ] || [ -z "$mirror" ]; then
-    echo "build-app-rootfs: cannot tell the Debian suite and mirror from /etc/os-release and apt's sources" >&2
+    echo "build-rootfs: cannot tell the Debian suite and mirror from /etc/os-release and apt's sources" >&2
     exit 1
 fi
 
 if ! command -v debootstrap >/dev/null 2>&1; then
-    echo "build-app-rootfs: installing debootstrap" >&2
+    echo "build-rootfs: installing debootstrap" >&2
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
 fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-echo "build-app-rootfs: debootstrap $suite from $mirror (about a minute)" >&2
-debootstrap --variant=minbase --include=python3 "$suite" "$work/root" "$mirror" >"$work/log" 2>&1 || {
+echo "build-rootfs: debootstrap $suite ($packages) from $mirror (about a minute)" >&2
+debootstrap --variant=minbase --include="$packages" "$suite" "$work/root" "$mirror" >"$work/log" 2>&1 || {
     tail -20 "$work/log" >&2
     exit 1
 }
