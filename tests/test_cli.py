@@ -149,6 +149,18 @@ def test_list_backups_groups_by_source_and_ignores_lookalikes(tmp_path, capsys):
     assert "lookalike" not in text and "notes" not in text and "link" not in text
 
 
+def test_list_backups_shows_a_failed_copy_but_never_as_the_newest(tmp_path, capsys):
+    good, later = "20260101T000000Z", "20260102T000000Z"
+    (tmp_path / archive_name("owui-data", good)).write_bytes(b"x")
+    (tmp_path / (archive_name("owui-data", later) + ".failed-verification")).write_bytes(b"y")
+    assert cli.list_backups_main([str(tmp_path), "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert [(e["timestamp"], e["newest"], e["failed_verification"]) for e in entries] == [
+        (later, False, True), (good, True, False)]
+    assert cli.list_backups_main([str(tmp_path)]) == 0
+    assert "(failed verification: not a backup)" in capsys.readouterr().out
+
+
 def test_list_backups_default_folder_comes_from_backup_dir(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("BACKUP_DIR", str(tmp_path))
     (tmp_path / archive_name("x", "20260101T000000Z")).write_bytes(b"")

@@ -187,6 +187,19 @@ def test_retention_plan(tmp_path):
         assert kept not in plan
 
 
+def test_failed_copies_go_after_retention_days_even_when_few(tmp_path):
+    from ai_stack_backup.backupall import failed_copies_plan
+    now = time.time()
+    old = _archive(tmp_path, "owui-data", 30, now)
+    young = _archive(tmp_path, "owui-data", 2, now)
+    other = _archive(tmp_path, "retired", 30, now)
+    for path in (old, young, other):
+        os.rename(path, path + ".failed-verification")
+    plan = failed_copies_plan(str(tmp_path), {"owui-data"}, 14, now)
+    assert plan == [old + ".failed-verification"]  # not the young one, not another source's
+    assert retention_plan(str(tmp_path), {"owui-data"}, 14, 0, now) == []  # never backups
+
+
 def test_lock_is_exclusive_and_names_the_holder(tmp_path):
     with BackupLock(str(tmp_path)):
         with pytest.raises(Locked, match="PID %d" % os.getpid()) as raised:

@@ -16,7 +16,7 @@ from .archive import verify_file
 from .errors import BackupError, DatabaseDamaged, NotFound
 from .files import LOCK_NAME, Lock, ensure_backup_dir, remove_stale_work_files
 from .hostpath import PathSource
-from .names import parse_archive_name, parse_timestamp
+from .names import FAILED_SUFFIX, parse_archive_name, parse_failed_name, parse_timestamp
 from .report import human_size
 from .volume import VolumeSource
 
@@ -77,9 +77,9 @@ def _back_up_and_verify(source, folder, config, reporter):
             raise DatabaseDamaged("; ".join(database.describe() for database in damaged))
     except BackupError as error:
         # Keep the bytes for inspection, but not under a name that counts as a backup.
-        os.rename(result.path, result.path + ".failed-verification")
-        return failed("the new archive failed verification (%s); kept as %s.failed-verification"
-                      % (error, result.path))
+        os.rename(result.path, result.path + FAILED_SUFFIX)
+        return failed("the new archive failed verification (%s); kept as %s%s"
+                      % (error, result.path, FAILED_SUFFIX))
     for database in summary.databases:
         if not database.checked:
             reporter.warn("%s: %s" % (result.path, database.describe()))
@@ -120,6 +120,24 @@ def retention_plan(folder, sources, retention_days, min_keep, now=None):
     return [path for _, path in sorted(doomed)]
 
 
+def failed_copies_plan(folder, sources, retention_days, now=None):
+    """Give the ``….failed-verification`` copies of ``sources`` older than ``retention_days``.
+
+    They were kept for inspection and never count as backups, so the newest
+    few are not kept back; only our exact names directly in ``folder`` qualify.
+    """
+    now = time.time() if now is None else now
+    doomed = []
+    for entry in os.scandir(folder):
+        parsed = parse_failed_name(entry.name)
+        if parsed is None or parsed[0] not in sources or not entry.is_file(follow_symlinks=False):
+            continue
+        when = parse_timestamp(parsed[1])
+        if now - when > retention_days * 86400:
+            doomed.append((when, entry.path))
+    return [path for _, path in sorted(doomed)]
+
+
 def run_backup_all(config, reporter, dry_run=False):
     """Back up every configured source, verify, apply retention; give the list of Outcomes.
 
@@ -144,13 +162,17 @@ def run_backup_all(config, reporter, dry_run=False):
                     continue
                 present.append(source)
                 reporter.status("would back up %s %s" % (source.kind, source.name))
-            for path in retention_plan(folder, {source.archive_source for source in present},
-                                       config.retention_days, config.min_keep):
+            names = {source.archive_source for source in present}
+            for path in retention_plan(folder, names, config.retention_days, config.min_keep) + \
+                    failed_copies_plan(folder, names, config.retention_days):
                 reporter.status("would delete %s" % path)
             return []
         outcomes = [_back_up_and_verify(source, folder, config, reporter) for source in sources]
         succeeded = {outcome.source for outcome in outcomes if outcome.status == "ok"}
-        for path in retention_plan(folder, succeeded, config.retention_days, config.min_keep):
+        doomed = retention_plan(folder, succeeded, config.retention_days, config.min_keep)
+        doomed += failed_copies_plan(folder, {source.archive_source for source in sources},
+                                     config.retention_days)
+        for path in doomed:
             reporter.log("retention: deleting %s (older than %d days)"
                          % (path, config.retention_days))
             try:

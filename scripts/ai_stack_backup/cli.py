@@ -23,7 +23,7 @@ from .config import CONSISTENCY_MODES, DEFAULT_BACKUP_DIR, Config
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL_BASE, EXIT_STATUS_HELP, ArchiveError, \
     BackupError, Interrupted
 from .hostpath import PathSource, PathTarget
-from .names import parse_archive_name, parse_timestamp
+from .names import FAILED_SUFFIX, parse_archive_name, parse_failed_name, parse_timestamp
 from .report import Reporter, human_size
 from .volume import VolumeSource, VolumeTarget
 
@@ -236,6 +236,12 @@ def verify_backup_main(argv=None):
     return _run(prog, parser, argv, verify_all)
 
 
+def _mark(entry):
+    if entry["failed_verification"]:
+        return "  (failed verification: not a backup)"
+    return "  (newest)" if entry["newest"] else ""
+
+
 def _databases(summary):
     count = len(summary.databases)
     return ", %d SQLite database%s" % (count, "" if count == 1 else "s") if count else ""
@@ -260,20 +266,23 @@ def list_archives(folder):
         raise BackupError("cannot list %s: %s" % (folder, error.strerror))
     now = time.time()
     for name in sorted(names):
-        parsed = parse_archive_name(name)
+        parsed = parse_archive_name(name) or parse_failed_name(name)
         path = os.path.join(folder, name)
         if parsed is None or not os.path.isfile(path) or os.path.islink(path):
             continue
         source, timestamp = parsed
         entries.append({"source": source, "timestamp": timestamp, "path": path,
                         "size": os.path.getsize(path),
-                        "age_seconds": int(now - parse_timestamp(timestamp))})
+                        "age_seconds": int(now - parse_timestamp(timestamp)),
+                        "failed_verification": name.endswith(FAILED_SUFFIX)})
     entries.sort(key=lambda entry: (entry["source"], entry["timestamp"]), reverse=True)
     entries.sort(key=lambda entry: entry["source"])
     seen = set()
     for entry in entries:
-        entry["newest"] = entry["source"] not in seen
-        seen.add(entry["source"])
+        # A copy that failed verification is shown, but it is nobody's newest backup.
+        entry["newest"] = entry["source"] not in seen and not entry["failed_verification"]
+        if entry["newest"]:
+            seen.add(entry["source"])
     return entries
 
 
@@ -300,7 +309,7 @@ def list_backups_main(argv=None):
                 reporter.status("%s%s" % ("" if entry is entries[0] else "\n", source))
             reporter.status("  %s  %10s  %12s%s"
                             % (entry["timestamp"], human_size(entry["size"]),
-                               _age(entry["age_seconds"]), "  (newest)" if entry["newest"] else ""))
+                               _age(entry["age_seconds"]), _mark(entry)))
         if not entries:
             reporter.status("no archives in %s" % folder)
     return _run(prog, parser, argv, show)

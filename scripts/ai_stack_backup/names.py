@@ -35,6 +35,17 @@ def archive_name(source, timestamp):
     return "%s__%s%s" % (source, timestamp, ARCHIVE_SUFFIX)
 
 
+FAILED_SUFFIX = ".failed-verification"  # a new archive that did not read back; not a backup
+
+
+def parse_failed_name(name):
+    """Give ``(source, timestamp)`` when ``name`` is one of our archive names plus
+    FAILED_SUFFIX, else None."""
+    if not name.endswith(FAILED_SUFFIX):
+        return None
+    return parse_archive_name(name[:-len(FAILED_SUFFIX)])
+
+
 def parse_archive_name(name):
     """Give ``(source, timestamp)`` when ``name`` is exactly one of our archive names, else None."""
     match = ARCHIVE_NAME_PATTERN.fullmatch(name)
