@@ -42,10 +42,12 @@ RENDER = sed -e 's\#/home/wasti/ai_stack/\#$(CHECKOUT)/\#g' \
 
 install-systemd:
 	install -d $(DESTDIR)$(UNIT_DIR)
-	for unit in ai_stack_backup.service ai_stack_backup-failure.service; do \
+	for unit in ai_stack_backup.service ai_stack_backup-failure.service \
+			ai_stack_backup-drill.service; do \
 		$(RENDER) systemd/$$unit > $(DESTDIR)$(UNIT_DIR)/$$unit || exit 1; \
 	done
-	install -m 644 systemd/ai_stack_backup.timer $(DESTDIR)$(UNIT_DIR)/ai_stack_backup.timer
+	install -m 644 systemd/ai_stack_backup.timer systemd/ai_stack_backup-drill.timer \
+		$(DESTDIR)$(UNIT_DIR)/
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 lint:

@@ -23,6 +23,7 @@ MAINS = {
     "verify_backup": cli.verify_backup_main,
     "list_backups": cli.list_backups_main,
     "report_failure": cli.report_failure_main,
+    "drill_restore": cli.drill_restore_main,
 }
 NEED_ARGUMENTS = ["backup_docker_volume", "backup_path", "restore_docker_volume",
                   "restore_path", "verify_backup"]

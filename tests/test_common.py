@@ -232,3 +232,16 @@ def test_only_vanished_files_are_forgiven():
                               "tar: ./x: Permission denied"]) is None
     assert vanished_files(2, ["tar: ./a: No such file or directory"]) is None
     assert vanished_files(1, [delayed]) is None and vanished_files(1, None) is None
+
+
+def test_a_drill_names_what_differs():
+    from ai_stack_backup.drill import _difference
+    entry = ("file", 0o644, 0, 0, 1, 3, "abc")
+    expected = {b"": entry, b"a": entry, b"b": entry, b"c": entry}
+    assert _difference(expected, dict(expected)) is None
+    found = dict(expected)
+    del found[b"a"]
+    found[b"new"] = entry
+    found[b"b"] = entry[:4] + (2,) + entry[5:]  # another mtime
+    assert _difference(expected, found) == (
+        "the restored tree differs: 1 missing (a); 1 not in the archive (new); 1 different (b)")

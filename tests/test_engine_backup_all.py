@@ -248,6 +248,8 @@ def test_rendered_units_verify_cleanly(tmp_path):
         in text
     result = subprocess.run(["systemd-analyze", "verify", "--recursive-errors=no", service,
                              os.path.join(units, "ai_stack_backup-failure.service"),
+                             os.path.join(units, "ai_stack_backup-drill.service"),
+                             os.path.join(units, "ai_stack_backup-drill.timer"),
                              os.path.join(units, "ai_stack_backup.timer")], capture_output=True)
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
 

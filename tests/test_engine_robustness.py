@@ -239,3 +239,40 @@ def test_relative_folders_work_on_every_python(helper_env, small_volume, make_vo
     assert cli.restore_docker_volume_main([target, archive, "--force", "--quiet"]) == 0
     assert testkit.volume_state(target) == original
     shutil.rmtree("relative")
+
+
+def drill_volumes():
+    return {name for name in testkit.docker("volume", "ls", "-q").split()
+            if name.startswith("ai-stack-backup-drill-")}
+
+
+def test_a_drill_restores_into_scratch_and_compares(helper_env, make_volume, tmp_path,
+                                                    own_backup_dir, capsys):
+    volume = make_volume()
+    testkit.fill_volume(volume, testkit.make_tricky_tree(tmp_path / "tricky").decode())
+    os.remove(os.path.join(testkit.mountpoint(volume), "app", "backend", "data", "webui.db"))
+    before = testkit.volume_state(volume)
+    assert cli.backup_docker_volume_main([volume, str(own_backup_dir), "--quiet"]) == 0
+    capsys.readouterr()
+    scratch_before = drill_volumes()
+    assert cli.drill_restore_main([volume]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("DRILL ok %s %s/%s__" % (
+        volume, own_backup_dir, volume)), out
+    assert drill_volumes() == scratch_before  # the scratch volume is gone
+    assert testkit.volume_state(volume) == before  # the real volume untouched
+    # A newest archive that is damaged fails the drill, naming why; scratch gone again.
+    time.sleep(1.1)
+    assert cli.backup_docker_volume_main([volume, str(own_backup_dir), "--quiet"]) == 0
+    newest = sorted(name for name in os.listdir(str(own_backup_dir))
+                    if name.endswith(".tar.gz"))[-1]
+    path = os.path.join(str(own_backup_dir), newest)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x20
+    open(path, "wb").write(bytes(data))
+    capsys.readouterr()
+    assert cli.drill_restore_main([volume]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("DRILL FAILED %s %s: the archive %s is refused [" % (volume, path, path))
+    assert drill_volumes() == scratch_before
+    assert testkit.volume_state(volume) == before

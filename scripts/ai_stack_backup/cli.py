@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 
-from . import notify, pipeline
+from . import drill, notify, pipeline
 from .archive import verify_file
 from .backupall import run_backup_all
 from .config import CONSISTENCY_MODES, DEFAULT_BACKUP_DIR, Config
@@ -369,3 +369,27 @@ def report_failure_main(argv=None):
             notify.send(url, failure)
             reporter.log("sent to NOTIFY_URL")
     return _run(prog, parser, argv, report)
+
+
+def drill_restore_main(argv=None):
+    prog = "drill_restore.py"
+    parser = _parser(prog, "Try the restore before it is needed: for each volume, restore its "
+                     "newest archive in BACKUP_DIR into a fresh scratch volume (never the real "
+                     "one), compare the restored tree with the archive (names, types, sizes, "
+                     "modes, owners, mtimes, contents, link targets), check its SQLite "
+                     "databases, and remove the scratch volume. One line per volume.", [
+                         "drill_restore.py                 # every volume backup_all backs up",
+                         "drill_restore.py owui-data qdrant-data",
+                         "BACKUP_DIR=/srv/ai-stack/backups drill_restore.py tm-data"])
+    parser.add_argument("volumes", nargs="*", metavar="VOLUME",
+                        help="default: the volumes backup_all is configured for (VOLUMES)")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+
+    def run_drills(args, config, reporter):
+        failed = 0
+        for volume in args.volumes or config.volumes:
+            result = drill.drill(volume, config, reporter)
+            reporter.status(result.line())
+            failed += result.problem is not None
+        return EXIT_FAILED if failed else EXIT_OK
+    return _run(prog, parser, argv, run_drills, backup_all=True)

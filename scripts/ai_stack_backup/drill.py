@@ -1,0 +1,171 @@
+"""Restore drills: the newest archive of a volume restored into a scratch volume and compared.
+
+newest archive → restore (all of restore's checks) into a fresh scratch volume → read the
+scratch volume back → compare both trees member by member (and check its databases) →
+scratch volume removed, whatever happened. The real volume is never touched.
+"""
+
+import hashlib
+import os
+import secrets
+import time
+
+from . import docker, pipeline, transfer
+from .archive import ArchiveInput
+from .databases import DatabaseCheck
+from .errors import ArchiveError, BackupError
+from .files import private_work_folder
+from .names import parse_archive_name
+from .tarstream import FILE, HARDLINK, ArchiveRules, TarReader
+from .volume import VolumeTarget
+
+SCRATCH_PREFIX = "ai-stack-backup-drill-"
+
+
+class DrillResult:
+    """How one drill went: ``problem`` is None when the restored tree equals the archive."""
+
+    def __init__(self, volume, archive, members=0, seconds=0.0, problem=None):
+        self.volume, self.archive, self.members = volume, archive, members
+        self.seconds, self.problem = seconds, problem
+
+    def line(self):
+        if self.problem is None:
+            return "DRILL ok %s %s %d %.1f" % (self.volume, self.archive, self.members,
+                                               self.seconds)
+        return "DRILL FAILED %s %s: %s" % (self.volume, self.archive or "-", self.problem)
+
+
+def newest_archive(folder, volume):
+    """Give the path of the newest archive of ``volume`` in ``folder`` (by its name), or None."""
+    found = []
+    for entry in os.scandir(folder):
+        parsed = parse_archive_name(entry.name)
+        if parsed and parsed[0] == volume and entry.is_file(follow_symlinks=False):
+            found.append((parsed[1], entry.path))
+    return max(found)[1] if found else None
+
+
+def _manifest(members, data, databases=None):
+    """Give {path: (kind, mode, uid, gid, mtime, size, sha256 or link target)} of a tar pass.
+
+    A hard link is entered as the file it names (link structure follows from
+    busybox's own order, which a restore need not reproduce).
+    """
+    entries = {}
+    for member in members:
+        description = member.linkname
+        if member.kind == FILE:
+            digest = hashlib.sha256()
+            if databases is not None:
+                databases.offer(member.path, _digested(data(), digest))
+            for piece in data():  # what the database check did not take
+                digest.update(piece)
+            description = digest.hexdigest()
+        elif member.kind == HARDLINK:
+            entries[member.path] = entries[member.link_path]
+            continue
+        entries[member.path] = (member.kind, member.mode, member.uid, member.gid, member.mtime,
+                                member.size, description)
+    return entries
+
+
+def _digested(pieces, digest):
+    """Pass ``pieces`` on, adding each to ``digest`` once the taker is back for the next:
+    a piece taken but then left (the taker stopped) stays unread and comes again."""
+    for piece in pieces:
+        yield piece
+        digest.update(piece)
+
+
+def _archive_manifest(path):
+    with open(path, "rb") as file:
+        check = ArchiveInput(file, path).check()
+        return _manifest(check.members, check.data)
+
+
+def _volume_manifest(image, volume, work_folder, databases, reporter):
+    what = "reading back the drill volume %s" % volume
+    with transfer.volume_tar_stream(image, volume, work_folder, what) as (descriptor, helper):
+        def chunks():
+            while True:
+                chunk = os.read(descriptor, 1 << 20)
+                if not chunk:
+                    return
+                yield chunk
+        reader = TarReader(chunks())
+        rules = ArchiveRules()
+
+        def members():
+            for member in reader:
+                rules.check(member)
+                yield member
+        entries = _manifest(members(), reader.data, databases)
+        helper.finish(what, reporter)
+    return entries
+
+
+def _difference(expected, found):
+    """Say in a few words how the restored tree differs from the archive, or give None."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    changed = sorted(path for path in set(expected) & set(found)
+                     if expected[path] != found[path])
+    if not (missing or extra or changed):
+        return None
+    words = []
+    for label, paths in (("missing", missing), ("not in the archive", extra),
+                         ("different", changed)):
+        if paths:
+            shown = ", ".join(path.decode("utf-8", "replace") or "." for path in paths[:3])
+            words.append("%d %s (%s%s)" % (len(paths), label, shown,
+                                            ", …" if len(paths) > 3 else ""))
+    return "the restored tree differs: " + "; ".join(words)
+
+
+def drill(volume, config, reporter):
+    """Restore the newest archive of ``volume`` into a scratch volume and compare; a DrillResult.
+
+    Never raises BackupError: a failure is the result's ``problem``.
+    """
+    archive = newest_archive(config.backup_dir, volume) if os.path.isdir(config.backup_dir) \
+        else None
+    if archive is None:
+        return DrillResult(volume, None, problem="no archive of it in %s" % config.backup_dir)
+    scratch = SCRATCH_PREFIX + secrets.token_hex(6)
+    quiet = reporter.silent()
+    started = time.monotonic()
+    try:
+        pipeline.restore(VolumeTarget(scratch, config, safety_copy=False), archive, config,
+                         _Muted(quiet))
+        seconds = time.monotonic() - started
+        expected = _archive_manifest(archive)
+        work_folder = private_work_folder(config.backup_dir, quiet)
+        with DatabaseCheck(work_folder) as databases:
+            found = _volume_manifest(config.helper_image, scratch, work_folder, databases,
+                                     quiet)
+            damaged = [result.describe() for result in databases.results() if result.problem]
+        problem = _difference(expected, found) or ("; ".join(damaged) if damaged else None)
+        return DrillResult(volume, archive, len(expected), seconds, problem)
+    except (BackupError, ArchiveError) as error:
+        return DrillResult(volume, archive, problem=str(error))
+    finally:
+        try:
+            if docker.volume_exists(scratch):
+                docker.remove_volume(scratch)
+        except BackupError as error:
+            reporter.error("the drill volume %s could not be removed: %s; remove it with: "
+                           "docker volume rm %s" % (scratch, error, scratch))
+
+
+class _Muted:
+    """A reporter for the drill's restore: its status lines are not the drill's."""
+
+    def __init__(self, reporter):
+        self._reporter = reporter
+
+    def status(self, line):
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self._reporter, name)
