@@ -189,3 +189,22 @@ def test_reader_output_is_bounded_for_a_bomb():
         largest = max(largest, len(piece))
         total += len(piece)
     assert total == 200 * 1024 * 1024 and largest <= gzipstream.OUTPUT_LIMIT
+
+
+def test_short_writes_lose_nothing():
+    class Stingy:
+        """A raw file that takes at most 1000 bytes per write, as one near a full disk may."""
+
+        def __init__(self):
+            self.data = bytearray()
+
+        def write(self, data):
+            piece = bytes(data[:1000])
+            self.data += piece
+            return len(piece)
+    output = Stingy()
+    payload = os.urandom(300000) + b"text " * 100000
+    writer = ParallelGzipWriter(output, 6, 2)
+    writer.write(payload)
+    writer.close()
+    assert gzip.decompress(bytes(output.data)) == payload

@@ -94,7 +94,12 @@ class ParallelGzipWriter:
             self.abort()
 
     def _put(self, data):
-        self.output.write(data)
+        # A raw file may take only part of a write (the disk filling up, say): go on
+        # with the rest, so that no piece in the middle of the stream is ever lost.
+        view = memoryview(data)
+        while view:
+            written = self.output.write(view)
+            view = view[len(view) if written is None else written:]
 
     def _submit(self, chunk):
         dictionary, self._dictionary = self._dictionary, bytes(chunk[-DICTIONARY_SIZE:])
