@@ -170,7 +170,7 @@ def bench_volume(step_backup, step_restore, volume, work, label):
         step_backup.old.append(seconds)
         step_backup.new.append(new_seconds)
         step_backup.rss.append(rss)
-        new_archive = os.path.join(new_folder, os.listdir(new_folder)[0])
+        new_archive = testkit.only_archive(new_folder)
         step_backup.old_size = os.path.getsize(os.path.join(archives, old_name))
         step_backup.new_size = os.path.getsize(new_archive)
         print("  %s round %d: backup old %.2f s, new %.2f s" % (
@@ -257,8 +257,7 @@ def main():
             path_step.new.append(new_seconds)
             path_step.rss.append(rss)
             path_step.old_size = os.path.getsize(old_archive)
-            path_step.new_size = os.path.getsize(os.path.join(new_folder,
-                                                              os.listdir(new_folder)[0]))
+            path_step.new_size = os.path.getsize(testkit.only_archive(new_folder))
             print("  path round %d: tar -czf %.2f s, backup_path %.2f s" % (
                 round_number + 1, path_step.old[-1], path_step.new[-1]), flush=True)
             os.unlink(old_archive)

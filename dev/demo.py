@@ -11,6 +11,7 @@ else builds the tests' busybox helper image (no registry needed).
 import os
 import secrets
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -49,11 +50,17 @@ def main():
     source, copy = "aisb-demo-%s" % suffix, "aisb-demo-copy-%s" % suffix
     workdir = tempfile.mkdtemp(prefix="aisb-demo-", dir="/var/tmp")
     backups = os.path.join(workdir, "backups")
+    # Work files and safety copies go to the demo's own folder, not the host's real one.
+    os.environ["BACKUP_DIR"] = backups
     try:
         sample = os.path.join(workdir, "sample")
         os.makedirs(os.path.join(sample, "app", "backend", "data"))
-        with open(os.path.join(sample, "app", "backend", "data", "webui.db"), "wb") as file:
-            file.write(b"SQLite format 3\0" + os.urandom(200000))
+        database = sqlite3.connect(os.path.join(sample, "app", "backend", "data", "webui.db"))
+        database.execute("CREATE TABLE chat (id INTEGER PRIMARY KEY, text BLOB)")
+        database.executemany("INSERT INTO chat (text) VALUES (randomblob(1000))",
+                             [()] * 200)
+        database.commit()
+        database.close()
         with open(os.path.join(sample, ".env"), "w") as file:
             file.write("TOKEN=demo\n")
         os.chmod(os.path.join(sample, ".env"), 0o600)
@@ -62,7 +69,7 @@ def main():
         testkit.fill_volume(source, sample)
         print("helper image: %s; sample volume: %s" % (image, source), flush=True)
         step("back up", [os.path.join(SCRIPTS, "backup_docker_volume.sh"), source, backups])
-        archive = os.path.join(backups, os.listdir(backups)[0])
+        archive = testkit.only_archive(backups)
         step("verify", [os.path.join(SCRIPTS, "verify_backup.py"), archive])
         step("list", [os.path.join(SCRIPTS, "list_backups.py"), backups])
         step("restore", [os.path.join(SCRIPTS, "restore_docker_volume.sh"), copy, archive,

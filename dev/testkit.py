@@ -365,3 +365,19 @@ def database_state(folder, name="app.db"):
     if (total, count) != (0, ACCOUNTS):
         return "torn: balances sum to %s over %s accounts" % (total, count), done
     return None, done
+
+
+# --- backup folders -----------------------------------------------------------------
+
+def archives_in(folder):
+    """The archives (``*.tar.gz``) directly in ``folder``, as full paths, oldest name first."""
+    return sorted(os.path.join(str(folder), name) for name in os.listdir(str(folder))
+                  if name.endswith(".tar.gz"))
+
+
+def only_archive(folder):
+    """The one archive in ``folder``; its ``.sha256`` must be beside it."""
+    archives = archives_in(folder)
+    assert len(archives) == 1, os.listdir(str(folder))
+    assert os.path.isfile(archives[0] + ".sha256"), os.listdir(str(folder))
+    return archives[0]

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import testkit
 from ai_stack_backup import cli, files
 from ai_stack_backup.names import archive_name, safe_name, utc_timestamp
 from conftest import SCRIPTS
@@ -99,7 +100,8 @@ def make_archive(folder, source, timestamp, content=b"data"):
     data_folder.mkdir()
     (data_folder / "file").write_bytes(content)
     assert cli.backup_path_main([str(data_folder), str(folder / "tmp-out")]) == 0
-    produced = folder / "tmp-out" / os.listdir(str(folder / "tmp-out"))[0]
+    produced = testkit.only_archive(folder / "tmp-out")
+    os.unlink(produced + ".sha256")  # it names the produced file, not the renamed one
     final = folder / archive_name(source, timestamp)
     os.rename(str(produced), str(final))
     return str(final)
@@ -115,7 +117,8 @@ def test_verify_backup_reports_each_archive(tmp_path, capsys):
     not_gzip.write_text("hello")
     capsys.readouterr()
     assert cli.verify_backup_main([good]) == 0
-    assert capsys.readouterr().out == "OK %s: 2 members, 4.9 KiB uncompressed\n" % good
+    assert capsys.readouterr().out == \
+        "OK %s: 2 members, 4.9 KiB uncompressed, no .sha256 beside it\n" % good
     assert cli.verify_backup_main([good, str(bad), str(not_gzip), str(tmp_path / "none")]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("OK ")
@@ -146,7 +149,7 @@ def test_list_backups_groups_by_source_and_ignores_lookalikes(tmp_path, capsys):
     assert cli.list_backups_main([str(folder)]) == 0
     text = capsys.readouterr().out
     assert text.splitlines()[0] == "my__vol" and "%s  1000 B" % newest not in text
-    assert "  %s      1000 B     1h 0m old  (newest)" % newest in text.splitlines()
+    assert "  %s      1000 B     1h 0m old  (newest)  (no .sha256)" % newest in text.splitlines()
     assert "lookalike" not in text and "notes" not in text and "link" not in text
 
 
@@ -233,7 +236,8 @@ def test_an_archive_dated_in_the_future_says_so(tmp_path, capsys):
     future = utc_timestamp(time.time() + 7200)
     (tmp_path / archive_name("owui-data", future)).write_bytes(b"x")
     assert cli.list_backups_main([str(tmp_path)]) == 0
-    assert "  %s         1 B  in the future  (newest)" % future in capsys.readouterr().out
+    assert "  %s         1 B  in the future  (newest)  (no .sha256)" % future in \
+        capsys.readouterr().out
 
 
 def test_a_failed_run_is_told_to_the_journal_and_to_notify_url(monkeypatch, capsys):
@@ -269,3 +273,30 @@ def test_a_failed_run_is_told_to_the_journal_and_to_notify_url(monkeypatch, caps
     monkeypatch.setenv("NOTIFY_URL", "http://127.0.0.1:%d/hook" % server.server_port)
     assert cli.report_failure_main([]) == 1  # nobody listens any more: said, and exit 1
     assert "could not send the failure to NOTIFY_URL" in capsys.readouterr().err
+
+
+def test_every_archive_has_a_checksum_that_standard_tools_check(tmp_path, capsys):
+    source = tmp_path / "notes"
+    source.mkdir()
+    (source / "a.txt").write_text("alpha")
+    folder = tmp_path / "backups"
+    for _ in range(2):
+        assert cli.backup_path_main([str(source), str(folder), "--quiet"]) == 0
+        time.sleep(1.05)
+    archives = [os.path.basename(path) for path in testkit.archives_in(folder)]
+    assert sorted(os.listdir(str(folder))) == sorted(archives + [name + ".sha256"
+                                                                 for name in archives])
+    check = subprocess.run("sha256sum -c *.sha256", shell=True, cwd=str(folder),
+                           capture_output=True)
+    assert check.returncode == 0 and check.stdout.count(b": OK") == 2, check.stdout
+    capsys.readouterr()
+    assert cli.list_backups_main([str(folder), "--json"]) == 0
+    assert [entry["sha256"] for entry in json.loads(capsys.readouterr().out)] == [True, True]
+    path = str(folder / archives[0])
+    assert cli.verify_backup_main([path]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(", sha256 ok")
+    with open(path + ".sha256", "w") as sidecar:
+        sidecar.write("%s  %s\n" % ("0" * 64, archives[0]))
+    assert cli.verify_backup_main([path]) == 1
+    assert "does not match its checksum file %s.sha256 [checksum]" % path in \
+        capsys.readouterr().out

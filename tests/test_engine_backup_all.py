@@ -47,8 +47,11 @@ def app_container(make_volume):
 
 
 def archives_in(folder):
-    return sorted(name for name in os.listdir(str(folder))
-                  if parse_archive_name(name))
+    """Our archive names in ``folder``; each must have its checksum file beside it."""
+    names = sorted(name for name in os.listdir(str(folder)) if parse_archive_name(name))
+    for name in names:
+        assert os.path.exists(os.path.join(str(folder), name + ".sha256")), name
+    return names
 
 
 def test_every_source_is_tried_and_failures_are_named(helper_env, two_volumes, make_volume,
@@ -105,6 +108,7 @@ def test_retention_in_a_real_run(helper_env, two_volumes, make_volume, tmp_path,
     def old(source, days):
         path = folder / archive_name(source, utc_timestamp(now - days * 86400))
         path.write_bytes(b"an old archive")
+        (folder / (path.name + ".sha256")).write_text("0  %s\n" % path.name)
         return path.name
     expired = [old(volume, days) for days in (40, 30, 20)]
     kept = [old(volume, days) for days in (16, 15)]  # expired, but 2 of the 3 newest
@@ -116,6 +120,8 @@ def test_retention_in_a_real_run(helper_env, two_volumes, make_volume, tmp_path,
     unrelated = ["notes.txt", "%s__20200101T000000Z.tar.gz.keep" % volume]
     for name in unrelated:
         (folder / name).write_text("mine")
+    orphan = folder / (archive_name(volume, "20190101T000000Z") + ".sha256")
+    orphan.write_text("0  its archive is gone\n")
     leftover = folder / (files.WORK_PREFIX + "killed.part")
     leftover.write_bytes(b"half an archive")
     monkeypatch.setenv("BACKUP_DIR", str(folder))
@@ -125,8 +131,10 @@ def test_retention_in_a_real_run(helper_env, two_volumes, make_volume, tmp_path,
     assert cli.backup_all_main(["--quiet"]) == 1
     err = capsys.readouterr().err
     remaining = set(os.listdir(str(folder)))
-    assert not remaining & set(expired)
+    assert not remaining & set(expired + [name + ".sha256" for name in expired])
     assert set(kept + fresh + of_failed_source + unrelated) <= remaining
+    assert {name + ".sha256" for name in kept + fresh + of_failed_source} <= remaining
+    assert not orphan.exists()
     assert nested.exists() and not leftover.exists()
     for name in expired:
         assert "retention: deleting %s" % (folder / name) in err
@@ -228,7 +236,7 @@ def test_backup_all_works_with_a_private_tmp_and_no_network(helper_env, two_volu
     assert result.returncode == 0, result.stderr
     assert len(archives_in(folder)) == 3
     assert sorted(name for name in os.listdir(folder) if not name.startswith(files.LOCK_NAME)) \
-        == sorted(archives_in(folder))
+        == sorted(archives_in(folder) + [name + ".sha256" for name in archives_in(folder)])
 
 
 def render_units(destination):

@@ -23,10 +23,7 @@ ARCHIVE_PATTERN = re.compile(r"(?P<source>.+)__\d{8}T\d{6}Z\.tar\.gz")
 OPERATOR = "aisb-operator"
 
 
-def only_archive(folder):
-    names = [name for name in os.listdir(folder) if name.endswith(".tar.gz")]
-    assert len(names) == 1, names
-    return os.path.join(folder, names[0])
+only_archive = testkit.only_archive
 
 
 def old_backup(volume, folder, name):
@@ -302,7 +299,8 @@ def test_non_root_operator_owns_the_archive(helper_env, operator, make_volume, t
     assert (status.st_uid, status.st_gid) == (operator.pw_uid, operator.pw_gid)
     assert stat.S_IMODE(status.st_mode) == 0o600
     assert stat.S_IMODE(os.stat(os.path.join(home, "backups")).st_mode) == 0o700
-    assert os.listdir(os.path.join(home, "backups")) == [os.path.basename(archive)]
+    assert sorted(os.listdir(os.path.join(home, "backups"))) == [
+        os.path.basename(archive), os.path.basename(archive) + ".sha256"]
     # The operator's archive restores exactly.
     target = make_volume(create=False)
     assert cli.restore_docker_volume_main([target, archive, "--force"]) == 0

@@ -196,7 +196,7 @@ def test_restore_streams_twice_when_the_disk_cannot_stage_it(helper_env, make_vo
     source = make_volume()
     testkit.fill_volume(source, testkit.make_tricky_tree(tmp_path / "tricky").decode())
     assert cli.backup_docker_volume_main([source, str(tmp_path / "a"), "--quiet"]) == 0
-    archive = os.path.join(str(tmp_path / "a"), os.listdir(str(tmp_path / "a"))[0])
+    archive = testkit.only_archive(tmp_path / "a")
     monkeypatch.setenv("BACKUP_DIR", small_disk)  # 3 MiB: no room to stage 3+ MiB of tar
     target = make_volume(create=False)
     assert cli.restore_docker_volume_main([target, archive, "--force", "--quiet"]) == 0
@@ -209,7 +209,7 @@ def test_restore_streams_twice_when_the_disk_cannot_stage_it(helper_env, make_vo
 
 def backup_of(volume, folder):
     assert cli.backup_docker_volume_main([volume, str(folder), "--quiet"]) == 0
-    return os.path.join(str(folder), sorted(os.listdir(str(folder)))[-1])
+    return testkit.archives_in(folder)[-1]
 
 
 def test_safety_backup_is_an_ordinary_archive(helper_env, small_volume, make_volume, tmp_path,
@@ -221,9 +221,9 @@ def test_safety_backup_is_an_ordinary_archive(helper_env, small_volume, make_vol
     capsys.readouterr()
     assert cli.restore_docker_volume_main([volume, archive, "--force"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert os.listdir(str(tmp_path / "archives")) == [os.path.basename(archive)]
-    snapshots = [name for name in without_locks(os.listdir(str(own_backup_dir)))
-                 if name.startswith(volume + "__")]
+    assert testkit.archives_in(tmp_path / "archives") == [archive]
+    snapshots = [os.path.basename(path) for path in testkit.archives_in(own_backup_dir)
+                 if os.path.basename(path).startswith(volume + "__")]
     assert len(snapshots) == 1  # in the (private) backup folder, never next to the archive
     snapshot = os.path.join(str(own_backup_dir), snapshots[0])
     assert out[2] == "Safety backup of the current contents: %s" % snapshot
@@ -235,8 +235,8 @@ def test_safety_backup_is_an_ordinary_archive(helper_env, small_volume, make_vol
     # With BACKUP_DIR set, the safety backup goes there.
     monkeypatch.setenv("BACKUP_DIR", str(tmp_path / "configured"))
     assert cli.restore_docker_volume_main([check, archive, "--force", "--quiet"]) == 0
-    configured = without_locks(os.listdir(str(tmp_path / "configured")))
-    assert [name.split("__")[0] for name in configured] == [check]
+    configured = testkit.archives_in(tmp_path / "configured")
+    assert [os.path.basename(path).split("__")[0] for path in configured] == [check]
 
 
 def test_no_safety_backup_of_an_empty_volume_or_when_declined(helper_env, small_volume,
@@ -247,7 +247,7 @@ def test_no_safety_backup_of_an_empty_volume_or_when_declined(helper_env, small_
     assert cli.restore_docker_volume_main([empty, archive, "--force"]) == 0
     assert cli.restore_docker_volume_main([volume, archive, "--force", "--no-safety-backup"]) == 0
     assert "Safety backup" not in capsys.readouterr().out
-    assert os.listdir(str(tmp_path / "archives")) == [os.path.basename(archive)]
+    assert testkit.archives_in(tmp_path / "archives") == [archive]
 
 
 def restore_caught_after_the_wipe(engine, volume, tmp_path, make_volume):

@@ -68,10 +68,11 @@ def test_work_files_never_go_to_a_folder_others_can_write(helper_env, small_volu
     finally:
         thief.stop()
     assert thief.seen == [] and os.listdir(loot) == []  # nothing of the volume leaked
-    assert [name for name in os.listdir(shared) if not name.startswith(files.LOCK_NAME)] == \
-        [os.path.basename(archive)]
+    assert sorted(name for name in os.listdir(shared) if not name.startswith(files.LOCK_NAME)) \
+        == [os.path.basename(archive), os.path.basename(archive) + ".sha256"]
     assert testkit.volume_state(volume) == testkit.volume_state(other)
-    safety = [name for name in os.listdir(str(own_backup_dir)) if name.startswith(volume)]
+    safety = [path for path in testkit.archives_in(own_backup_dir)
+              if os.path.basename(path).startswith(volume)]
     assert len(safety) == 1
 
 
@@ -196,7 +197,7 @@ def test_a_path_archive_is_not_restored_into_a_volume(helper_env, small_volume, 
     (source / "sub").mkdir(parents=True)
     (source / "sub" / "a.txt").write_text("a")
     assert cli.backup_path_main([str(source), str(tmp_path / "b"), "--quiet"]) == 0
-    archive = os.path.join(str(tmp_path / "b"), os.listdir(str(tmp_path / "b"))[0])
+    archive = testkit.only_archive(tmp_path / "b")
     capsys.readouterr()
     assert cli.restore_docker_volume_main([volume, archive, "--force"]) == 1
     error = capsys.readouterr().err
@@ -234,7 +235,7 @@ def test_relative_folders_work_on_every_python(helper_env, small_volume, make_vo
     monkeypatch.chdir(str(tmp_path))
     monkeypatch.setenv("BACKUP_DIR", "relative-backup-dir")
     assert cli.backup_docker_volume_main([volume, "relative", "--quiet"]) == 0
-    archive = os.path.join("relative", os.listdir("relative")[0])
+    archive = os.path.relpath(testkit.only_archive("relative"))
     target = make_volume(create=False)
     assert cli.restore_docker_volume_main([target, archive, "--force", "--quiet"]) == 0
     assert testkit.volume_state(target) == original

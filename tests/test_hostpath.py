@@ -35,9 +35,7 @@ def tricky(tmp_path, root_only):
 
 def backup(source, folder, capsys=None):
     assert cli.backup_path_main([source, str(folder)]) == 0
-    names = os.listdir(str(folder))
-    assert len(names) == 1
-    return os.path.join(str(folder), names[0])
+    return testkit.only_archive(folder)
 
 
 def test_round_trip_is_exact(tricky, tmp_path, capsys):
@@ -97,7 +95,7 @@ def test_fifos_are_never_read_and_sockets_and_devices_are_skipped(tmp_path, root
     assert result.returncode == 0, result.stderr
     assert b"sock is a socket; skipped" in result.stderr
     assert b"null is a device file; skipped" in result.stderr
-    archive = os.path.join(str(tmp_path / "b"), os.listdir(str(tmp_path / "b"))[0])
+    archive = testkit.only_archive(tmp_path / "b")
     with tarfile.open(archive) as listing:
         assert sorted(listing.getnames()) == ["src", "src/fifo", "src/file"]
         assert listing.getmember("src/fifo").isfifo()
@@ -268,7 +266,7 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, monkeypatch, capsys):
 
     def small_disk(self, final_path):
         original(self, final_path)
-        real_write = self.file.write
+        real_write = self.output.file.write
 
         class FullFile:
             def __init__(self, file):
@@ -282,7 +280,7 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, monkeypatch, capsys):
 
             def __getattr__(self, name):
                 return getattr(self._file, name)
-        self.file = FullFile(self.file)
+        self.output.file = FullFile(self.output.file)  # what the archive is written through
     monkeypatch.setattr(files.AtomicArchive, "__init__", small_disk)
     assert cli.backup_path_main([str(source), str(tmp_path / "b")]) == 1
     assert "the disk is full" in capsys.readouterr().err
@@ -359,7 +357,7 @@ def test_restore_path_keeps_the_previous_contents_as_an_archive(tricky, tmp_path
     assert testkit.tree_state(str(target)) == state
     assert cli.restore_path_main([saved, str(target), "--force", "--no-safety-backup"]) == 0
     assert testkit.tree_state(str(target)) == previous
-    assert len(os.listdir(str(own_backup_dir))) == 1  # declined: no second copy
+    assert len(testkit.archives_in(own_backup_dir)) == 1  # declined: no second copy
 
 
 def test_a_swapped_staging_folder_redirects_nothing(tricky, tmp_path, monkeypatch):

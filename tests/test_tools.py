@@ -65,7 +65,7 @@ def test_progress_on_a_terminal_only(large_tree, tmp_path):
     assert piped.returncode == 0 and piped.stderr == b""
     assert b"\r" not in piped.stdout and b"\x1b" not in piped.stdout
     # A restore knows the total: percentage and ETA.
-    archive = os.path.join(str(tmp_path / "a"), os.listdir(str(tmp_path / "a"))[0])
+    archive = testkit.only_archive(tmp_path / "a")
     code, output = run_on_terminal([sys.executable, os.path.join(SCRIPTS, "restore_path.py"),
                                     archive, str(tmp_path / "restored"), "--force"])
     assert code == 0 and b"%" in output and b"Checking archive" in output
@@ -84,7 +84,7 @@ def test_volume_streams_between_hosts(helper_env, make_volume, tmp_path):
                                                      "Output: -", "OK"]
     assert subprocess.run([sys.executable, backup, source, str(tmp_path / "file"), "--quiet"],
                           capture_output=True).returncode == 0
-    archive = os.path.join(str(tmp_path / "file"), os.listdir(str(tmp_path / "file"))[0])
+    archive = testkit.only_archive(tmp_path / "file")
     with open(archive, "rb") as file:
         assert gzip.decompress(streamed.stdout) == gzip.decompress(file.read())
     target = make_volume(create=False)

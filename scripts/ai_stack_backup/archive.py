@@ -4,10 +4,12 @@ Restore, verify_backup and backup_all's read-back all use ``scan_archive``, so
 an archive that verifies is exactly an archive that restores.
 """
 
+import hashlib
 import os
 
 from .databases import DatabaseCheck
 from .errors import ArchiveError, BackupError, describe_os_error
+from .files import CHECKSUM_SUFFIX
 from .gzipstream import iter_gunzip, prefetched
 from .tarstream import FILE, ArchiveRules, TarReader
 
@@ -23,6 +25,7 @@ class ArchiveSummary:
         self.tar_bytes = tar_bytes
         self.compressed_bytes = compressed_bytes
         self.databases = []
+        self.checksum = None  # "ok" once a .sha256 beside the archive matched
 
     def damaged_databases(self):
         return [result for result in self.databases if result.problem and result.checked]
@@ -205,10 +208,42 @@ def verify_file(path, reporter):
     try:
         with open(path, "rb") as file, \
                 DatabaseCheck(os.path.dirname(os.path.abspath(path))) as databases:
+            hashing = _HashingReader(file)
             with reporter.progress("Checking %s" % os.path.basename(path),
                                    total=os.fstat(file.fileno()).st_size) as progress:
-                summary = scan_archive(file, progress, databases)
+                summary = scan_archive(hashing, progress, databases)
             summary.databases = databases.results()
-            return summary
     except OSError as error:
         raise BackupError("cannot read %s: %s" % (path, describe_os_error(error)))
+    summary.checksum = _check_checksum(path, hashing.digest.hexdigest())
+    return summary
+
+
+class _HashingReader:
+    def __init__(self, file):
+        self.file = file
+        self.digest = hashlib.sha256()
+
+    def read(self, size):
+        data = self.file.read(size)
+        self.digest.update(data)
+        return data
+
+
+def _check_checksum(path, digest):
+    """Compare with ``<archive>.sha256`` if there is one: give "ok", or None when absent.
+
+    Raises ArchiveError [checksum] when it names another hash or another file.
+    """
+    try:
+        with open(path + CHECKSUM_SUFFIX) as file:
+            words = file.read().split()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise BackupError("cannot read %s%s: %s" % (path, CHECKSUM_SUFFIX,
+                                                   describe_os_error(error)))
+    if words[:2] != [digest, os.path.basename(path)]:
+        raise ArchiveError("the archive does not match its checksum file %s%s"
+                           % (path, CHECKSUM_SUFFIX), "checksum")
+    return "ok"

@@ -8,13 +8,14 @@ the timestamp in the name, never the newest few of a source, and never for a
 source whose backup failed in this run.
 """
 
+import contextlib
 import os
 import time
 
 from . import pipeline
 from .archive import verify_file
 from .errors import BackupError, DatabaseDamaged, NotFound
-from .files import LOCK_NAME, Lock, ensure_backup_dir, remove_stale_work_files
+from .files import CHECKSUM_SUFFIX, LOCK_NAME, Lock, ensure_backup_dir, remove_stale_work_files
 from .hostpath import PathSource
 from .names import FAILED_SUFFIX, parse_archive_name, parse_failed_name, parse_timestamp
 from .report import human_size
@@ -138,6 +139,18 @@ def failed_copies_plan(folder, sources, retention_days, now=None):
     return [path for _, path in sorted(doomed)]
 
 
+def orphaned_checksums(folder):
+    """Give our ``<archive>.sha256`` files directly in ``folder`` whose archive is gone."""
+    orphans = []
+    for entry in os.scandir(folder):
+        name = entry.name
+        if name.endswith(CHECKSUM_SUFFIX) and entry.is_file(follow_symlinks=False) and \
+                parse_archive_name(name[:-len(CHECKSUM_SUFFIX)]) is not None and \
+                not os.path.lexists(entry.path[:-len(CHECKSUM_SUFFIX)]):
+            orphans.append(entry.path)
+    return sorted(orphans)
+
+
 def run_backup_all(config, reporter, dry_run=False):
     """Back up every configured source, verify, apply retention; give the list of Outcomes.
 
@@ -177,10 +190,16 @@ def run_backup_all(config, reporter, dry_run=False):
                          % (path, config.retention_days))
             try:
                 os.unlink(path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path + CHECKSUM_SUFFIX)  # it goes with its archive
             except OSError as error:
                 reporter.error("retention could not delete %s: %s" % (path, error.strerror))
                 outcomes.append(Outcome("retention", path, None, "FAILED",
                                         reason="could not delete: %s" % error.strerror))
+        for path in orphaned_checksums(folder):
+            reporter.log("removing %s: its archive is gone" % path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         for outcome in outcomes:
             reporter.status(outcome.line())
         return outcomes

@@ -20,6 +20,7 @@ from . import drill, notify, pipeline
 from .archive import verify_file
 from .backupall import run_backup_all
 from .config import CONSISTENCY_MODES, DEFAULT_BACKUP_DIR, Config
+from .files import CHECKSUM_SUFFIX
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL_BASE, EXIT_STATUS_HELP, ArchiveError, \
     BackupError, Interrupted
 from .hostpath import PathSource, PathTarget
@@ -227,9 +228,10 @@ def verify_backup_main(argv=None):
                 continue
             damaged = summary.damaged_databases()
             failed += bool(damaged)
-            reporter.status("%s %s: %d members, %s uncompressed%s"
+            reporter.status("%s %s: %d members, %s uncompressed%s%s"
                             % ("FAILED" if damaged else "OK", path, summary.members,
-                               human_size(summary.data_bytes), _databases(summary)))
+                               human_size(summary.data_bytes), _databases(summary),
+                               ", sha256 ok" if summary.checksum else ", no .sha256 beside it"))
             for database in summary.databases:
                 reporter.status("  " + database.describe())
         return EXIT_FAILED if failed else EXIT_OK
@@ -239,7 +241,8 @@ def verify_backup_main(argv=None):
 def _mark(entry):
     if entry["failed_verification"]:
         return "  (failed verification: not a backup)"
-    return "  (newest)" if entry["newest"] else ""
+    return ("  (newest)" if entry["newest"] else "") + \
+        ("" if entry["sha256"] else "  (no .sha256)")
 
 
 def _databases(summary):
@@ -274,7 +277,8 @@ def list_archives(folder):
         entries.append({"source": source, "timestamp": timestamp, "path": path,
                         "size": os.path.getsize(path),
                         "age_seconds": int(now - parse_timestamp(timestamp)),
-                        "failed_verification": name.endswith(FAILED_SUFFIX)})
+                        "failed_verification": name.endswith(FAILED_SUFFIX),
+                        "sha256": os.path.isfile(path + CHECKSUM_SUFFIX)})
     entries.sort(key=lambda entry: (entry["source"], entry["timestamp"]), reverse=True)
     entries.sort(key=lambda entry: entry["source"])
     seen = set()

@@ -10,6 +10,7 @@ folder is fsynced.
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import shutil
 import stat
@@ -101,6 +102,37 @@ def fsync_directory(path):
         os.close(descriptor)
 
 
+CHECKSUM_SUFFIX = ".sha256"
+
+
+class _HashingWriter:
+    """Passes writes on to ``file`` and keeps the SHA-256 of what was written."""
+
+    def __init__(self, file):
+        self.file = file
+        self.digest = hashlib.sha256()
+
+    def write(self, data):
+        written = self.file.write(data)
+        self.digest.update(memoryview(data)[:written])
+        return written
+
+
+def _publish_by_link(temp_path, final_path):
+    """Link ``temp_path`` to ``final_path``, never overwriting; raises ArchiveExists."""
+    try:
+        os.link(temp_path, final_path)
+    except FileExistsError:
+        raise ArchiveExists("%s already exists; not overwriting it" % final_path)
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise BackupError("cannot publish %s: %s" % (final_path, describe_os_error(error)))
+        # Filesystems without hard links: rename, after a last existence check.
+        if os.path.lexists(final_path):
+            raise ArchiveExists("%s already exists; not overwriting it" % final_path)
+        os.rename(temp_path, final_path)
+
+
 class AtomicArchive:
     """A temp file in the destination folder that is published under its final name.
 
@@ -125,6 +157,8 @@ class AtomicArchive:
                               % (self.folder, describe_os_error(error)))
         fcntl.flock(descriptor, fcntl.LOCK_SH)
         self.file = os.fdopen(descriptor, "wb", buffering=0)
+        self.output = _HashingWriter(self.file)  # what the archive's writer writes to
+        self.checksum_problem = None
 
     def __enter__(self):
         return self
@@ -137,30 +171,49 @@ class AtomicArchive:
         status = os.fstat(self.file.fileno())
         return status.st_dev, status.st_ino
 
-    def publish(self):
+    def publish(self, checksum=False):
         """Make the archive durable and visible under its final name; give its size.
 
-        Raises ArchiveExists when the name was taken meanwhile, BackupError otherwise.
+        With ``checksum``, ``<archive>.sha256`` of what went through ``output``
+        is published right after it; if that fails, ``checksum_problem`` says
+        why (the archive stands). Raises ArchiveExists when the name was taken
+        meanwhile, BackupError otherwise.
         """
         try:
             os.fsync(self.file.fileno())
         except OSError as error:
             raise BackupError("cannot write %s: %s" % (self.final_path, describe_os_error(error)))
-        try:
-            os.link(self.temp_path, self.final_path)
-        except FileExistsError:
-            raise ArchiveExists("%s already exists; not overwriting it" % self.final_path)
-        except OSError as error:
-            if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise BackupError("cannot publish %s: %s"
-                                  % (self.final_path, describe_os_error(error)))
-            # Filesystems without hard links: rename, after a last existence check.
-            if os.path.lexists(self.final_path):
-                raise ArchiveExists("%s already exists; not overwriting it" % self.final_path)
-            os.rename(self.temp_path, self.final_path)
+        _publish_by_link(self.temp_path, self.final_path)
         self.published = True
+        if checksum:
+            try:
+                self._publish_checksum()
+            except BackupError as error:  # the archive itself is complete and published
+                self.checksum_problem = str(error)
         fsync_directory(self.folder)
         return os.fstat(self.file.fileno()).st_size
+
+    def _publish_checksum(self):
+        """Publish ``<archive>.sha256`` (``sha256sum`` format) the way the archive was."""
+        line = "%s  %s\n" % (self.output.digest.hexdigest(), os.path.basename(self.final_path))
+        try:
+            descriptor, temp = tempfile.mkstemp(prefix=WORK_PREFIX, suffix=TEMP_SUFFIX,
+                                                dir=self.folder)
+        except OSError as error:
+            raise BackupError("cannot create a file in %s: %s"
+                              % (self.folder, describe_os_error(error)))
+        try:
+            with os.fdopen(descriptor, "w") as file:
+                file.write(line)
+                file.flush()
+                os.fsync(file.fileno())
+            _publish_by_link(temp, self.final_path + CHECKSUM_SUFFIX)
+        except OSError as error:
+            raise BackupError("cannot write %s%s: %s" % (self.final_path, CHECKSUM_SUFFIX,
+                                                         describe_os_error(error)))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
 
     def close(self):
         self.file.close()

@@ -68,11 +68,13 @@ def write_archive(source, folder, config, reporter, work_folder, timestamp=None)
     path = os.path.join(folder, archive_name(source.archive_source, timestamp or utc_timestamp()))
     with AtomicArchive(path) as archive:
         try:
-            members = _write_gzip_tar(source, archive.file, config, reporter, work_folder,
+            members = _write_gzip_tar(source, archive.output, config, reporter, work_folder,
                                       exclude={archive.identity()})
         except OSError as error:
             raise BackupError("cannot write %s: %s" % (path, describe_os_error(error)))
-        size = archive.publish()
+        size = archive.publish(checksum=True)
+        if archive.checksum_problem:
+            reporter.warn(archive.checksum_problem)
     return BackupResult(source.archive_source, path, size, members, time.monotonic() - started)
 
 
