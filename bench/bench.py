@@ -228,6 +228,8 @@ def main():
     testkit.build_helper_image()
     os.environ["BACKUP_HELPER_IMAGE"] = IMAGE
     work = tempfile.mkdtemp(prefix="aisb-bench-", dir=os.environ.get("BENCH_DIR", "/var/tmp"))
+    # Work files, locks and safety copies go to the bench's own folder, not the host's.
+    os.environ["BACKUP_DIR"] = os.path.join(work, "backup-dir")
     volume, many = "aisb-bench-stack-%d" % os.getpid(), "aisb-bench-many-%d" % os.getpid()
     steps = []
     try:

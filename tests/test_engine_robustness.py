@@ -260,7 +260,9 @@ def test_a_drill_restores_into_scratch_and_compares(helper_env, make_volume, tmp
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 and out[0].startswith("DRILL ok %s %s/%s__" % (
         volume, own_backup_dir, volume)), out
-    assert drill_volumes() == scratch_before  # the scratch volume is gone
+    assert drill_volumes() == scratch_before  # the scratch volume is gone, its lock file too
+    assert not [name for name in os.listdir(str(own_backup_dir))
+                if name.startswith(files.LOCK_NAME + "-volume-ai-stack-backup-drill-")]
     assert testkit.volume_state(volume) == before  # the real volume untouched
     # A newest archive that is damaged fails the drill, naming why; scratch gone again.
     time.sleep(1.1)

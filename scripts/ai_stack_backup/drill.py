@@ -5,6 +5,7 @@ scratch volume back → compare both trees member by member (and check its datab
 scratch volume removed, whatever happened. The real volume is never touched.
 """
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -14,7 +15,7 @@ from . import docker, pipeline, transfer
 from .archive import ArchiveInput
 from .databases import DatabaseCheck
 from .errors import ArchiveError, BackupError
-from .files import private_work_folder
+from .files import private_work_folder, volume_lock
 from .names import parse_archive_name
 from .tarstream import FILE, HARDLINK, ArchiveRules, TarReader
 from .volume import VolumeTarget
@@ -156,6 +157,9 @@ def drill(volume, config, reporter):
         except BackupError as error:
             reporter.error("the drill volume %s could not be removed: %s; remove it with: "
                            "docker volume rm %s" % (scratch, error, scratch))
+        # Nobody else ever uses this random name: its lock file can go without a race.
+        with contextlib.suppress(OSError, StopIteration):
+            os.unlink(volume_lock(scratch, (config.backup_dir,)).path)
 
 
 class _Muted:
