@@ -310,7 +310,6 @@ class _HostExtractor:
             target_folder, _, target_name = member.link_path.rpartition(b"/")
             source = self.root_fd
             if target_folder:
-                source = self.root_fd
                 for part in target_folder.split(b"/"):
                     child = _open_folder(part, source)
                     if source != self.root_fd:
@@ -466,7 +465,6 @@ class _Staging:
     archived name can meet the name the old TARGET gets)."""
 
     def __init__(self, parent):
-        self.parent_path = parent
         self.name = (WORK_PREFIX + "restore-" + secrets.token_hex(8)).encode()
         self.parent = self.folder = self.tree = None
         self.top = None
