@@ -197,7 +197,7 @@ def _take_snapshots(image, volume, folder, reporter):
 def captured(requested, volume, image, spare_folder, reporter):
     """Hold the volume as ``requested`` for the length of the block; give the Capture.
 
-    ``spare_folder`` is where snapshots may be kept (the backup folder).
+    ``spare_folder`` is where snapshots are kept: the private work folder.
     """
     mode, reason, users = requested, "", None
     if requested == "auto":
