@@ -159,7 +159,7 @@ def detect(image, volume, reporter):
     what = "looking into volume %s" % volume
     with docker.Helper(image, volume, DETECT_SCRIPT, read_only=True,
                        capture_stdout=True) as helper:
-        output = _read_all(helper.stdout_fd)
+        output = helper.read_output()
         helper.finish(what, reporter)
     findings, _, headers = output.partition(b"headers\n")
     engines = [line[len("engine "):] for line in findings.decode("utf-8", "replace").splitlines()
@@ -179,7 +179,7 @@ def _take_snapshots(image, volume, folder, reporter):
     command = ["python3", "-c", SNAPSHOT_PROGRAM, str(os.getuid()), str(os.getgid())]
     with docker.Helper(image, volume, transfer_path=folder.path, capture_stdout=True,
                        command=command) as helper:
-        output = _read_all(helper.stdout_fd)
+        output = helper.read_output()
         returncode = helper.wait()
         if returncode in NO_COMMAND_EXITS + (NO_SQLITE_EXIT,):
             raise NoSQLite(helper.error_output())
@@ -232,16 +232,6 @@ def captured(requested, volume, image, spare_folder, reporter):
     with docker.containers_stopped(volume, reporter, users) as pause:
         capture.pause = pause
         yield capture
-
-
-def _read_all(descriptor):
-    """Give everything readable from ``descriptor`` until the end."""
-    pieces = []
-    while True:
-        piece = os.read(descriptor, 1 << 16)
-        if not piece:
-            return b"".join(pieces)
-        pieces.append(piece)
 
 
 def vanished_files(returncode, lines):

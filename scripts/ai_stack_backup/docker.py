@@ -295,6 +295,15 @@ class Helper:
     def running(self):
         return self.process.poll() is None
 
+    def read_output(self):
+        """Give everything the helper writes to stdout, up to its end (``capture_stdout``)."""
+        pieces = []
+        while True:
+            piece = os.read(self.stdout_fd, 1 << 16)
+            if not piece:
+                return b"".join(pieces)
+            pieces.append(piece)
+
     def error_output(self):
         """Give the helper's last stderr lines in one string."""
         self._stderr_reader.join(timeout=5)

@@ -88,13 +88,7 @@ def _archive_manifest(path):
 def _volume_manifest(image, volume, work_folder, databases, reporter):
     what = "reading back the drill volume %s" % volume
     with transfer.volume_tar_stream(image, volume, work_folder, what) as (descriptor, helper):
-        def chunks():
-            while True:
-                chunk = os.read(descriptor, 1 << 20)
-                if not chunk:
-                    return
-                yield chunk
-        reader = TarReader(chunks())
+        reader = TarReader(transfer.stream_chunks(descriptor))
         rules = ArchiveRules()
 
         def members():

@@ -251,20 +251,26 @@ class _HostExtractor:
             return self.root_fd
         if self._open[0] == path:
             return self._open[1]
-        descriptor = self.root_fd
-        for part in path.split(b"/"):
-            try:
-                child = _open_folder(part, descriptor)
-            except FileNotFoundError:
-                if not create:
-                    raise
-                os.mkdir(part, 0o700, dir_fd=descriptor)
-                child = _open_folder(part, descriptor)
-            if descriptor != self.root_fd:
-                os.close(descriptor)
-            descriptor = child
+        descriptor = self._walk(path, create)
         self.close()
         self._open = (path, descriptor)
+        return descriptor
+
+    def _walk(self, path, create=False):
+        """Open the folder ``path`` one component at a time; give a descriptor to close."""
+        descriptor = os.dup(self.root_fd)
+        for part in path.split(b"/") if path else ():
+            try:
+                try:
+                    child = _open_folder(part, descriptor)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(part, 0o700, dir_fd=descriptor)
+                    child = _open_folder(part, descriptor)
+            finally:
+                os.close(descriptor)
+            descriptor = child
         return descriptor
 
     def close(self):
@@ -308,19 +314,12 @@ class _HostExtractor:
             self._set_on_name(member, name, parent)
         elif member.kind == HARDLINK:
             target_folder, _, target_name = member.link_path.rpartition(b"/")
-            source = self.root_fd
-            if target_folder:
-                for part in target_folder.split(b"/"):
-                    child = _open_folder(part, source)
-                    if source != self.root_fd:
-                        os.close(source)
-                    source = child
+            source = self._walk(target_folder)
             try:
                 os.link(target_name, name, src_dir_fd=source, dst_dir_fd=parent,
                         follow_symlinks=False)
             finally:
-                if source != self.root_fd:
-                    os.close(source)
+                os.close(source)
         elif member.kind == FIFO:
             os.mkfifo(name, 0o600, dir_fd=parent)
             # Opening a FIFO would block; our own 0700 staging holds it, so the name is ours.
@@ -336,9 +335,7 @@ class _HostExtractor:
         self.close()
         # Deepest first: a folder made read-only must not block its children's metadata.
         for member in sorted(self.folders.values(), key=lambda folder: -folder.path.count(b"/")):
-            descriptor = self.folder(member.path, create=False) if member.path else \
-                os.dup(self.root_fd)
-            self._open = (None, None)  # this one is closed here, not kept
+            descriptor = self._walk(member.path)
             try:
                 self._owner(member, descriptor)
                 os.fchmod(descriptor, member.mode)

@@ -187,12 +187,7 @@ def space_check(image, volume, summary, reporter):
     not underestimated. Sparse files are written out in full by tar.
     """
     with Helper(image, volume, SPACE_SCRIPT, read_only=True, capture_stdout=True) as helper:
-        output = b""
-        while True:
-            piece = os.read(helper.stdout_fd, 1 << 16)
-            if not piece:
-                break
-            output += piece
+        output = helper.read_output()
         helper.finish("measuring volume %s" % volume, reporter)
     lines = output.decode("utf-8", "replace").splitlines()
     free = int(lines[0].split()[3]) * 1024
@@ -202,6 +197,17 @@ def space_check(image, volume, summary, reporter):
         raise NoRoom("volume %s has room for about %d MiB (%d MiB free and %d MiB it holds now), "
                      "but the archive needs about %d MiB; nothing was changed"
                      % (volume, (free + held) >> 20, free >> 20, held >> 20, need >> 20))
+
+
+def stream_chunks(descriptor, progress=None):
+    """Yield the tar stream from a helper (``volume_tar_stream``) in chunks until its end."""
+    while True:
+        chunk = os.read(descriptor, 1 << 20)
+        if not chunk:
+            return
+        if progress is not None:
+            progress.advance(len(chunk))
+        yield chunk
 
 
 def wipe_volume(image, volume, reporter, root=None):

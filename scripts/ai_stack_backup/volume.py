@@ -42,16 +42,6 @@ def _chunks_into(descriptor, gzip_writer, progress):
             return
 
 
-def _chunks(descriptor, progress):
-    """Yield the stream from ``descriptor`` in chunks (for a stream that is re-emitted)."""
-    while True:
-        chunk = os.read(descriptor, CHUNK_SIZE)
-        if not chunk:
-            return
-        progress.advance(len(chunk))
-        yield chunk
-
-
 def _finish_tar(helper, what, reporter, left_out=()):
     """Wait for the helper's tar; files that vanished mid-copy are warnings, all else fails.
 
@@ -140,7 +130,8 @@ class VolumeSource:
             try:
                 if snapshots:
                     members = capture.write_with_snapshots(
-                        _chunks(descriptor, progress), output, snapshots, rules.check)
+                        transfer.stream_chunks(descriptor, progress), output, snapshots,
+                        rules.check)
                 else:
                     reader = TarReader(_chunks_into(descriptor, output, progress))
                     for member in reader:
