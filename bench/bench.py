@@ -158,7 +158,7 @@ class Step:
             self.name, old, new, new / old, max(self.rss), sizes)
 
 
-def bench_volume(step_backup, step_restore, volume, work, label):
+def bench_volume(step_backup, step_restore, step_drill, volume, work, label):
     archives = os.path.join(work, "archives-" + label)
     os.mkdir(archives)
     for round_number in range(ROUNDS):
@@ -175,6 +175,14 @@ def bench_volume(step_backup, step_restore, volume, work, label):
         step_backup.new_size = os.path.getsize(new_archive)
         print("  %s round %d: backup old %.2f s, new %.2f s" % (
             label, round_number + 1, step_backup.old[-1], step_backup.new[-1]), flush=True)
+        # The drill finds the newest archive in BACKUP_DIR: here, the one just made.
+        drill_seconds, rss = run(script("drill_restore.py", volume),
+                                 env={"BACKUP_DIR": new_folder})
+        step_drill.old.append(new_seconds)
+        step_drill.new.append(drill_seconds)
+        step_drill.rss.append(rss)
+        print("  %s round %d: drill %.2f s" % (label, round_number + 1, drill_seconds),
+              flush=True)
 
         old_target, new_target = ("aisb-bench-restore-%s-%d" % (kind, os.getpid())
                                   for kind in ("old", "new"))
@@ -242,8 +250,9 @@ def main():
               % (cores, sys.version.split()[0], IMAGE, ROUNDS, size / 1e6), flush=True)
 
         backup, restore = Step("volume backup (389 MB)"), Step("volume restore, empty volume")
-        bench_volume(backup, restore, volume, work, "stack")
-        steps += [backup, restore]
+        drill = Step("drill vs our backup, 389 MB")
+        bench_volume(backup, restore, drill, volume, work, "stack")
+        steps += [backup, restore, drill]
         auto = Step("auto vs live, 389 MB")
         bench_auto(auto, volume, work, "stack-auto")
         steps.append(auto)
@@ -273,7 +282,8 @@ def main():
         testkit.fill_volume(many, many_source)
         many_backup = Step("volume backup, %dk files" % (MANY_FILES // 1000))
         many_restore = Step("volume restore, %dk files" % (MANY_FILES // 1000))
-        bench_volume(many_backup, many_restore, many, work, "many")
+        many_drill = Step("drill vs our backup, %dk files" % (MANY_FILES // 1000))
+        bench_volume(many_backup, many_restore, many_drill, many, work, "many")
         many_auto = Step("auto vs live, %dk files" % (MANY_FILES // 1000))
         bench_auto(many_auto, many, work, "many-auto")
         many_path = Step("path backup, %dk files" % (MANY_FILES // 1000))
@@ -287,15 +297,15 @@ def main():
             many_path.rss.append(rss)
             os.unlink(os.path.join(work, "many.tar.gz"))
             shutil.rmtree(os.path.join(work, "mp"))
-        steps += [many_backup, many_restore, many_auto, many_path]
+        steps += [many_backup, many_restore, many_drill, many_auto, many_path]
 
         print("\n%-34s %9s %9s %7s %10s  %s" % ("step (median of %d)" % ROUNDS, "old", "new",
                                                 "ratio", "peak RSS", "archive old / new"))
         for step in steps:
             print(step.line())
         print("(%d CPUs; old = the runbook's shell procedure in the helper image, or GNU tar "
-              "-czf for paths, or for 'auto vs live' our --consistency live; peak RSS = our "
-              "Python process)" % cores)
+              "-czf for paths, or for 'auto vs live' our --consistency live, or for 'drill' our backup "
+              "of the same volume; peak RSS = our Python process)" % cores)
     finally:
         volume_remove(volume, many)
         shutil.rmtree(work, ignore_errors=True)

@@ -2,9 +2,9 @@
 """`make demo`: the main job on throwaway volumes, as an operator would run it.
 
 Creates a volume with sample data, backs it up with backup_docker_volume.sh,
-verifies and lists the archive, restores it into a second volume with
-restore_docker_volume.sh, compares both volumes inside a helper container, and
-cleans everything up. Uses BACKUP_HELPER_IMAGE, else alpine:3.20 if present,
+verifies and lists the archive, runs a restore drill on it (drill_restore.py),
+restores it into a second volume with restore_docker_volume.sh, compares both
+volumes inside a helper container, and cleans everything up. Uses BACKUP_HELPER_IMAGE, else alpine:3.20 if present,
 else builds the tests' busybox helper image (no registry needed).
 """
 
@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPOSITORY, "scripts")
@@ -28,7 +29,9 @@ COMPARE = ("cd /volume && ls -lnAR --full-time . > /tmp/a && cd /copy && "
 
 def step(title, command):
     print("\n$ " + " ".join(command), flush=True)
+    started = time.monotonic()
     subprocess.run(command, check=True)
+    print("(%s: %.1f s)" % (title, time.monotonic() - started), flush=True)
 
 
 def helper_image():
@@ -72,6 +75,7 @@ def main():
         archive = testkit.only_archive(backups)
         step("verify", [os.path.join(SCRIPTS, "verify_backup.py"), archive])
         step("list", [os.path.join(SCRIPTS, "list_backups.py"), backups])
+        step("drill", [os.path.join(SCRIPTS, "drill_restore.py"), source])
         step("restore", [os.path.join(SCRIPTS, "restore_docker_volume.sh"), copy, archive,
                          "--force"])
         step("compare", ["docker", "run", "--rm", "--network", "none",

@@ -194,7 +194,10 @@ def test_backup_all_dry_run_changes_nothing(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out.splitlines()
     assert out == ["would back up volume owui-data", "would back up volume tm-data",
                    "would back up path %s" % output_root,
-                   "would delete %s" % (folder / archive_name(source, "20200101T000000Z"))]
+                   "would delete %s (no rule keeps it)"
+                   % (folder / archive_name(source, "20200101T000000Z"))] + [
+                   "would keep %s (newest 3)" % (folder / archive_name(source, timestamp))
+                   for timestamp in ("20200102T000000Z", "20200103T000000Z", "20200104T000000Z")]
     assert sorted(os.listdir(str(folder))) == sorted(before + [files.LOCK_NAME])
 
 

@@ -13,7 +13,8 @@ import pytest
 from ai_stack_backup import config, files
 from ai_stack_backup.names import archive_name, parse_archive_name, parse_timestamp, safe_name, \
     utc_timestamp
-from ai_stack_backup.backupall import BackupLock, retention_plan
+from ai_stack_backup import retention
+from ai_stack_backup.backupall import BackupLock
 from ai_stack_backup.config import Config
 from ai_stack_backup.errors import ArchiveExists, BackupError, ConfigError, Locked
 from ai_stack_backup.files import AtomicArchive
@@ -164,6 +165,10 @@ def _archive(folder, source, days_old, now):
     return str(path)
 
 
+def retention_plan(folder, sources, days, min_keep, now):
+    return retention.doomed(folder, sources, retention.Policy(days, min_keep), now)
+
+
 def test_retention_plan(tmp_path):
     now = time.time()
     old = [_archive(tmp_path, "owui-data", days, now) for days in (30, 20, 16, 15)]
@@ -188,14 +193,13 @@ def test_retention_plan(tmp_path):
 
 
 def test_failed_copies_go_after_retention_days_even_when_few(tmp_path):
-    from ai_stack_backup.backupall import failed_copies_plan
     now = time.time()
     old = _archive(tmp_path, "owui-data", 30, now)
     young = _archive(tmp_path, "owui-data", 2, now)
     other = _archive(tmp_path, "retired", 30, now)
     for path in (old, young, other):
         os.rename(path, path + ".failed-verification")
-    plan = failed_copies_plan(str(tmp_path), {"owui-data"}, 14, now)
+    plan = retention.failed_copies(str(tmp_path), {"owui-data"}, 14, now)
     assert plan == [old + ".failed-verification"]  # not the young one, not another source's
     assert retention_plan(str(tmp_path), {"owui-data"}, 14, 0, now) == []  # never backups
 

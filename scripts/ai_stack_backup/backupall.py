@@ -1,34 +1,45 @@
 """backup_all: every source, verified, then retention that cannot eat the last good backup.
 
+sources → back up → verify → shrink guard → retention (``retention``) → summary
+
 What the systemd timer runs. One run at a time (a flock in the backup
 folder). Every source is tried whatever happens to the others; each new
 archive is read back completely before it counts. Retention only ever
 deletes our own archives (exact name pattern, top level of the folder), by
 the timestamp in the name, never the newest few of a source, and never for a
-source whose backup failed in this run.
+source whose backup failed in this run or whose new archive is suspiciously
+small next to the one before (the shrink guard).
 """
 
 import contextlib
 import os
 import time
 
-from . import pipeline
-from .archive import verify_file
-from .errors import BackupError, DatabaseDamaged, NotFound
+from . import pipeline, retention
+from .archive import scan_archive, verify_file
+from .errors import ArchiveError, BackupError, DatabaseDamaged, NotFound, describe_os_error
+from .exclusions import NONE
 from .files import CHECKSUM_SUFFIX, LOCK_NAME, Lock, ensure_backup_dir, remove_stale_work_files
 from .hostpath import PathSource
-from .names import FAILED_SUFFIX, parse_archive_name, parse_failed_name, parse_timestamp
+from .names import FAILED_SUFFIX
 from .report import human_size
 from .volume import VolumeSource
 
 
 def configured_sources(config):
     """Give the sources backup_all backs up: VOLUMES, then OUTPUT_ROOT (if set)."""
-    sources = [VolumeSource(volume, config, config.consistency_for(volume))
+    sources = [VolumeSource(volume, config, config.consistency_for(volume),
+                            config.exclusions.get(volume, NONE))
                for volume in config.volumes]
     if config.output_root:
-        sources.append(PathSource(config.output_root))
+        sources.append(PathSource(config.output_root,
+                                  config.exclusions.get(config.output_root, NONE)))
     return sources
+
+
+def retention_policy(config):
+    return retention.Policy(config.retention_days, config.min_keep, config.retention_daily,
+                            config.retention_weekly, config.retention_monthly)
 
 
 def BackupLock(folder):
@@ -37,13 +48,20 @@ def BackupLock(folder):
 
 
 class Outcome:
-    """How one source went: ``status`` is ok, FAILED or skipped."""
+    """How one source went: ``status`` is ok, SUSPICIOUS (backed up, but far smaller than
+    before), FAILED or skipped; ``members`` and ``data_bytes`` describe the new archive."""
+
+    FAILURES = ("FAILED", "SUSPICIOUS")
 
     def __init__(self, kind, name, source, status, archive=None, size=None, seconds=0.0,
-                 reason="", consistency=""):
+                 reason="", consistency="", members=None, data_bytes=None):
         self.kind, self.name, self.source, self.status = kind, name, source, status
         self.archive, self.size, self.seconds, self.reason = archive, size, seconds, reason
-        self.consistency = consistency
+        self.consistency, self.members, self.data_bytes = consistency, members, data_bytes
+
+    @property
+    def failed(self):
+        return self.status in self.FAILURES
 
     def line(self):
         if self.status == "ok":
@@ -55,8 +73,11 @@ class Outcome:
 
 
 def _back_up_and_verify(source, folder, config, reporter):
-    """Back up one source and read the archive back; give an Outcome (never raises BackupError)."""
+    """Back up one source, read the archive back and hold it against the one before; give an
+    Outcome (never raises BackupError)."""
     started = time.monotonic()
+    earlier = retention.archives_by_source(folder, {source.archive_source})
+    previous = earlier[source.archive_source][0][1] if earlier else None
 
     def failed(reason):
         reporter.error(reason)
@@ -87,8 +108,41 @@ def _back_up_and_verify(source, folder, config, reporter):
     reporter.status("Verified: %s (%d members, %s uncompressed%s)"
                     % (result.path, summary.members, human_size(summary.data_bytes),
                        _databases_checked(summary)))
-    return Outcome(source.kind, source.name, source.archive_source, "ok", result.path,
-                   result.size, time.monotonic() - started, consistency=result.consistency)
+    outcome = Outcome(source.kind, source.name, source.archive_source, "ok", result.path,
+                      result.size, consistency=result.consistency, members=summary.members,
+                      data_bytes=summary.data_bytes)
+    if previous and config.shrink_guard:
+        shrunk = _shrunk(summary, result.path, previous, config.shrink_guard, reporter)
+        if shrunk:
+            outcome.status, outcome.reason = "SUSPICIOUS", shrunk
+            reporter.error("%s %s: %s" % (source.kind, source.name, shrunk))
+    outcome.seconds = time.monotonic() - started
+    return outcome
+
+
+def _shrunk(summary, path, previous, percent, reporter):
+    """Say how the new archive is far smaller than ``previous``, or give "" when it is not.
+
+    Far smaller: its uncompressed bytes or its member count below ``percent``
+    percent of the previous archive's. A previous archive that cannot be read
+    is no reason to hold the new one back; the log says so.
+    """
+    try:
+        with open(previous, "rb") as file:
+            before = scan_archive(file)
+    except (ArchiveError, OSError) as error:
+        cause = describe_os_error(error) if isinstance(error, OSError) else str(error)
+        reporter.warn("shrink guard: cannot read the previous archive %s (%s); not compared"
+                      % (previous, cause))
+        return ""
+    if summary.data_bytes * 100 >= before.data_bytes * percent and \
+            summary.members * 100 >= before.members * percent:
+        return ""
+    return ("the new archive %s holds %d members, %s uncompressed; the previous %s held %d "
+            "members, %s (below %d%%: was data wiped?); kept, and nothing of this source is "
+            "pruned this run" % (os.path.basename(path), summary.members,
+                                 human_size(summary.data_bytes), os.path.basename(previous),
+                                 before.members, human_size(before.data_bytes), percent))
 
 
 def _databases_checked(summary):
@@ -96,59 +150,6 @@ def _databases_checked(summary):
     if not checked:
         return ""
     return ", %d SQLite database%s ok" % (len(checked), "" if len(checked) == 1 else "s")
-
-
-def retention_plan(folder, sources, retention_days, min_keep, now=None):
-    """Give the archive paths retention deletes, oldest first.
-
-    Considered: only regular files directly in ``folder`` whose whole name is
-    ``<source>__<YYYYMMDDTHHMMSSZ>.tar.gz`` for a source in ``sources``. Of
-    those, an archive goes only if its name's timestamp is more than
-    ``retention_days`` old and it is not among the ``min_keep`` newest of its source.
-    """
-    now = time.time() if now is None else now
-    by_source = {}
-    for entry in os.scandir(folder):
-        parsed = parse_archive_name(entry.name)
-        if parsed is None or parsed[0] not in sources or not entry.is_file(follow_symlinks=False):
-            continue
-        by_source.setdefault(parsed[0], []).append((parse_timestamp(parsed[1]), entry.path))
-    doomed = []
-    for archives in by_source.values():
-        archives.sort(reverse=True)
-        doomed += [(when, path) for when, path in archives[min_keep:]
-                   if now - when > retention_days * 86400]
-    return [path for _, path in sorted(doomed)]
-
-
-def failed_copies_plan(folder, sources, retention_days, now=None):
-    """Give the ``….failed-verification`` copies of ``sources`` older than ``retention_days``.
-
-    They were kept for inspection and never count as backups, so the newest
-    few are not kept back; only our exact names directly in ``folder`` qualify.
-    """
-    now = time.time() if now is None else now
-    doomed = []
-    for entry in os.scandir(folder):
-        parsed = parse_failed_name(entry.name)
-        if parsed is None or parsed[0] not in sources or not entry.is_file(follow_symlinks=False):
-            continue
-        when = parse_timestamp(parsed[1])
-        if now - when > retention_days * 86400:
-            doomed.append((when, entry.path))
-    return [path for _, path in sorted(doomed)]
-
-
-def orphaned_checksums(folder):
-    """Give our ``<archive>.sha256`` files directly in ``folder`` whose archive is gone."""
-    orphans = []
-    for entry in os.scandir(folder):
-        name = entry.name
-        if name.endswith(CHECKSUM_SUFFIX) and entry.is_file(follow_symlinks=False) and \
-                parse_archive_name(name[:-len(CHECKSUM_SUFFIX)]) is not None and \
-                not os.path.lexists(entry.path[:-len(CHECKSUM_SUFFIX)]):
-            orphans.append(entry.path)
-    return sorted(orphans)
 
 
 def run_backup_all(config, reporter, dry_run=False):
@@ -164,30 +165,16 @@ def run_backup_all(config, reporter, dry_run=False):
             reporter.log("removed %s, left by an earlier run that was killed" % path)
         sources = configured_sources(config)
         if dry_run:
-            present = []
-            for source in sources:
-                try:
-                    source.check()
-                except NotFound:
-                    continue
-                except BackupError as error:
-                    reporter.status("would fail %s %s: %s" % (source.kind, source.name, error))
-                    continue
-                present.append(source)
-                reporter.status("would back up %s %s" % (source.kind, source.name))
-            names = {source.archive_source for source in present}
-            for path in retention_plan(folder, names, config.retention_days, config.min_keep) + \
-                    failed_copies_plan(folder, names, config.retention_days):
-                reporter.status("would delete %s" % path)
+            _dry_run(folder, sources, config, reporter)
             return []
         outcomes = [_back_up_and_verify(source, folder, config, reporter) for source in sources]
         succeeded = {outcome.source for outcome in outcomes if outcome.status == "ok"}
-        doomed = retention_plan(folder, succeeded, config.retention_days, config.min_keep)
-        doomed += failed_copies_plan(folder, {source.archive_source for source in sources},
-                                     config.retention_days)
+        decisions = retention.plan(folder, succeeded, retention_policy(config))
+        doomed = [decision.path for decision in decisions if not decision.kept]
+        doomed += retention.failed_copies(folder, {source.archive_source for source in sources},
+                                          config.retention_days)
         for path in doomed:
-            reporter.log("retention: deleting %s (older than %d days)"
-                         % (path, config.retention_days))
+            reporter.log("retention: deleting %s (no rule keeps it)" % path)
             try:
                 os.unlink(path)
                 with contextlib.suppress(FileNotFoundError):
@@ -196,10 +183,34 @@ def run_backup_all(config, reporter, dry_run=False):
                 reporter.error("retention could not delete %s: %s" % (path, error.strerror))
                 outcomes.append(Outcome("retention", path, None, "FAILED",
                                         reason="could not delete: %s" % error.strerror))
-        for path in orphaned_checksums(folder):
+        for path in retention.orphaned_checksums(folder):
             reporter.log("removing %s: its archive is gone" % path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         for outcome in outcomes:
             reporter.status(outcome.line())
         return outcomes
+
+
+def _dry_run(folder, sources, config, reporter):
+    """Say what a run would back up, and which rule keeps each archive or that none does."""
+    present = []
+    for source in sources:
+        try:
+            source.check()
+        except NotFound:
+            continue
+        except BackupError as error:
+            reporter.status("would fail %s %s: %s" % (source.kind, source.name, error))
+            continue
+        present.append(source)
+        reporter.status("would back up %s %s" % (source.kind, source.name))
+    names = {source.archive_source for source in present}
+    for decision in retention.plan(folder, names, retention_policy(config)):
+        if decision.kept:
+            reporter.status("would keep %s (%s)" % (decision.path, ", ".join(decision.reasons)))
+        else:
+            reporter.status("would delete %s (no rule keeps it)" % decision.path)
+    for path in retention.failed_copies(folder, names, config.retention_days):
+        reporter.status("would delete %s (failed verification, older than %d days)"
+                        % (path, config.retention_days))

@@ -25,8 +25,10 @@ import os
 import re
 
 from . import docker, transfer
+from .errors import Unrestorable
 from .files import BatchedWriter
-from .tarstream import END_OF_ARCHIVE, FILE, TarReader, encode_header, normalize, padding
+from .tarstream import DIRECTORY, END_OF_ARCHIVE, FILE, HARDLINK, TarReader, encode_header, \
+    normalize, padding, show
 
 SQLITE_HEADER = b"SQLite format 3\0"
 COMPANION_SUFFIXES = (b"-journal", b"-wal", b"-shm")
@@ -250,22 +252,37 @@ def left_out(snapshots):
             for path in snapshots for suffix in COMPANION_SUFFIXES}
 
 
-def write_with_snapshots(chunks, output, snapshots, check):
-    """Re-emit the volume's tar stream with every snapshotted database put in; give members.
+def write_reemitted(chunks, output, check, snapshots, exclusions, volume=""):
+    """Re-emit the volume's tar stream with snapshots put in and exclusions left out; give
+    the member count.
 
     The database members carry their snapshot's bytes (with the live file's
     name, owner, mode and mtime); their ``-journal``, ``-wal`` and ``-shm``
-    are left out. Everything else is re-emitted as it came. ``check(member)``
-    applies the restore's rules to each member.
+    are left out, as is every member ``exclusions`` excludes (before any rule
+    looks at it: excluding a device file is a way to back up its volume).
+    Everything else is re-emitted as it came. ``check(member)`` applies the
+    restore's rules to each member kept. Raises Unrestorable for a hard link
+    whose data went with an excluded member.
     """
     reader = TarReader(chunks)
     writer = BatchedWriter(output.write)
     members = 0
     for member in reader:
+        if exclusions:
+            path = normalize(member.name)
+            if path and exclusions.excludes(path, member.kind == DIRECTORY):
+                continue
+            if member.kind == HARDLINK and \
+                    exclusions.excludes(normalize(member.linkname, "hard link target"), False):
+                raise Unrestorable(
+                    "volume %s cannot be backed up with these exclusions: %s is a hard link to "
+                    "%s, which is excluded, and tar keeps their data only with the first; "
+                    "exclude both or neither; nothing was published"
+                    % (volume, show(member.name), show(member.linkname)))
         check(member)  # the restore's rules: sets member.path
         path = member.path
-        if any(path.endswith(suffix) and path[:-len(suffix)] in snapshots
-               for suffix in COMPANION_SUFFIXES):
+        if snapshots and any(path.endswith(suffix) and path[:-len(suffix)] in snapshots
+                             for suffix in COMPANION_SUFFIXES):
             continue
         snapshot = snapshots.get(path) if member.kind == FILE else None
         size = os.path.getsize(snapshot.file) if snapshot else member.size

@@ -21,6 +21,7 @@ from .archive import verify_file
 from .backupall import run_backup_all
 from .config import CONSISTENCY_MODES, DEFAULT_BACKUP_DIR, Config
 from .files import CHECKSUM_SUFFIX
+from .exclusions import Exclusions
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL_BASE, EXIT_STATUS_HELP, ArchiveError, \
     BackupError, Interrupted
 from .hostpath import PathSource, PathTarget
@@ -29,6 +30,9 @@ from .report import Reporter, human_size
 from .volume import VolumeSource, VolumeTarget
 
 QUIET_HELP = "no progress line (it only ever appears when stderr is a terminal)"
+EXCLUDE_HELP = ("leave out paths matching PATTERN, relative to the source's root (fnmatch; "
+                "'*' also matches '/'; a trailing '/' means a folder and all below it); "
+                "repeatable; a restore of the archive leaves these paths out too")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -109,6 +113,7 @@ def backup_docker_volume_main(argv=None):
                          "backup_docker_volume.py tm-data          # into /srv/ai-stack/backups",
                          "backup_docker_volume.py owui-data --consistency auto",
                          "backup_docker_volume.py qdrant-data --consistency stop",
+                         "backup_docker_volume.py owui-data --exclude cache/ --exclude '*.tmp'",
                          "backup_docker_volume.py owui-data - | ssh newhost "
                          "restore_docker_volume.py owui-data - --force",
                          "environment: BACKUP_HELPER_IMAGE (default alpine:3.20), "
@@ -127,10 +132,12 @@ def backup_docker_volume_main(argv=None):
              "(look and choose; what backup_all does)")
     consistency.add_argument("--stop-containers", dest="consistency", action="store_const",
                              const="stop", help="the same as --consistency stop")
+    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help=EXCLUDE_HELP)
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return _run(prog, parser, argv, lambda args, config, reporter: pipeline.backup(
-        VolumeSource(args.volume_name, config, args.consistency), _absolute(args.backup_dir),
-        config, reporter))
+        VolumeSource(args.volume_name, config, args.consistency, Exclusions(args.exclude)),
+        _absolute(args.backup_dir), config, reporter))
 
 
 def backup_path_main(argv=None):
@@ -140,14 +147,19 @@ def backup_path_main(argv=None):
                          "backup_path.sh /home/wasti/ai_stack_data/transcript-miner/output "
                          "/srv/ai-stack/backups",
                          "backup_path.py /home/wasti/notes - | ssh newhost "
-                         "restore_path.py - /home/wasti/notes --force"])
+                         "restore_path.py - /home/wasti/notes --force",
+                         "backup_path.py /home/wasti/ai_stack_data/transcript-miner/output "
+                         "--exclude 'tmp/' --exclude '*.part'"])
     parser.add_argument("path", help="the folder or file to back up")
     parser.add_argument("backup_dir", nargs="?", default=DEFAULT_BACKUP_DIR,
                         help="folder for the archive; '-' writes it to stdout "
                              "(default: %(default)s)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help=EXCLUDE_HELP)
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return _run(prog, parser, argv, lambda args, config, reporter: pipeline.backup(
-        PathSource(args.path), _absolute(args.backup_dir), config, reporter))
+        PathSource(args.path, Exclusions(args.exclude)), _absolute(args.backup_dir), config,
+        reporter))
 
 
 def restore_docker_volume_main(argv=None):
@@ -328,21 +340,27 @@ def backup_all_main(argv=None):
                          "BACKUP_DIR=/srv/ai-stack/backups RETENTION_DAYS=30 backup_all.py",
                          "BACKUP_CONSISTENCY='owui-data=sqlite qdrant-data=stop' backup_all.py",
                          "VOLUMES='owui-data tm-data' BACKUP_CONSISTENCY=live backup_all.py",
-                         "backup_all.py --dry-run",
+                         "RETENTION_DAILY=7 RETENTION_WEEKLY=4 RETENTION_MONTHLY=12 "
+                         "backup_all.py --dry-run   # which rule keeps what",
+                         "BACKUP_EXCLUDE='owui-data:cache/ tm-data:*.tmp' backup_all.py",
                          "environment: BACKUP_DIR, OUTPUT_ROOT, RETENTION_DAYS (14), "
                          "RETENTION_MIN_KEEP (3),",
+                         "  RETENTION_DAILY, RETENTION_WEEKLY, RETENTION_MONTHLY (0: off), "
+                         "RETENTION_SHRINK_GUARD (50 percent; 0: off),",
+                         "  BACKUP_EXCLUDE (SOURCE:PATTERN entries),",
                          "  VOLUMES (default: $OPEN_WEBUI_VOLUME $TOOL_TM_VOLUME context6-data "
                          "context6-cache qdrant-data),",
                          "  BACKUP_CONSISTENCY (VOLUME=MODE entries and one default MODE; "
                          "modes auto, sqlite, stop, live;",
                          "  default auto), STOP_CONTAINERS=1 (the default mode becomes stop)"])
     parser.add_argument("--dry-run", action="store_true",
-                        help="print what would be backed up and deleted; change nothing")
+                        help="print what would be backed up, which rule keeps each archive and "
+                             "what would be deleted; change nothing")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     def run(args, config, reporter):
         outcomes = run_backup_all(config, reporter, dry_run=args.dry_run)
-        failed = [outcome for outcome in outcomes if outcome.status == "FAILED"]
+        failed = [outcome for outcome in outcomes if outcome.failed]
         if failed:
             reporter.log("%s: %d of %d failed: %s"
                          % (prog, len(failed), len(outcomes),

@@ -10,6 +10,8 @@ import os
 import re
 
 from .errors import ConfigError
+from .exclusions import Exclusions
+from .names import safe_name
 
 DEFAULT_BACKUP_DIR = "/srv/ai-stack/backups"
 DEFAULT_HELPER_IMAGE = "alpine:3.20"
@@ -17,6 +19,7 @@ DEFAULT_GZIP_LEVEL = 6
 DEFAULT_OUTPUT_ROOT = "/home/wasti/ai_stack_data/transcript-miner/output"
 DEFAULT_RETENTION_DAYS = 14
 DEFAULT_MIN_KEEP = 3
+DEFAULT_SHRINK_GUARD = 50  # percent of the previous archive's bytes or members
 # The runbook's five volumes; the first two keep their old variables.
 OTHER_DEFAULT_VOLUMES = ("context6-data", "context6-cache", "qdrant-data")
 # How a volume is captured: see volume.VolumeSource and the README's "Live databases".
@@ -82,6 +85,30 @@ def _consistency(environ, stop_containers):
     return (bare[0] if bare else default), per_volume
 
 
+def _exclusions(environ, sources):
+    """Parse BACKUP_EXCLUDE: ``SOURCE:PATTERN`` entries; give ``{source: Exclusions}``.
+
+    SOURCE is a configured volume, or OUTPUT_ROOT as a path or as its archive
+    name; a source nobody backs up is an error, not a silent no-op.
+    """
+    patterns = {}
+    for word in re.split(r"[\s,]+", _setting(environ, "BACKUP_EXCLUDE")):
+        if not word:
+            continue
+        source, colon, pattern = word.partition(":")
+        if not colon or not source or not pattern:
+            raise ConfigError("BACKUP_EXCLUDE: %r is not SOURCE:PATTERN (e.g. owui-data:cache/)"
+                              % word)
+        if source not in sources:
+            raise ConfigError("BACKUP_EXCLUDE: %r names %s, which backup_all does not back up "
+                              "(sources: %s)" % (word, source, " ".join(sorted(sources))))
+        patterns.setdefault(sources[source], []).append(pattern)
+    try:
+        return {source: Exclusions(found) for source, found in patterns.items()}
+    except ConfigError as error:
+        raise ConfigError("BACKUP_EXCLUDE: %s" % error)
+
+
 def _switch(environ, name):
     raw = _setting(environ, name).lower()
     if raw not in TRUE_WORDS + FALSE_WORDS:
@@ -102,7 +129,9 @@ class Config:
     def __init__(self, backup_dir=DEFAULT_BACKUP_DIR, backup_dir_configured=False,
                  helper_image=DEFAULT_HELPER_IMAGE, gzip_level=DEFAULT_GZIP_LEVEL, threads=None,
                  volumes=None, output_root=None, retention_days=None, min_keep=None,
-                 stop_containers=False, consistency="live", consistency_by_volume=None):
+                 stop_containers=False, consistency="live", consistency_by_volume=None,
+                 retention_daily=0, retention_weekly=0, retention_monthly=0,
+                 shrink_guard=DEFAULT_SHRINK_GUARD, exclusions=None):
         self.backup_dir = os.path.abspath(backup_dir)
         self.backup_dir_configured = backup_dir_configured
         self.helper_image = helper_image
@@ -115,6 +144,12 @@ class Config:
         self.stop_containers = stop_containers
         self.consistency = consistency
         self.consistency_by_volume = consistency_by_volume or {}
+        self.retention_daily = retention_daily
+        self.retention_weekly = retention_weekly
+        self.retention_monthly = retention_monthly
+        self.shrink_guard = shrink_guard
+        # {volume or OUTPUT_ROOT path: Exclusions}
+        self.exclusions = exclusions or {}
 
     def consistency_for(self, volume):
         """Give the consistency mode for ``volume``: its own entry, else the default."""
@@ -139,13 +174,22 @@ class Config:
                 volumes += list(OTHER_DEFAULT_VOLUMES)
             stop_containers = _switch(environ, "STOP_CONTAINERS")
             consistency, consistency_by_volume = _consistency(environ, stop_containers)
+            # Set but empty means: no path source (the old script's behaviour).
+            output_root = environ.get("OUTPUT_ROOT", DEFAULT_OUTPUT_ROOT).strip()
+            sources = {volume: volume for volume in volumes}
+            if output_root:
+                sources[output_root] = sources[safe_name(output_root)] = output_root
             fields.update(
-                volumes=volumes,
-                # Set but empty means: no path source (the old script's behaviour).
-                output_root=environ.get("OUTPUT_ROOT", DEFAULT_OUTPUT_ROOT).strip(),
+                volumes=volumes, output_root=output_root,
                 retention_days=_whole_number(environ, "RETENTION_DAYS",
                                              DEFAULT_RETENTION_DAYS, 0),
                 min_keep=_whole_number(environ, "RETENTION_MIN_KEEP", DEFAULT_MIN_KEEP, 1),
                 stop_containers=stop_containers, consistency=consistency,
-                consistency_by_volume=consistency_by_volume)
+                consistency_by_volume=consistency_by_volume,
+                retention_daily=_whole_number(environ, "RETENTION_DAILY", 0, 0),
+                retention_weekly=_whole_number(environ, "RETENTION_WEEKLY", 0, 0),
+                retention_monthly=_whole_number(environ, "RETENTION_MONTHLY", 0, 0),
+                shrink_guard=_whole_number(environ, "RETENTION_SHRINK_GUARD",
+                                           DEFAULT_SHRINK_GUARD, 0, 100),
+                exclusions=_exclusions(environ, sources))
         return cls(**fields)

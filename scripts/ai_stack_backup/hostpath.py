@@ -19,6 +19,7 @@ import stat
 
 from .archive import PathShape
 from .errors import BackupError, NotFound, describe_os_error
+from .exclusions import NONE
 from .files import WORK_PREFIX, BatchedWriter
 from .names import safe_name
 from .tarstream import BLOCK_SIZE, DIRECTORY, END_OF_ARCHIVE, FIFO, FILE, HARDLINK, SYMLINK, \
@@ -38,8 +39,9 @@ class TreeWriter:
     memory does not grow with the number of files.
     """
 
-    def __init__(self, output, reporter, exclude=(), progress=None):
+    def __init__(self, output, reporter, exclude=(), progress=None, exclusions=NONE):
         self.exclude = set(exclude)
+        self.exclusions = exclusions
         self.progress = progress
         self.warn = reporter.warn
         self.members = 0
@@ -154,9 +156,9 @@ class TreeWriter:
             raise BackupError("cannot read %s: %s" % (os.fsdecode(path), describe_os_error(error)))
         if not self.add(path, arcname, status):
             return
-        stack = [(path, arcname, iter(self._names(path)))]
+        stack = [(path, arcname, b"", iter(self._names(path)))]
         while stack:
-            folder, folder_arcname, names = stack[-1]
+            folder, folder_arcname, relative, names = stack[-1]
             name = next(names, None)
             if name is None:
                 stack.pop()
@@ -169,9 +171,15 @@ class TreeWriter:
                 continue
             if (status.st_dev, status.st_ino) in self.exclude:
                 continue
+            child_relative = relative + b"/" + name if relative else name
+            # What is above was matched already: an excluded folder is never entered.
+            if self.exclusions and self.exclusions.matches(child_relative,
+                                                           stat.S_ISDIR(status.st_mode)):
+                continue
             child_arcname = folder_arcname + b"/" + name
             if self.add(child, child_arcname, status):
-                stack.append((child, child_arcname, iter(self._names(child))))
+                stack.append((child, child_arcname, child_relative,
+                              iter(self._names(child))))
 
     def finish(self):
         """Write the end-of-archive marker, padded to a whole record like tar does."""
@@ -191,9 +199,10 @@ class PathSource:
     kind = "path"
     uses_work_folder = False
 
-    def __init__(self, path):
+    def __init__(self, path, exclusions=NONE):
         self.name = path
         self.archive_source = safe_name(path)
+        self.exclusions = exclusions
 
     def check(self):
         if not (os.path.isdir(self.name) or os.path.isfile(self.name)):
@@ -212,7 +221,7 @@ class PathSource:
     def write_tar(self, output, progress, reporter, work_folder=None, exclude=()):
         """Write the tree as tar into ``output``; give the member count. Raises BackupError."""
         top = self.name.rstrip("/")
-        tree = TreeWriter(output, reporter, exclude, progress)
+        tree = TreeWriter(output, reporter, exclude, progress, self.exclusions)
         tree.add_tree(top, os.path.basename(top))
         tree.finish()
         return tree.members

@@ -14,6 +14,7 @@ import os
 from . import capture, docker, files, transfer
 from .archive import ArchiveInput, VolumeShape
 from .errors import ArchiveError, BackupError, RolledBack, Unrestorable, VolumeInUse
+from .exclusions import NONE
 from .gzipstream import CHUNK_SIZE
 from .tarstream import ArchiveRules, TarReader
 
@@ -42,18 +43,19 @@ def _chunks_into(descriptor, gzip_writer, progress):
             return
 
 
-def _finish_tar(helper, what, reporter, left_out=()):
+def _finish_tar(helper, what, reporter, left_out=(), exclusions=NONE):
     """Wait for the helper's tar; files that vanished mid-copy are warnings, all else fails.
 
     ``left_out`` names files the archive leaves out anyway (a snapshotted
-    database's journal): their vanishing is not worth a warning.
+    database's journal), as do ``exclusions``: their vanishing is not worth a warning.
     """
     returncode = helper.wait()
     lines = helper.warnings()
     vanished = capture.vanished_files(returncode, lines)
     if vanished is not None:
         for name in vanished:
-            if name not in left_out:
+            if name not in left_out and not (exclusions and
+                                             exclusions.excludes(name[2:], False)):
                 reporter.warn("%s: %s vanished while it was backed up; skipped" % (what, name))
         return
     if returncode:
@@ -86,8 +88,9 @@ class VolumeSource:
     kind = "volume"
     uses_work_folder = True
 
-    def __init__(self, volume, config, consistency="live"):
+    def __init__(self, volume, config, consistency="live", exclusions=NONE):
         self.name = self.archive_source = volume
+        self.exclusions = exclusions
         self.image = config.helper_image
         self.backup_dir = config.backup_dir
         self.consistency = consistency
@@ -118,7 +121,8 @@ class VolumeSource:
     def write_tar(self, output, progress, reporter, work_folder=None, exclude=()):
         """Pass the helper's tar of the volume into ``output``, checking it; give the members.
 
-        With database snapshots the stream is re-emitted with them put in.
+        With database snapshots or exclusions the stream is re-emitted, with the
+        snapshots put in and the excluded paths left out.
         Raises DockerError unless the stream is a complete tar (end-of-archive
         marker included) and the helper's tar ended well.
         """
@@ -128,10 +132,10 @@ class VolumeSource:
                 (descriptor, helper):
             rules = _RulesOfRestore(self.name)
             try:
-                if snapshots:
-                    members = capture.write_with_snapshots(
-                        transfer.stream_chunks(descriptor, progress), output, snapshots,
-                        rules.check)
+                if snapshots or self.exclusions:
+                    members = capture.write_reemitted(
+                        transfer.stream_chunks(descriptor, progress), output, rules.check,
+                        snapshots, self.exclusions, self.name)
                 else:
                     reader = TarReader(_chunks_into(descriptor, output, progress))
                     for member in reader:
@@ -143,7 +147,7 @@ class VolumeSource:
                     raise helper.failed(what, returncode)
                 raise BackupError("%s failed: the tar stream from the helper is incomplete (%s)"
                                   % (what, error))
-            _finish_tar(helper, what, reporter, capture.left_out(snapshots))
+            _finish_tar(helper, what, reporter, capture.left_out(snapshots), self.exclusions)
         return members
 
 
