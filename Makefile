@@ -40,11 +40,24 @@ RENDER = sed -e 's\#/home/wasti/ai_stack/\#$(CHECKOUT)/\#g' \
 	    -e 's\#/srv/ai-stack/backups\#$(BACKUP_DIR)\#g' \
 	    -e 's\#^\\\# Template for .*\#\\\# Rendered by make install-systemd for $(CHECKOUT).\#'
 
+# METRICS_DIR (node_exporter's textfile folder) and NETWORK_ALLOW (addresses the pings may
+# reach) render a monitoring drop-in; without them any earlier one is removed.
+METRICS_DIR ?=
+NETWORK_ALLOW ?=
+
 install-systemd:
 	install -d $(DESTDIR)$(UNIT_DIR)
 	for unit in ai_stack_backup.service ai_stack_backup-failure.service \
 			ai_stack_backup-drill.service; do \
 		$(RENDER) systemd/$$unit > $(DESTDIR)$(UNIT_DIR)/$$unit || exit 1; \
+	done
+	for unit in ai_stack_backup.service ai_stack_backup-drill.service; do \
+		rm -f $(DESTDIR)$(UNIT_DIR)/$$unit.d/monitoring.conf; \
+		if [ -n "$(METRICS_DIR)$(NETWORK_ALLOW)" ]; then \
+			install -d $(DESTDIR)$(UNIT_DIR)/$$unit.d && \
+			sh systemd/monitoring-dropin.sh $$unit "$(METRICS_DIR)" "$(NETWORK_ALLOW)" \
+				> $(DESTDIR)$(UNIT_DIR)/$$unit.d/monitoring.conf || exit 1; \
+		fi; \
 	done
 	install -m 644 systemd/ai_stack_backup.timer systemd/ai_stack_backup-drill.timer \
 		$(DESTDIR)$(UNIT_DIR)/

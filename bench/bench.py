@@ -304,8 +304,8 @@ def main():
         for step in steps:
             print(step.line())
         print("(%d CPUs; old = the runbook's shell procedure in the helper image, or GNU tar "
-              "-czf for paths, or for 'auto vs live' our --consistency live, or for 'drill' our backup "
-              "of the same volume; peak RSS = our Python process)" % cores)
+              "-czf for paths, or for 'auto vs live' our --consistency live, or for 'drill' "
+              "our backup of the same volume; peak RSS = our Python process)" % cores)
     finally:
         volume_remove(volume, many)
         shutil.rmtree(work, ignore_errors=True)

@@ -2,10 +2,12 @@
 """`make demo`: the main job on throwaway volumes, as an operator would run it.
 
 Creates a volume with sample data, backs it up with backup_docker_volume.sh,
-verifies and lists the archive, runs a restore drill on it (drill_restore.py),
-restores it into a second volume with restore_docker_volume.sh, compares both
-volumes inside a helper container, and cleans everything up. Uses BACKUP_HELPER_IMAGE, else alpine:3.20 if present,
-else builds the tests' busybox helper image (no registry needed).
+verifies and lists the archive, runs backup_all and a restore drill
+(drill_restore.py) on it and shows their metrics file, restores the first
+archive into a second volume with restore_docker_volume.sh, compares both
+volumes inside a helper container, and cleans everything up. Each step shows
+its seconds. Uses BACKUP_HELPER_IMAGE, else alpine:3.20 if present, else
+builds the tests' busybox helper image (no registry needed).
 """
 
 import os
@@ -27,10 +29,11 @@ COMPARE = ("cd /volume && ls -lnAR --full-time . > /tmp/a && cd /copy && "
            "ls -lnAR --full-time . > /tmp/b && diff /tmp/a /tmp/b && diff -r /volume /copy")
 
 
-def step(title, command):
-    print("\n$ " + " ".join(command), flush=True)
+def step(title, command, **environment):
+    shown = " ".join("%s=%s" % item for item in sorted(environment.items()))
+    print("\n$ " + (shown + " " if shown else "") + " ".join(command), flush=True)
     started = time.monotonic()
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, env=dict(os.environ, **environment))
     print("(%s: %.1f s)" % (title, time.monotonic() - started), flush=True)
 
 
@@ -55,6 +58,7 @@ def main():
     backups = os.path.join(workdir, "backups")
     # Work files and safety copies go to the demo's own folder, not the host's real one.
     os.environ["BACKUP_DIR"] = backups
+    metrics_file = os.path.join(workdir, "ai_stack_backup.prom")
     try:
         sample = os.path.join(workdir, "sample")
         os.makedirs(os.path.join(sample, "app", "backend", "data"))
@@ -75,7 +79,14 @@ def main():
         archive = testkit.only_archive(backups)
         step("verify", [os.path.join(SCRIPTS, "verify_backup.py"), archive])
         step("list", [os.path.join(SCRIPTS, "list_backups.py"), backups])
-        step("drill", [os.path.join(SCRIPTS, "drill_restore.py"), source])
+        time.sleep(1.05 - time.time() % 1)  # archive names have whole seconds
+        step("backup_all", [os.path.join(SCRIPTS, "backup_all.py")], VOLUMES=source,
+             OUTPUT_ROOT="", METRICS_FILE=metrics_file)
+        step("drill", [os.path.join(SCRIPTS, "drill_restore.py"), source],
+             METRICS_FILE=metrics_file)
+        print("\n$ cat " + metrics_file, flush=True)
+        with open(metrics_file) as file:
+            print(file.read(), end="", flush=True)
         step("restore", [os.path.join(SCRIPTS, "restore_docker_volume.sh"), copy, archive,
                          "--force"])
         step("compare", ["docker", "run", "--rm", "--network", "none",

@@ -243,41 +243,6 @@ def test_an_archive_dated_in_the_future_says_so(tmp_path, capsys):
         capsys.readouterr().out
 
 
-def test_a_failed_run_is_told_to_the_journal_and_to_notify_url(monkeypatch, capsys):
-    import http.server
-    import threading
-    received = []
-
-    class Hook(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-    server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        for key, value in {"MONITOR_UNIT": "ai_stack_backup.service",
-                           "MONITOR_SERVICE_RESULT": "exit-code", "MONITOR_EXIT_CODE": "exited",
-                           "MONITOR_EXIT_STATUS": "1", "MONITOR_INVOCATION_ID": "0123abc",
-                           "NOTIFY_URL": "http://127.0.0.1:%d/hook" % server.server_port}.items():
-            monkeypatch.setenv(key, value)
-        assert cli.report_failure_main([]) == 0
-    finally:
-        server.shutdown()
-    error = capsys.readouterr().err
-    assert "ai_stack backup FAILED on " in error
-    assert "ai_stack_backup.service ended with result exit-code (exited 1); see: journalctl " \
-        "-u ai_stack_backup.service _SYSTEMD_INVOCATION_ID=0123abc" in error
-    assert [(hook["event"], hook["result"], hook["exit_status"]) for hook in received] == \
-        [("backup-failed", "exit-code", "1")]
-    monkeypatch.setenv("NOTIFY_URL", "http://127.0.0.1:%d/hook" % server.server_port)
-    assert cli.report_failure_main([]) == 1  # nobody listens any more: said, and exit 1
-    assert "could not send the failure to NOTIFY_URL" in capsys.readouterr().err
-
-
 def test_every_archive_has_a_checksum_that_standard_tools_check(tmp_path, capsys):
     source = tmp_path / "notes"
     source.mkdir()

@@ -263,6 +263,36 @@ def test_rendered_units_verify_cleanly(tmp_path):
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is missing")
+def test_the_monitoring_drop_in_opens_only_what_it_names(tmp_path):
+    result = subprocess.run(["make", "-s", "install-systemd", "DESTDIR=%s" % tmp_path,
+                             "METRICS_DIR=/var/lib/prometheus/node-exporter",
+                             "NETWORK_ALLOW=192.0.2.10 127.0.0.53"],
+                            cwd=REPOSITORY, capture_output=True)
+    assert result.returncode == 0, result.stderr
+    units = os.path.join(str(tmp_path), "etc", "systemd", "system")
+    backup = open(os.path.join(units, "ai_stack_backup.service.d", "monitoring.conf")).read()
+    drill = open(os.path.join(units, "ai_stack_backup-drill.service.d", "monitoring.conf")).read()
+    metrics_lines = ["ReadWritePaths=-/var/lib/prometheus/node-exporter",
+                     "Environment=METRICS_FILE=/var/lib/prometheus/node-exporter/"
+                     "ai_stack_backup.prom"]
+    network_lines = ["PrivateNetwork=no", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+                     "IPAddressAllow=192.0.2.10 127.0.0.53"]
+    settings = lambda text: [line for line in text.splitlines()  # noqa: E731
+                             if line and not line.startswith(("#", "["))]
+    assert settings(backup) == metrics_lines + network_lines
+    assert settings(drill) == metrics_lines  # the drill never pings
+    verify = subprocess.run(["systemd-analyze", "verify", "--recursive-errors=no",
+                             os.path.join(units, "ai_stack_backup.service"),
+                             os.path.join(units, "ai_stack_backup-drill.service")],
+                            capture_output=True, env=dict(os.environ, SYSTEMD_UNIT_PATH=units + ":"))
+    assert (verify.returncode, verify.stdout, verify.stderr) == (0, b"", b"")
+    # Rendering again without the variables removes the drop-in.
+    subprocess.run(["make", "-s", "install-systemd", "DESTDIR=%s" % tmp_path], cwd=REPOSITORY,
+                   check=True, capture_output=True)
+    assert not os.path.exists(os.path.join(units, "ai_stack_backup.service.d", "monitoring.conf"))
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is missing")
 def test_service_is_hardened_and_every_option_commented():
     service = os.path.join(REPOSITORY, "systemd", "ai_stack_backup.service")
     result = subprocess.run(["systemd-analyze", "security", "--offline=yes", service],
@@ -283,7 +313,8 @@ def test_service_is_hardened_and_every_option_commented():
                      "OnFailure=ai_stack_backup-failure.service", "TimeoutStartSec=",
                      "Environment=BACKUP_DIR=/srv/ai-stack/backups",
                      "Environment=RETENTION_DAYS=14", "Environment=BACKUP_CONSISTENCY=auto",
-                     "Environment=OUTPUT_ROOT=/home/wasti/ai_stack_data/transcript-miner/output"):
+                     "Environment=OUTPUT_ROOT=/home/wasti/ai_stack_data/transcript-miner/output",
+                     "EnvironmentFile=-/etc/ai_stack_backup.env"):
         assert required in text
     timer = open(os.path.join(REPOSITORY, "scripts", "systemd", "ai_stack_backup.timer")).read()
     for required in ("OnCalendar=daily", "Persistent=true", "RandomizedDelaySec=30m"):

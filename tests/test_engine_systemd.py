@@ -50,6 +50,20 @@ print("probe " + " ".join("%s=%s" % item for item in sorted(results.items())), f
 '''
 
 
+RECORDER = r'''
+import http.server, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with open(sys.argv[1], "a") as log:
+            log.write(self.path + "\n")
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+http.server.HTTPServer(("127.0.0.1", 8099), Handler).serve_forever()
+'''
+
+
 def run(container, *command, check=True):
     result = subprocess.run(["docker", "exec", container] + list(command), capture_output=True)
     if check and result.returncode != 0:
@@ -219,3 +233,40 @@ def test_the_units_under_a_real_systemd(systemd_host, make_volume, tmp_path):
         time.sleep(0.5)
     told = journal(container, "ai_stack_backup-failure.service")
     assert "ai_stack_backup.service ended with result exit-code" in told
+
+    # Monitoring: the drop-in make install-systemd renders opens IP for the pings only (to
+    # NETWORK_ALLOW) and the metrics folder; the URL comes from the root-only environment file.
+    metrics_dir = os.path.join(shared, "metrics")
+    os.makedirs(metrics_dir)
+    os.chown(metrics_dir, uid, -1)
+    monitoring_units = tmp_path / "monitoring-units"
+    subprocess.run(["make", "-s", "-C", REPOSITORY, "install-systemd",
+                    "DESTDIR=" + str(monitoring_units), "CHECKOUT=" + CHECKOUT,
+                    "SERVICE_USER=" + USER, "SERVICE_GROUP=" + USER,
+                    "BACKUP_DIR=%s/backups" % shared, "METRICS_DIR=" + metrics_dir,
+                    "NETWORK_ALLOW=127.0.0.1"], check=True, capture_output=True)
+    dropin = monitoring_units / "etc" / "systemd" / "system" / (service + ".d")
+    run(container, "mkdir", "-p", "/etc/systemd/system/%s.d" % service)
+    testkit.docker("cp", str(dropin / "monitoring.conf"),
+                   "%s:/etc/systemd/system/%s.d/monitoring.conf" % (container, service))
+    subprocess.run(["docker", "exec", "-i", container, "sh", "-c",
+                    "umask 077 && cat > /etc/ai_stack_backup.env"],
+                   input=b"HEALTHCHECK_URL=http://127.0.0.1:8099/ping/secret-uuid\n", check=True)
+    subprocess.run(["docker", "exec", "-i", container, "sh", "-c",
+                    "cat > /usr/local/bin/aisb-recorder.py"], input=RECORDER.encode(), check=True)
+    run(container, "systemd-run", "--unit", "aisb-recorder", "/usr/bin/python3",
+        "/usr/local/bin/aisb-recorder.py", "/run/aisb-pings")
+    drop_in(container, service, [
+        "Environment=VOLUMES=%s" % volume, "Environment=OUTPUT_ROOT=",
+        "Environment=BACKUP_HELPER_IMAGE=%s" % testkit.HELPER_IMAGE])
+    run(container, "systemctl", "reset-failed", check=False)
+    time.sleep(1.1)
+    run(container, "systemctl", "start", service, check=False)
+    assert show(container, service, "Result") == "success", journal(container, service)
+    assert run(container, "cat", "/run/aisb-pings").split() == [
+        "/ping/secret-uuid/start", "/ping/secret-uuid"], journal(container, service)
+    assert "secret-uuid" not in journal(container, service)
+    prom = os.path.join(metrics_dir, "ai_stack_backup.prom")
+    assert stat.S_IMODE(os.stat(prom).st_mode) == 0o644
+    assert re.search(r'^ai_stack_backup_last_run_success\{source="%s"\} 1$' % volume,
+                     open(prom).read(), re.M)

@@ -54,10 +54,13 @@ class Outcome:
     FAILURES = ("FAILED", "SUSPICIOUS")
 
     def __init__(self, kind, name, source, status, archive=None, size=None, seconds=0.0,
-                 reason="", consistency="", members=None, data_bytes=None):
+                 reason="", consistency="", members=None, data_bytes=None, mode="",
+                 pause_seconds=0.0):
         self.kind, self.name, self.source, self.status = kind, name, source, status
         self.archive, self.size, self.seconds, self.reason = archive, size, seconds, reason
         self.consistency, self.members, self.data_bytes = consistency, members, data_bytes
+        self.mode, self.pause_seconds = mode, pause_seconds
+        self.kept = None  # archives of the source left after retention
 
     @property
     def failed(self):
@@ -108,9 +111,11 @@ def _back_up_and_verify(source, folder, config, reporter):
     reporter.status("Verified: %s (%d members, %s uncompressed%s)"
                     % (result.path, summary.members, human_size(summary.data_bytes),
                        _databases_checked(summary)))
+    pause = result.capture.pause
     outcome = Outcome(source.kind, source.name, source.archive_source, "ok", result.path,
                       result.size, consistency=result.consistency, members=summary.members,
-                      data_bytes=summary.data_bytes)
+                      data_bytes=summary.data_bytes, mode=result.capture.mode,
+                      pause_seconds=pause.seconds if pause else 0.0)
     if previous and config.shrink_guard:
         shrunk = _shrunk(summary, result.path, previous, config.shrink_guard, reporter)
         if shrunk:
@@ -152,12 +157,12 @@ def _databases_checked(summary):
     return ", %d SQLite database%s ok" % (len(checked), "" if len(checked) == 1 else "s")
 
 
-def run_backup_all(config, reporter, dry_run=False):
+def run_backup_all(config, reporter, dry_run=False, on_start=None):
     """Back up every configured source, verify, apply retention; give the list of Outcomes.
 
-    Raises Locked if another run holds the lock, BackupError if the backup
-    folder cannot be prepared. Failures of single sources are in the
-    Outcomes, not raised.
+    ``on_start()`` is called once the lock is held. Raises Locked if another
+    run holds the lock, BackupError if the backup folder cannot be prepared.
+    Failures of single sources are in the Outcomes, not raised.
     """
     folder = ensure_backup_dir(config.backup_dir, enforce_mode=True)
     with BackupLock(folder):
@@ -167,6 +172,8 @@ def run_backup_all(config, reporter, dry_run=False):
         if dry_run:
             _dry_run(folder, sources, config, reporter)
             return []
+        if on_start is not None:
+            on_start()
         outcomes = [_back_up_and_verify(source, folder, config, reporter) for source in sources]
         succeeded = {outcome.source for outcome in outcomes if outcome.status == "ok"}
         decisions = retention.plan(folder, succeeded, retention_policy(config))
@@ -187,6 +194,10 @@ def run_backup_all(config, reporter, dry_run=False):
             reporter.log("removing %s: its archive is gone" % path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        left = retention.archives_by_source(folder)
+        for outcome in outcomes:
+            if outcome.source is not None:
+                outcome.kept = len(left.get(outcome.source, ()))
         for outcome in outcomes:
             reporter.status(outcome.line())
         return outcomes

@@ -16,14 +16,14 @@ import signal
 import sys
 import time
 
-from . import drill, notify, pipeline
+from . import drill, monitor, notify, pipeline
 from .archive import verify_file
 from .backupall import run_backup_all
 from .config import CONSISTENCY_MODES, DEFAULT_BACKUP_DIR, Config
 from .files import CHECKSUM_SUFFIX
 from .exclusions import Exclusions
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL_BASE, EXIT_STATUS_HELP, ArchiveError, \
-    BackupError, Interrupted
+    BackupError, Interrupted, Locked
 from .hostpath import PathSource, PathTarget
 from .names import FAILED_SUFFIX, parse_archive_name, parse_failed_name, parse_timestamp
 from .report import Reporter, human_size
@@ -73,7 +73,7 @@ def _stop_signals_raise(reporter):
             signal.signal(signum, old_handler)
 
 
-def _run(prog, parser, argv, operation, needs_force=False, backup_all=False):
+def _run(prog, parser, argv, operation, needs_force=False, backup_all=False, monitoring=False):
     """Parse ``argv``, read the environment, run ``operation(arguments, config, reporter)``.
 
     Gives the exit code: argparse's for --help and usage errors (0 and 2);
@@ -91,7 +91,8 @@ def _run(prog, parser, argv, operation, needs_force=False, backup_all=False):
     reporter = Reporter(quiet=getattr(arguments, "quiet", False))
     try:
         with _stop_signals_raise(reporter):
-            config = Config.from_environment(os.environ, backup_all=backup_all)
+            config = Config.from_environment(os.environ, backup_all=backup_all,
+                                             monitoring=monitoring)
             result = operation(arguments, config, reporter)
         return result if isinstance(result, int) else EXIT_OK
     except BackupError as error:
@@ -352,32 +353,46 @@ def backup_all_main(argv=None):
                          "context6-cache qdrant-data),",
                          "  BACKUP_CONSISTENCY (VOLUME=MODE entries and one default MODE; "
                          "modes auto, sqlite, stop, live;",
-                         "  default auto), STOP_CONTAINERS=1 (the default mode becomes stop)"])
+                         "  default auto), STOP_CONTAINERS=1 (the default mode becomes stop),",
+                         "  METRICS_FILE (…/ai_stack_backup.prom), HEALTHCHECK_URL, NOTIFY_URL, "
+                         "NOTIFY_URL_HEADERS (see README: Monitoring)"])
     parser.add_argument("--dry-run", action="store_true",
                         help="print what would be backed up, which rule keeps each archive and "
                              "what would be deleted; change nothing")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     def run(args, config, reporter):
-        outcomes = run_backup_all(config, reporter, dry_run=args.dry_run)
+        if args.dry_run:
+            run_backup_all(config, reporter, dry_run=True)
+            return EXIT_OK
+        watch = monitor.Watch(config, reporter)
+        try:
+            outcomes = run_backup_all(config, reporter, on_start=watch.started)
+        except Locked:
+            raise  # another run is on it; that run reports
+        except BackupError as error:
+            watch.failed(error)
+            raise
+        problems = watch.finished(outcomes)
         failed = [outcome for outcome in outcomes if outcome.failed]
         if failed:
             reporter.log("%s: %d of %d failed: %s"
                          % (prog, len(failed), len(outcomes),
                             ", ".join(outcome.name for outcome in failed)))
-            return EXIT_FAILED
-        return EXIT_OK
+        return EXIT_FAILED if failed or problems else EXIT_OK
     return _run(prog, parser, argv, run, backup_all=True)
 
 
 def report_failure_main(argv=None):
     prog = "report_failure.py"
     parser = _parser(prog, "Tell a person that a backup run failed: one line in the journal, "
-                     "and a JSON POST to NOTIFY_URL when that is set. systemd runs it as "
-                     "ai_stack_backup-failure.service (OnFailure=), with the failed unit's "
-                     "outcome in MONITOR_* variables.", [
+                     "and a plain-text POST to NOTIFY_URL when that is set (unless the run "
+                     "sent its own). systemd runs it as ai_stack_backup-failure.service "
+                     "(OnFailure=), with the failed unit's outcome in MONITOR_* variables.", [
                          "report_failure.py",
-                         "NOTIFY_URL=https://hooks.example/backup report_failure.py"])
+                         "NOTIFY_URL=https://ntfy.sh/my-backups report_failure.py",
+                         "NOTIFY_URL=https://gotify.example/message "
+                         "NOTIFY_URL_HEADERS='X-Gotify-Key: …' report_failure.py"])
 
     def report(args, config, reporter):
         environ = os.environ
@@ -386,11 +401,16 @@ def report_failure_main(argv=None):
             environ.get("MONITOR_EXIT_CODE", ""), environ.get("MONITOR_EXIT_STATUS", ""),
             environ.get("MONITOR_INVOCATION_ID", ""))
         reporter.log(failure.line())
-        url = environ.get("NOTIFY_URL", "").strip()
-        if url:
-            notify.send(url, failure)
-            reporter.log("sent to NOTIFY_URL")
-    return _run(prog, parser, argv, report)
+        if not config.notify_url:
+            return EXIT_OK
+        if monitor.already_notified(config, failure.invocation):
+            reporter.log("the run sent its own failure message to %s; not sending another"
+                         % notify.mask(config.notify_url))
+            return EXIT_OK
+        notify.send(config.notify_url, failure.line() + "\n", config.notify_headers)
+        reporter.log("sent to %s" % notify.mask(config.notify_url))
+        return EXIT_OK
+    return _run(prog, parser, argv, report, monitoring=True)
 
 
 def drill_restore_main(argv=None):
@@ -408,10 +428,11 @@ def drill_restore_main(argv=None):
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     def run_drills(args, config, reporter):
-        failed = 0
+        results = []
         for volume in args.volumes or config.volumes:
-            result = drill.drill(volume, config, reporter)
-            reporter.status(result.line())
-            failed += result.problem is not None
-        return EXIT_FAILED if failed else EXIT_OK
+            results.append(drill.drill(volume, config, reporter))
+            reporter.status(results[-1].line())
+        problems = monitor.drill_finished(config, results, reporter)
+        failed = [result for result in results if result.problem is not None]
+        return EXIT_FAILED if failed or problems else EXIT_OK
     return _run(prog, parser, argv, run_drills, backup_all=True)

@@ -9,6 +9,7 @@ stops a single backup or restore.
 import os
 import re
 
+from . import notify
 from .errors import ConfigError
 from .exclusions import Exclusions
 from .names import safe_name
@@ -109,6 +110,21 @@ def _exclusions(environ, sources):
         raise ConfigError("BACKUP_EXCLUDE: %s" % error)
 
 
+def _monitoring(environ):
+    metrics_file = _setting(environ, "METRICS_FILE")
+    if metrics_file and not metrics_file.endswith(".prom"):
+        raise ConfigError("METRICS_FILE must end in .prom (node_exporter's textfile collector "
+                          "reads only those), not %r" % metrics_file)
+    urls = {}
+    for name in ("HEALTHCHECK_URL", "NOTIFY_URL"):
+        url = _setting(environ, name)
+        urls[name] = notify.check_url(url, name) if url else ""
+    return dict(metrics_file=os.path.abspath(metrics_file) if metrics_file else "",
+                healthcheck_url=urls["HEALTHCHECK_URL"], notify_url=urls["NOTIFY_URL"],
+                notify_headers=notify.parse_headers(environ.get("NOTIFY_URL_HEADERS", "")),
+                invocation_id=_setting(environ, "INVOCATION_ID"))
+
+
 def _switch(environ, name):
     raw = _setting(environ, name).lower()
     if raw not in TRUE_WORDS + FALSE_WORDS:
@@ -131,7 +147,8 @@ class Config:
                  volumes=None, output_root=None, retention_days=None, min_keep=None,
                  stop_containers=False, consistency="live", consistency_by_volume=None,
                  retention_daily=0, retention_weekly=0, retention_monthly=0,
-                 shrink_guard=DEFAULT_SHRINK_GUARD, exclusions=None):
+                 shrink_guard=DEFAULT_SHRINK_GUARD, exclusions=None, metrics_file="",
+                 healthcheck_url="", notify_url="", notify_headers=(), invocation_id=""):
         self.backup_dir = os.path.abspath(backup_dir)
         self.backup_dir_configured = backup_dir_configured
         self.helper_image = helper_image
@@ -150,14 +167,24 @@ class Config:
         self.shrink_guard = shrink_guard
         # {volume or OUTPUT_ROOT path: Exclusions}
         self.exclusions = exclusions or {}
+        # Monitoring (read for backup_all, drill_restore and report_failure): "" is off.
+        self.metrics_file = metrics_file
+        self.healthcheck_url = healthcheck_url
+        self.notify_url = notify_url
+        self.notify_headers = notify_headers
+        self.invocation_id = invocation_id  # systemd's INVOCATION_ID of this run, if any
 
     def consistency_for(self, volume):
         """Give the consistency mode for ``volume``: its own entry, else the default."""
         return self.consistency_by_volume.get(volume, self.consistency)
 
     @classmethod
-    def from_environment(cls, environ, backup_all=False):
-        """Read the settings from ``environ``; raises ConfigError naming a bad variable."""
+    def from_environment(cls, environ, backup_all=False, monitoring=False):
+        """Read the settings from ``environ``; raises ConfigError naming a bad variable.
+
+        backup_all's own settings only with ``backup_all``; the monitoring ones
+        (METRICS_FILE, HEALTHCHECK_URL, NOTIFY_URL…) with either flag.
+        """
         fields = dict(
             backup_dir=_setting(environ, "BACKUP_DIR", DEFAULT_BACKUP_DIR),
             backup_dir_configured=bool(_setting(environ, "BACKUP_DIR")),
@@ -192,4 +219,6 @@ class Config:
                 shrink_guard=_whole_number(environ, "RETENTION_SHRINK_GUARD",
                                            DEFAULT_SHRINK_GUARD, 0, 100),
                 exclusions=_exclusions(environ, sources))
+        if backup_all or monitoring:
+            fields.update(_monitoring(environ))
         return cls(**fields)

@@ -16,7 +16,7 @@ from .archive import ArchiveInput
 from .databases import DatabaseCheck
 from .errors import ArchiveError, BackupError
 from .files import private_work_folder, volume_lock
-from .names import parse_archive_name
+from .retention import archives_by_source
 from .tarstream import FILE, HARDLINK, ArchiveRules, TarReader
 from .volume import VolumeTarget
 
@@ -39,12 +39,8 @@ class DrillResult:
 
 def newest_archive(folder, volume):
     """Give the path of the newest archive of ``volume`` in ``folder`` (by its name), or None."""
-    found = []
-    for entry in os.scandir(folder):
-        parsed = parse_archive_name(entry.name)
-        if parsed and parsed[0] == volume and entry.is_file(follow_symlinks=False):
-            found.append((parsed[1], entry.path))
-    return max(found)[1] if found else None
+    found = archives_by_source(folder, {volume})
+    return found[volume][0][1] if found else None
 
 
 def _manifest(members, data, databases=None):

@@ -189,6 +189,9 @@ class TreeWriter:
 
 
 class _LiveCopy:
+    mode = "live"
+    pause = None
+
     def describe(self):
         return "consistency live"
 

@@ -1,22 +1,127 @@
-"""Telling a person that a run failed: the journal line, and a JSON POST to NOTIFY_URL.
+"""Telling a person: failure messages to NOTIFY_URL, health-check pings, masked URLs.
+
+- A failure is POSTed as short plain text (ntfy, Gotify-style and Apprise
+  endpoints take it as it is), with NOTIFY_URL_HEADERS (``Name: value``, one
+  per line) for an auth header.
+- Health-check pings follow healthchecks.io and Uptime Kuma: ``URL/start``,
+  ``URL`` on success, ``URL/fail`` on failure, the summary as the body. A ping
+  that cannot be sent is logged and never changes a run's result.
+- URLs carry secrets (tokens in the path or query, credentials): only
+  ``mask(url)`` ever reaches a log line or an error message.
 
 systemd starts the OnFailure= unit with the failed unit's outcome in
 ``MONITOR_*`` variables (systemd 251 and later); the command line reads them
-and hands them here.
+and hands them here as a ``Failure``.
 """
 
-import json
+import re
 import socket
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
-from .errors import BackupError
+from .errors import BackupError, ConfigError
 
-SEND_TIMEOUT = 15
+SEND_TIMEOUT = 10
+ATTEMPTS = 3
+RETRY_DELAY = 1.0  # seconds before the second attempt, doubled before each further one
+BODY_LIMIT = 10000  # healthchecks.io keeps the first 10 kB of a ping's body
+
+
+def mask(url):
+    """Give ``url`` without what may be secret: credentials, path, query and fragment."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = ":%d" % parts.port if parts.port else ""
+    except ValueError:
+        return "<unparsable URL>"
+    if ":" in host:
+        host = "[%s]" % host
+    credentials = "***@" if parts.username or parts.password else ""
+    rest = "/…" if parts.path.strip("/") or parts.query or parts.fragment else ""
+    return "%s://%s%s%s%s" % (parts.scheme, credentials, host, port, rest)
+
+
+def check_url(url, name):
+    """Raise ConfigError (naming ``name``, never the URL) unless ``url`` is http(s)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ConfigError("%s must be an http:// or https:// URL (it is %s)" % (name, mask(url)))
+    return url
+
+
+def parse_headers(text):
+    """Give NOTIFY_URL_HEADERS (``Name: value`` lines) as pairs; raises ConfigError."""
+    headers = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        name, colon, value = line.strip().partition(":")
+        if not colon or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name) or \
+                not value.strip():
+            # The line may be a token: the message shows neither it nor a part of it.
+            raise ConfigError("NOTIFY_URL_HEADERS: each line must be 'Name: value'; line %d "
+                              "is not" % number)
+        headers.append((name, value.strip()))
+    return headers
+
+
+def _post(url, body, headers=()):
+    """POST ``body`` (text) to ``url`` once; raises OSError or urllib's errors."""
+    request = urllib.request.Request(url, data=body.encode("utf-8", "replace")[:BODY_LIMIT],
+                                     method="POST")
+    request.add_header("Content-Type", "text/plain; charset=utf-8")
+    for name, value in headers:
+        request.add_header(name, value)
+    with urllib.request.urlopen(request, timeout=SEND_TIMEOUT) as response:
+        response.read()
+
+
+def _cause(error):
+    if isinstance(error, urllib.error.HTTPError):
+        return "HTTP %d %s" % (error.code, error.reason)
+    reason = getattr(error, "reason", None) or error
+    return str(reason) if not isinstance(reason, OSError) else (reason.strerror or str(reason))
+
+
+def send(url, body, headers=(), attempts=ATTEMPTS):
+    """POST ``body`` to ``url``, retrying; raises BackupError naming the masked URL and cause."""
+    delay = RETRY_DELAY
+    for attempt in range(1, attempts + 1):
+        try:
+            _post(url, body, headers)
+            return
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            if attempt == attempts:
+                raise BackupError("could not send to %s after %d attempt%s: %s"
+                                  % (mask(url), attempts, "" if attempts == 1 else "s",
+                                     _cause(error)))
+        time.sleep(delay)
+        delay *= 2
+
+
+def ping(url, event, body, reporter):
+    """Ping a health check: ``event`` is start, success or fail. Failures are only logged."""
+    target = url.rstrip("/") + {"start": "/start", "success": "", "fail": "/fail"}[event]
+    try:
+        send(target, body)
+    except BackupError as error:
+        reporter.warn("health-check ping (%s) not sent: %s" % (event, error))
+
+
+def host():
+    return socket.gethostname()
 
 
 class Failure:
-    """What is known of a failed run: the unit, systemd's result, exit code and status."""
+    """What the OnFailure= unit knows of a failed run: the unit, systemd's result, exit code
+    and status."""
 
     def __init__(self, unit, result, exit_code, exit_status, invocation):
         self.unit = unit or "ai_stack_backup.service"
@@ -31,23 +136,12 @@ class Failure:
         if self.invocation:
             where += " _SYSTEMD_INVOCATION_ID=%s" % self.invocation
         return "ai_stack backup FAILED on %s: %s ended with result %s; see: %s" % (
-            socket.gethostname(), self.unit, how, where)
-
-    def payload(self):
-        return {"event": "backup-failed", "host": socket.gethostname(), "unit": self.unit,
-                "result": self.result, "exit_code": self.exit_code,
-                "exit_status": self.exit_status, "invocation": self.invocation,
-                "message": self.line()}
+            host(), self.unit, how, where)
 
 
-def send(url, failure):
-    """POST the failure as JSON to ``url``; raises BackupError naming the cause."""
-    request = urllib.request.Request(url, data=json.dumps(failure.payload()).encode(),
-                                     headers={"Content-Type": "application/json"},
-                                     method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=SEND_TIMEOUT) as response:
-            response.read()
-    except (urllib.error.URLError, OSError) as error:
-        raise BackupError("could not send the failure to NOTIFY_URL: %s"
-                          % getattr(error, "reason", error))
+def run_failed_message(failed_lines, total, error=None):
+    """The plain-text message for a backup_all run that failed: host, sources and reasons."""
+    if error is not None:
+        return "ai_stack backup FAILED on %s: backup_all could not run: %s\n" % (host(), error)
+    return "ai_stack backup FAILED on %s: %d of %d sources\n%s\n" % (
+        host(), len(failed_lines), total, "\n".join(failed_lines))

@@ -32,12 +32,14 @@ from .names import archive_name, utc_timestamp
 
 class BackupResult:
     """What one backup produced: source name (as in the archive name), path (``-``: stdout),
-    size (None on stdout), members, seconds, and how it was made consistent."""
+    size (None on stdout), members, seconds, and how it was made consistent (``consistency``
+    in words; ``capture``: the source's capture, with ``mode`` and ``pause``)."""
 
     def __init__(self, source, path, size, members, seconds, consistency=""):
         self.source, self.path, self.size, self.members, self.seconds = \
             source, path, size, members, seconds
         self.consistency = consistency
+        self.capture = None
 
 
 def _write_gzip_tar(source, output, config, reporter, work_folder=None, exclude=()):
@@ -130,6 +132,7 @@ def backup(source, destination, config, reporter, stdout=None):
         else:
             result = write_archive(source, folder, config, reporter, work_folder, timestamp)
     result.consistency = capture.describe()
+    result.capture = capture
     reporter.status("OK")
     return result
 
