@@ -232,6 +232,59 @@ def _bench_auto_rounds(step, volume, work, label):
             shutil.rmtree(folder)
 
 
+def disk_bytes(folder):
+    """Bytes the files in ``folder`` take on disk, each inode counted once."""
+    seen, total = set(), 0
+    for entry in os.scandir(folder):
+        status = entry.stat(follow_symlinks=False)
+        if status.st_ino not in seen:
+            seen.add(status.st_ino)
+            total += status.st_blocks * 512
+    return total
+
+
+def bench_unchanged(step, volume, work, label):
+    """--skip-unchanged: the second backup of an unchanged volume against the first.
+
+    ``old`` is the first (a full backup that records the listing), ``new`` the second (a
+    hard link); the sizes column shows the folder's new bytes on disk of each.
+    """
+    for round_number in range(ROUNDS):
+        folder = os.path.join(work, "%s-%d" % (label, round_number))
+        os.mkdir(folder)
+        command = script("backup_docker_volume.py", volume, folder, "--skip-unchanged")
+        first, _ = run(command)
+        first_bytes = disk_bytes(folder)
+        time.sleep(1.05 - time.time() % 1)  # a new name needs a new second
+        second, rss = run(command)
+        second_bytes = disk_bytes(folder) - first_bytes
+        assert len(testkit.archives_in(folder)) == 2
+        step.old.append(first)
+        step.new.append(second)
+        step.rss.append(rss)
+        step.old_size, step.new_size = first_bytes, second_bytes
+        print("  %s round %d: first %.2f s (%d bytes), unchanged %.2f s (%d new bytes)"
+              % (label, round_number + 1, first, first_bytes, second, second_bytes), flush=True)
+        shutil.rmtree(folder)
+
+
+def bench_listing_cost(step, volume, work, label):
+    """What the listing costs a volume that did change: a full backup with and without it."""
+    for round_number in range(ROUNDS):
+        folders = [os.path.join(work, "%s-%s-%d" % (label, kind, round_number))
+                   for kind in ("plain", "listed")]
+        (seconds, _), (new_seconds, rss) = alternately(
+            round_number, script("backup_docker_volume.py", volume, folders[0]),
+            script("backup_docker_volume.py", volume, folders[1], "--skip-unchanged"))
+        step.old.append(seconds)
+        step.new.append(new_seconds)
+        step.rss.append(rss)
+        print("  %s round %d: without listing %.2f s, with %.2f s"
+              % (label, round_number + 1, seconds, new_seconds), flush=True)
+        for folder in folders:
+            shutil.rmtree(folder)
+
+
 def main():
     testkit.build_helper_image()
     os.environ["BACKUP_HELPER_IMAGE"] = IMAGE
@@ -256,6 +309,9 @@ def main():
         auto = Step("auto vs live, 389 MB")
         bench_auto(auto, volume, work, "stack-auto")
         steps.append(auto)
+        unchanged = Step("unchanged 2nd vs 1st, 389 MB")
+        bench_unchanged(unchanged, volume, work, "stack-unchanged")
+        steps.append(unchanged)
 
         path_step = Step("path backup (389 MB)")
         for round_number in range(ROUNDS):
@@ -286,6 +342,8 @@ def main():
         bench_volume(many_backup, many_restore, many_drill, many, work, "many")
         many_auto = Step("auto vs live, %dk files" % (MANY_FILES // 1000))
         bench_auto(many_auto, many, work, "many-auto")
+        many_listing = Step("listing cost, %dk files" % (MANY_FILES // 1000))
+        bench_listing_cost(many_listing, many, work, "many-listing")
         many_path = Step("path backup, %dk files" % (MANY_FILES // 1000))
         for round_number in range(ROUNDS):
             (seconds, _), (new_seconds, rss) = alternately(
@@ -297,7 +355,7 @@ def main():
             many_path.rss.append(rss)
             os.unlink(os.path.join(work, "many.tar.gz"))
             shutil.rmtree(os.path.join(work, "mp"))
-        steps += [many_backup, many_restore, many_drill, many_auto, many_path]
+        steps += [many_backup, many_restore, many_drill, many_auto, many_listing, many_path]
 
         print("\n%-34s %9s %9s %7s %10s  %s" % ("step (median of %d)" % ROUNDS, "old", "new",
                                                 "ratio", "peak RSS", "archive old / new"))
@@ -305,7 +363,9 @@ def main():
             print(step.line())
         print("(%d CPUs; old = the runbook's shell procedure in the helper image, or GNU tar "
               "-czf for paths, or for 'auto vs live' our --consistency live, or for 'drill' "
-              "our backup of the same volume; peak RSS = our Python process)" % cores)
+              "our backup of the same volume, for 'unchanged' the first backup (sizes: new "
+              "bytes on disk), for 'listing cost' a backup without --skip-unchanged; peak RSS "
+              "= our Python process)" % cores)
     finally:
         volume_remove(volume, many)
         shutil.rmtree(work, ignore_errors=True)

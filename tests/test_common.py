@@ -249,3 +249,12 @@ def test_a_drill_names_what_differs():
     found[b"b"] = entry[:4] + (2,) + entry[5:]  # another mtime
     assert _difference(expected, found) == (
         "the restored tree differs: 1 missing (a); 1 not in the archive (new); 1 different (b)")
+
+
+def test_skip_unchanged_is_backup_alls_default_only():
+    assert Config.from_environment({}, backup_all=True).skip_unchanged is True
+    assert Config.from_environment({"BACKUP_SKIP_UNCHANGED": "0"},
+                                   backup_all=True).skip_unchanged is False
+    assert Config.from_environment({}).skip_unchanged is False  # the runbook's single backups
+    with pytest.raises(ConfigError, match="BACKUP_SKIP_UNCHANGED must be 1 or 0"):
+        Config.from_environment({"BACKUP_SKIP_UNCHANGED": "maybe"}, backup_all=True)

@@ -235,8 +235,12 @@ def test_backup_all_works_with_a_private_tmp_and_no_network(helper_env, two_volu
         capture_output=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert len(archives_in(folder)) == 3
-    assert sorted(name for name in os.listdir(folder) if not name.startswith(files.LOCK_NAME)) \
+    names = [name for name in os.listdir(folder) if not name.startswith(files.LOCK_NAME)]
+    assert sorted(name for name in names if not name.endswith(".listing")) \
         == sorted(archives_in(folder) + [name + ".sha256" for name in archives_in(folder)])
+    # Skip-if-unchanged records (for volumes only; not when they were filled that second).
+    assert {name[:-len(".listing")] for name in names if name.endswith(".listing")} <= \
+        {name for name in archives_in(folder) if name.split("__")[0] in two_volumes}
 
 
 def render_units(destination):
@@ -314,7 +318,8 @@ def test_service_is_hardened_and_every_option_commented():
                      "Environment=BACKUP_DIR=/srv/ai-stack/backups",
                      "Environment=RETENTION_DAYS=14", "Environment=BACKUP_CONSISTENCY=auto",
                      "Environment=OUTPUT_ROOT=/home/wasti/ai_stack_data/transcript-miner/output",
-                     "EnvironmentFile=-/etc/ai_stack_backup.env"):
+                     "EnvironmentFile=-/etc/ai_stack_backup.env",
+                     "Environment=BACKUP_SKIP_UNCHANGED=1"):
         assert required in text
     timer = open(os.path.join(REPOSITORY, "scripts", "systemd", "ai_stack_backup.timer")).read()
     for required in ("OnCalendar=daily", "Persistent=true", "RandomizedDelaySec=30m"):

@@ -200,7 +200,8 @@ def test_the_units_under_a_real_systemd(systemd_host, make_volume, tmp_path):
     hanging = testkit.build_variant_image("hanging", testkit.HANGING_TAR)
     drop_in(container, service, [
         "Environment=VOLUMES=%s" % volume, "Environment=OUTPUT_ROOT=",
-        "Environment=BACKUP_HELPER_IMAGE=%s" % hanging])
+        "Environment=BACKUP_HELPER_IMAGE=%s" % hanging,
+        "Environment=BACKUP_SKIP_UNCHANGED=0"])  # the volume is unchanged: it must hang
     run(container, "systemctl", "start", "--no-block", service)
     deadline = time.monotonic() + 60
     while not testkit.helper_containers(volume):

@@ -19,7 +19,7 @@ from . import pipeline, retention
 from .archive import scan_archive, verify_file
 from .errors import ArchiveError, BackupError, DatabaseDamaged, NotFound, describe_os_error
 from .exclusions import NONE
-from .files import CHECKSUM_SUFFIX, LOCK_NAME, Lock, ensure_backup_dir, remove_stale_work_files
+from .files import LOCK_NAME, SIDECAR_SUFFIXES, Lock, ensure_backup_dir, remove_stale_work_files
 from .hostpath import PathSource
 from .names import FAILED_SUFFIX
 from .report import human_size
@@ -87,7 +87,8 @@ def _back_up_and_verify(source, folder, config, reporter):
         return Outcome(source.kind, source.name, source.archive_source, "FAILED",
                        seconds=time.monotonic() - started, reason=reason)
     try:
-        result = pipeline.backup(source, folder, config, reporter)
+        result = pipeline.backup(source, folder, config, reporter,
+                                 skip_unchanged=config.skip_unchanged)
     except NotFound:
         # The old script's line for a missing OUTPUT_ROOT; a missing source is no failure.
         reporter.status("WARN: OUTPUT_ROOT not found, skipping: %s" % source.name)
@@ -95,6 +96,14 @@ def _back_up_and_verify(source, folder, config, reporter):
                        reason="not found")
     except BackupError as error:
         return failed(str(error))
+    if result.linked_to is not None:
+        # The very bytes that were read back when they were written, and unchanged since.
+        pause = result.capture.pause
+        return Outcome(source.kind, source.name, source.archive_source, "ok", result.path,
+                       result.size, time.monotonic() - started,
+                       consistency="unchanged, linked to %s" % os.path.basename(result.linked_to),
+                       members=result.members, mode=result.capture.mode,
+                       pause_seconds=pause.seconds if pause else 0.0)
     try:
         summary = verify_file(result.path, reporter.silent())
         damaged = summary.damaged_databases()
@@ -184,13 +193,14 @@ def run_backup_all(config, reporter, dry_run=False, on_start=None):
             reporter.log("retention: deleting %s (no rule keeps it)" % path)
             try:
                 os.unlink(path)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path + CHECKSUM_SUFFIX)  # it goes with its archive
+                for suffix in SIDECAR_SUFFIXES:  # they go with their archive
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path + suffix)
             except OSError as error:
                 reporter.error("retention could not delete %s: %s" % (path, error.strerror))
                 outcomes.append(Outcome("retention", path, None, "FAILED",
                                         reason="could not delete: %s" % error.strerror))
-        for path in retention.orphaned_checksums(folder):
+        for path in retention.orphaned_sidecars(folder):
             reporter.log("removing %s: its archive is gone" % path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

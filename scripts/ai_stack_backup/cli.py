@@ -73,7 +73,8 @@ def _stop_signals_raise(reporter):
             signal.signal(signum, old_handler)
 
 
-def _run(prog, parser, argv, operation, needs_force=False, backup_all=False, monitoring=False):
+def _run(prog, parser, argv, operation, needs_force=False, backup_all=False, monitoring=False,
+         validate=None):
     """Parse ``argv``, read the environment, run ``operation(arguments, config, reporter)``.
 
     Gives the exit code: argparse's for --help and usage errors (0 and 2);
@@ -82,6 +83,8 @@ def _run(prog, parser, argv, operation, needs_force=False, backup_all=False, mon
     """
     try:
         arguments = parser.parse_args(argv)
+        if validate is not None:
+            validate(arguments)  # parser.error() for combinations argparse cannot express
     except SystemExit as exit:
         return exit.code
     if needs_force and not arguments.force:
@@ -115,6 +118,7 @@ def backup_docker_volume_main(argv=None):
                          "backup_docker_volume.py owui-data --consistency auto",
                          "backup_docker_volume.py qdrant-data --consistency stop",
                          "backup_docker_volume.py owui-data --exclude cache/ --exclude '*.tmp'",
+                         "backup_docker_volume.py context6-cache --skip-unchanged",
                          "backup_docker_volume.py owui-data - | ssh newhost "
                          "restore_docker_volume.py owui-data - --force",
                          "environment: BACKUP_HELPER_IMAGE (default alpine:3.20), "
@@ -135,10 +139,23 @@ def backup_docker_volume_main(argv=None):
                              const="stop", help="the same as --consistency stop")
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                         help=EXCLUDE_HELP)
+    parser.add_argument("--skip-unchanged", action="store_true",
+                        help="if nothing in the volume changed since its newest archive here "
+                             "(checked by a listing of every entry), publish the new name as a "
+                             "hard link to that archive: no compression, no new disk "
+                             "(backup_all does this by default)")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    return _run(prog, parser, argv, lambda args, config, reporter: pipeline.backup(
-        VolumeSource(args.volume_name, config, args.consistency, Exclusions(args.exclude)),
-        _absolute(args.backup_dir), config, reporter))
+
+    def validate(args):
+        if args.skip_unchanged and args.backup_dir == "-":
+            parser.error("--skip-unchanged needs a backup folder, not '-'")
+
+    def back_up(args, config, reporter):
+        pipeline.backup(VolumeSource(args.volume_name, config, args.consistency,
+                                     Exclusions(args.exclude)),
+                        _absolute(args.backup_dir), config, reporter,
+                        skip_unchanged=args.skip_unchanged)
+    return _run(prog, parser, argv, back_up, validate=validate)
 
 
 def backup_path_main(argv=None):
@@ -254,7 +271,13 @@ def verify_backup_main(argv=None):
 def _mark(entry):
     if entry["failed_verification"]:
         return "  (failed verification: not a backup)"
-    return ("  (newest)" if entry["newest"] else "") + \
+    shared = ""
+    if entry["same_data_as"]:
+        others = [parse_archive_name(os.path.basename(path))[1] if parse_archive_name(
+            os.path.basename(path)) else os.path.basename(path) for path in entry["same_data_as"]]
+        shared = "  (same file as %s%s: stored once)" % (
+            ", ".join(others[:3]), ", …" if len(others) > 3 else "")
+    return ("  (newest)" if entry["newest"] else "") + shared + \
         ("" if entry["sha256"] else "  (no .sha256)")
 
 
@@ -287,13 +310,22 @@ def list_archives(folder):
         if parsed is None or not os.path.isfile(path) or os.path.islink(path):
             continue
         source, timestamp = parsed
+        status = os.stat(path)
         entries.append({"source": source, "timestamp": timestamp, "path": path,
-                        "size": os.path.getsize(path),
+                        "size": status.st_size, "inode": [status.st_dev, status.st_ino],
                         "age_seconds": int(now - parse_timestamp(timestamp)),
                         "failed_verification": name.endswith(FAILED_SUFFIX),
                         "sha256": os.path.isfile(path + CHECKSUM_SUFFIX)})
     entries.sort(key=lambda entry: (entry["source"], entry["timestamp"]), reverse=True)
     entries.sort(key=lambda entry: entry["source"])
+    # Skip-if-unchanged links an unchanged volume's new name to its newest archive: those
+    # names share one file, and its space once.
+    by_inode = {}
+    for entry in entries:
+        by_inode.setdefault(tuple(entry["inode"]), []).append(entry["path"])
+    for entry in entries:
+        entry["same_data_as"] = [path for path in by_inode[tuple(entry["inode"])]
+                                 if path != entry["path"]]
     seen = set()
     for entry in entries:
         # A copy that failed verification is shown, but it is nobody's newest backup.
@@ -306,7 +338,8 @@ def list_archives(folder):
 def list_backups_main(argv=None):
     prog = "list_backups.py"
     parser = _parser(prog, "List the archives in a backup folder by source: timestamp, size, "
-                     "age; the newest of each source is marked.", [
+                     "age; the newest of each source is marked, and so are names that share "
+                     "one file (skip-if-unchanged hard links).", [
                          "list_backups.py",
                          "list_backups.py /srv/ai-stack/backups --json"])
     parser.add_argument("backup_dir", nargs="?",

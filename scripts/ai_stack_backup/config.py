@@ -125,8 +125,10 @@ def _monitoring(environ):
                 invocation_id=_setting(environ, "INVOCATION_ID"))
 
 
-def _switch(environ, name):
+def _switch(environ, name, default=False):
     raw = _setting(environ, name).lower()
+    if not raw:
+        return default
     if raw not in TRUE_WORDS + FALSE_WORDS:
         raise ConfigError("%s must be 1 or 0, not %r" % (name, raw))
     return raw in TRUE_WORDS
@@ -148,7 +150,8 @@ class Config:
                  stop_containers=False, consistency="live", consistency_by_volume=None,
                  retention_daily=0, retention_weekly=0, retention_monthly=0,
                  shrink_guard=DEFAULT_SHRINK_GUARD, exclusions=None, metrics_file="",
-                 healthcheck_url="", notify_url="", notify_headers=(), invocation_id=""):
+                 healthcheck_url="", notify_url="", notify_headers=(), invocation_id="",
+                 skip_unchanged=False):
         self.backup_dir = os.path.abspath(backup_dir)
         self.backup_dir_configured = backup_dir_configured
         self.helper_image = helper_image
@@ -173,6 +176,7 @@ class Config:
         self.notify_url = notify_url
         self.notify_headers = notify_headers
         self.invocation_id = invocation_id  # systemd's INVOCATION_ID of this run, if any
+        self.skip_unchanged = skip_unchanged  # backup_all: link unchanged volumes
 
     def consistency_for(self, volume):
         """Give the consistency mode for ``volume``: its own entry, else the default."""
@@ -218,7 +222,8 @@ class Config:
                 retention_monthly=_whole_number(environ, "RETENTION_MONTHLY", 0, 0),
                 shrink_guard=_whole_number(environ, "RETENTION_SHRINK_GUARD",
                                            DEFAULT_SHRINK_GUARD, 0, 100),
-                exclusions=_exclusions(environ, sources))
+                exclusions=_exclusions(environ, sources),
+                skip_unchanged=_switch(environ, "BACKUP_SKIP_UNCHANGED", default=True))
         if backup_all or monitoring:
             fields.update(_monitoring(environ))
         return cls(**fields)

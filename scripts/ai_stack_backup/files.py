@@ -103,6 +103,9 @@ def fsync_directory(path):
 
 
 CHECKSUM_SUFFIX = ".sha256"
+LISTING_SUFFIX = ".listing"  # skip-if-unchanged: what the volume looked like (``unchanged``)
+# Files that belong to the archive they are named after: deleted with it, and when it is gone.
+SIDECAR_SUFFIXES = (CHECKSUM_SUFFIX, LISTING_SUFFIX)
 
 
 class _HashingWriter:

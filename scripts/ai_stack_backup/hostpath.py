@@ -221,6 +221,10 @@ class PathSource:
         """A host path is always copied as it is; give what says so."""
         return contextlib.nullcontext(_LiveCopy())
 
+    def listed(self, reporter, work_folder=None):
+        """A host path is never skipped as unchanged: give no listing."""
+        return contextlib.nullcontext(None)
+
     def write_tar(self, output, progress, reporter, work_folder=None, exclude=()):
         """Write the tree as tar into ``output``; give the member count. Raises BackupError."""
         top = self.name.rstrip("/")

@@ -181,15 +181,19 @@ def backup_run(samples, outcomes, sources, now, kept):
             put("last_success_timestamp_seconds", source, now)
         else:
             keep("last_success_timestamp_seconds", source)
+        figures = {}
         if outcome is not None and outcome.archive:  # ok, or SUSPICIOUS: a verified archive
-            put("archive_size_bytes", source, outcome.size)
-            put("uncompressed_size_bytes", source, outcome.data_bytes)
-            put("members", source, outcome.members)
-            put("app_pause_seconds", source, outcome.pause_seconds)
+            figures = {"archive_size_bytes": outcome.size,
+                       "uncompressed_size_bytes": outcome.data_bytes,  # None when linked
+                       "members": outcome.members, "app_pause_seconds": outcome.pause_seconds}
             put("info", source, 1, consistency=outcome.mode)
         else:
-            for short in ("archive_size_bytes", "uncompressed_size_bytes", "members",
-                          "app_pause_seconds", "info"):
+            keep("info", source)
+        for short in ("archive_size_bytes", "uncompressed_size_bytes", "members",
+                      "app_pause_seconds"):
+            if figures.get(short) is not None:
+                put(short, source, figures[short])
+            else:
                 keep(short, source)
         if outcome is not None:
             put("duration_seconds", source, outcome.seconds)

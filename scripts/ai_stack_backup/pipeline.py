@@ -1,13 +1,16 @@
 """The backup pipeline and the restore pipeline, written once for every kind of source.
 
-backup:  check → prepare → status → captured(write_tar → parallel gzip → atomic file | stdout)
+backup:  check → prepare → status → captured([listed → unchanged: link]
+                                           write_tar → parallel gzip → atomic file | stdout)
 restore: check → prepare → status → archive | stdin spool → staged (one checked pass) → apply
 
 A source (``volume.VolumeSource``, ``hostpath.PathSource``) supplies only what
 differs: ``kind``, ``name``, ``archive_source``, ``check()``,
 ``prepare(reporter)``, ``captured(reporter, work_folder)`` (a context manager
-giving an object whose ``describe()`` says how the copy was made consistent)
-and ``write_tar(output, progress, reporter, work_folder, exclude)``. A restore target
+giving an object whose ``describe()`` says how the copy was made consistent),
+``listed(reporter, work_folder)`` (a context manager giving an
+``unchanged.Listing``, or None where a source cannot be listed) and
+``write_tar(output, progress, reporter, work_folder, exclude)``. A restore target
 (``volume.VolumeTarget``, ``hostpath.PathTarget``) supplies ``kind``,
 ``name``, ``description``, ``check(archive_path)``, ``prepare(reporter)``,
 ``staged(archive, work_folder, progress, reporter)`` — a context manager that reads
@@ -22,6 +25,7 @@ import os
 import sys
 import time
 
+from . import unchanged
 from .archive import ArchiveInput
 from .errors import ArchiveError, ArchiveExists, ArchiveRefused, BackupError, NotFound, \
     describe_os_error
@@ -40,6 +44,7 @@ class BackupResult:
             source, path, size, members, seconds
         self.consistency = consistency
         self.capture = None
+        self.linked_to = None  # skip-if-unchanged: the archive this one is a hard link to
 
 
 def _write_gzip_tar(source, output, config, reporter, work_folder=None, exclude=()):
@@ -96,11 +101,13 @@ def _copy_saver(config, reporter, work_folder):
     return save_copy
 
 
-def backup(source, destination, config, reporter, stdout=None):
+def backup(source, destination, config, reporter, stdout=None, skip_unchanged=False):
     """Back up ``source`` into the folder ``destination``, or to stdout for ``-``.
 
     Shows the old scripts' three lines (``Backing up volume: …``, ``Output:
-    …``, ``OK``), on stderr when stdout carries the archive. Gives a
+    …``, ``OK``), on stderr when stdout carries the archive. With
+    ``skip_unchanged``, a source whose listing matches its newest archive's
+    gets a hard link to that archive instead (``linked_to``). Gives a
     BackupResult; raises BackupError with nothing published.
     """
     source.check()
@@ -129,11 +136,32 @@ def backup(source, destination, config, reporter, stdout=None):
                                   % (source.kind, source.name))
             result = BackupResult(source.archive_source, "-", None, members,
                                   time.monotonic() - started)
+        elif skip_unchanged:
+            result = _write_unless_unchanged(source, folder, config, reporter, work_folder,
+                                             timestamp)
         else:
             result = write_archive(source, folder, config, reporter, work_folder, timestamp)
     result.consistency = capture.describe()
     result.capture = capture
     reporter.status("OK")
+    return result
+
+
+def _write_unless_unchanged(source, folder, config, reporter, work_folder, timestamp):
+    """List the source; link to its newest archive if nothing changed, else write and record."""
+    started = time.monotonic()
+    with source.listed(reporter, work_folder) as listing:
+        linked = unchanged.link_if_unchanged(folder, source.archive_source, timestamp, listing,
+                                             reporter)
+        if linked is None:
+            result = write_archive(source, folder, config, reporter, work_folder, timestamp)
+            unchanged.record(result.path, listing, result.members, reporter)
+            return result
+    result = BackupResult(source.archive_source, linked.path, linked.size, linked.members,
+                          time.monotonic() - started)
+    result.linked_to = linked.target
+    reporter.log("%s %s is unchanged since %s: published as a hard link to it"
+                 % (source.kind, source.name, linked.target))
     return result
 
 

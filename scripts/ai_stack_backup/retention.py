@@ -20,7 +20,7 @@ import datetime
 import os
 import time
 
-from .files import CHECKSUM_SUFFIX
+from .files import SIDECAR_SUFFIXES
 from .names import parse_archive_name, parse_failed_name, parse_timestamp
 
 DAY = 86400
@@ -137,13 +137,15 @@ def failed_copies(folder, sources, days, now=None):
     return [path for _, path in sorted(found)]
 
 
-def orphaned_checksums(folder):
-    """Give our ``<archive>.sha256`` files directly in ``folder`` whose archive is gone."""
+def orphaned_sidecars(folder):
+    """Give our ``<archive>.sha256`` and ``<archive>.listing`` files directly in ``folder``
+    whose archive is gone."""
     orphans = []
     for entry in os.scandir(folder):
         name = entry.name
-        if name.endswith(CHECKSUM_SUFFIX) and entry.is_file(follow_symlinks=False) and \
-                parse_archive_name(name[:-len(CHECKSUM_SUFFIX)]) is not None and \
-                not os.path.lexists(entry.path[:-len(CHECKSUM_SUFFIX)]):
-            orphans.append(entry.path)
+        for suffix in SIDECAR_SUFFIXES:
+            if name.endswith(suffix) and entry.is_file(follow_symlinks=False) and \
+                    parse_archive_name(name[:-len(suffix)]) is not None and \
+                    not os.path.lexists(entry.path[:-len(suffix)]):
+                orphans.append(entry.path)
     return sorted(orphans)

@@ -16,6 +16,10 @@ The transfer folder (``.ai_stack_backup-transfer-…``, 0700, flocked while in u
 ``symlinks``   Restore: ``uid NUL gid NUL mtime NUL path NUL`` per symlink.
 ``complete``   Restore: created only after the whole archive, gzip trailer
                included, checked out.
+``listing``    Backup with skip-if-unchanged: one ``stat`` line per entry,
+               published (renamed) once complete; ``listing-started`` holds
+               the helper's clock (seconds) when it began, ``listing-errors``
+               what ``stat`` said (anything there: the listing is unusable).
 =============  ==============================================================
 
 The restore script, step by step:
@@ -56,6 +60,15 @@ SPOOL_RESERVE_SHARE = 0.05  # ...or than this share of the filesystem
 ENDED_EARLY = 4  # the restore script's exit code when ``complete`` is missing
 
 BACKUP_SCRIPT = "tar -C /volume -cf /transfer/stream ."
+# Enough of every entry that any write changes its line (ctime cannot be set back), in
+# readdir order; a failed listing never stops the tar after it.
+LISTING, LISTING_STARTED, LISTING_ERRORS = "listing", "listing-started", "listing-errors"
+LISTING_SCRIPT = """cd /volume
+date +%s > /transfer/listing-started
+find . -exec stat -c '%i %h %s %a %u %g %Y %Z %F %N' {} + \
+  > /transfer/listing.part 2> /transfer/listing-errors || echo "find failed" >> /transfer/listing-errors
+mv /transfer/listing.part /transfer/listing"""
+LISTING_POLL = 0.01
 BACKUP_TO_STDOUT_SCRIPT = "tar -C /volume -cf - ."
 WIPE_SCRIPT = "rm -rf /volume/..?* /volume/.[!.]* /volume/*"  # hidden entries too
 RESTORE_SCRIPT = """if [ -e /transfer/plain.tar ]; then source=plain.tar; else source=stream; fi
@@ -173,6 +186,49 @@ def volume_tar_stream(image, volume, work_folder, what):
             yield descriptor, helper
         finally:
             os.close(descriptor)
+
+
+class ListedStream:
+    """A helper that listed the volume and now waits to write its tar (``listed_tar_stream``).
+
+    ``listing`` is ``(started, text, errors)`` as the helper left them
+    (``errors`` non-empty: unusable). ``opened()`` gives ``(descriptor,
+    helper)`` like ``volume_tar_stream``; if it is never called, leaving the
+    block stops the helper before its tar wrote a byte anywhere.
+    """
+
+    def __init__(self, folder, helper, listing, what):
+        self.folder, self.helper, self.listing, self.what = folder, helper, listing, what
+
+    @contextlib.contextmanager
+    def opened(self):
+        descriptor = _open_fifo_for_reading(self.folder.fifo, self.helper, self.what)
+        try:
+            yield descriptor, self.helper
+        finally:
+            os.close(descriptor)
+
+
+def _read_listing(folder, helper, what):
+    while not os.path.exists(folder.file(LISTING)):
+        if not helper.running():
+            raise DockerError(what, "the helper container ended before it listed the volume "
+                              "(exit %d): %s" % (helper.wait(), helper.error_output()))
+        time.sleep(LISTING_POLL)
+    found = []
+    for name in (LISTING_STARTED, LISTING, LISTING_ERRORS):
+        with open(folder.file(name), "rb") as file:
+            found.append(file.read())
+    return found[0].strip(), found[1], found[2]
+
+
+@contextlib.contextmanager
+def listed_tar_stream(image, volume, work_folder, what):
+    """Start a helper that lists the volume, then writes it as tar; give a ListedStream."""
+    with TransferFolder(work_folder) as folder, \
+            Helper(image, volume, LISTING_SCRIPT + "\n" + BACKUP_SCRIPT, read_only=True,
+                   transfer_path=folder.path) as helper:
+        yield ListedStream(folder, helper, _read_listing(folder, helper, what), what)
 
 
 SPACE_SCRIPT = "df -P -k /volume | tail -n 1; du -s -k /volume"

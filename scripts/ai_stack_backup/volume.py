@@ -11,7 +11,7 @@ if anything fails after that the volume is rolled back from the safety copy.
 import contextlib
 import os
 
-from . import capture, docker, files, transfer
+from . import capture, docker, files, transfer, unchanged
 from .archive import ArchiveInput, VolumeShape
 from .errors import ArchiveError, BackupError, RolledBack, Unrestorable, VolumeInUse
 from .exclusions import NONE
@@ -95,6 +95,7 @@ class VolumeSource:
         self.backup_dir = config.backup_dir
         self.consistency = consistency
         self._capture = None
+        self._listed = None  # the helper of a ``listed`` block
 
     def check(self):
         docker.check_volume_name(self.name)
@@ -118,6 +119,18 @@ class VolumeSource:
             finally:
                 self._capture = None
 
+    @contextlib.contextmanager
+    def listed(self, reporter, work_folder):
+        """List the volume (for skip-if-unchanged) in the helper that then writes its tar;
+        give the Listing. ``write_tar`` within the block reads that helper's stream."""
+        what = "listing volume %s" % self.name
+        with transfer.listed_tar_stream(self.image, self.name, work_folder, what) as stream:
+            self._listed = stream
+            try:
+                yield unchanged.parse_listing(*stream.listing)
+            finally:
+                self._listed = None
+
     def write_tar(self, output, progress, reporter, work_folder=None, exclude=()):
         """Pass the helper's tar of the volume into ``output``, checking it; give the members.
 
@@ -128,8 +141,9 @@ class VolumeSource:
         """
         what = "backing up volume %s" % self.name
         snapshots = self._capture.snapshots if self._capture else {}
-        with transfer.volume_tar_stream(self.image, self.name, work_folder, what) as \
-                (descriptor, helper):
+        stream = self._listed.opened() if self._listed is not None else \
+            transfer.volume_tar_stream(self.image, self.name, work_folder, what)
+        with stream as (descriptor, helper):
             rules = _RulesOfRestore(self.name)
             try:
                 if snapshots or self.exclusions:
