@@ -268,6 +268,37 @@ def bench_unchanged(step, volume, work, label):
         shutil.rmtree(folder)
 
 
+def bench_offsite(step, volume, work, label):
+    """backup_all with an off-host copy to a local folder: age-encrypted against plain."""
+    key = os.path.join(work, "age-key.txt")
+    subprocess.run(["age-keygen", "-o", key], check=True, capture_output=True)
+    with open(key) as file:
+        recipient = [line.split(": ")[1] for line in file.read().splitlines()
+                     if line.startswith("# public key: ")][0]
+    for round_number in range(ROUNDS):
+        results = {}
+        kinds = ("plain", "age") if round_number % 2 == 0 else ("age", "plain")
+        for kind in kinds:
+            folder, remote = (os.path.join(work, "%s-%s-%s-%d" % (label, kind, part,
+                                                                 round_number))
+                              for part in ("backups", "remote"))
+            os.mkdir(remote)
+            env = {"BACKUP_DIR": folder, "VOLUMES": volume, "OUTPUT_ROOT": "",
+                   "BACKUP_SKIP_UNCHANGED": "0", "OFFSITE_COMMAND": 'cp "$1" %s/' % remote}
+            if kind == "age":
+                env["OFFSITE_ENCRYPT"] = "age:" + recipient
+            else:
+                env["OFFSITE_ALLOW_PLAINTEXT"] = "1"
+            results[kind] = run(script("backup_all.py"), env=env)
+            shutil.rmtree(folder)
+            shutil.rmtree(remote)
+        step.old.append(results["plain"][0])
+        step.new.append(results["age"][0])
+        step.rss.append(results["age"][1])
+        print("  %s round %d: plain copy %.2f s, age-encrypted copy %.2f s"
+              % (label, round_number + 1, results["plain"][0], results["age"][0]), flush=True)
+
+
 def bench_listing_cost(step, volume, work, label):
     """What the listing costs a volume that did change: a full backup with and without it."""
     for round_number in range(ROUNDS):
@@ -312,6 +343,9 @@ def main():
         unchanged = Step("unchanged 2nd vs 1st, 389 MB")
         bench_unchanged(unchanged, volume, work, "stack-unchanged")
         steps.append(unchanged)
+        offsite_step = Step("offsite age vs plain, 389 MB")
+        bench_offsite(offsite_step, volume, work, "stack-offsite")
+        steps.append(offsite_step)
 
         path_step = Step("path backup (389 MB)")
         for round_number in range(ROUNDS):
@@ -364,8 +398,9 @@ def main():
         print("(%d CPUs; old = the runbook's shell procedure in the helper image, or GNU tar "
               "-czf for paths, or for 'auto vs live' our --consistency live, or for 'drill' "
               "our backup of the same volume, for 'unchanged' the first backup (sizes: new "
-              "bytes on disk), for 'listing cost' a backup without --skip-unchanged; peak RSS "
-              "= our Python process)" % cores)
+              "bytes on disk), for 'listing cost' a backup without --skip-unchanged, for "
+              "'offsite' backup_all with an unencrypted copy; peak RSS = our Python process)"
+              % cores)
     finally:
         volume_remove(volume, many)
         shutil.rmtree(work, ignore_errors=True)

@@ -2,10 +2,12 @@
 """`make demo`: the main job on throwaway volumes, as an operator would run it.
 
 Creates a volume with sample data, backs it up with backup_docker_volume.sh,
-verifies and lists the archive, runs backup_all and a restore drill
+verifies and lists the archive, runs backup_all (with an age-encrypted
+off-host copy to a folder standing in for the remote) and a restore drill
 (drill_restore.py) on it and shows their metrics file, restores the first
-archive into a second volume with restore_docker_volume.sh, compares both
-volumes inside a helper container, and cleans everything up. Each step shows
+archive into a second volume with restore_docker_volume.sh and the off-host
+copy into a third, compares them with the original inside a helper
+container, and cleans everything up. Each step shows
 its seconds. Uses BACKUP_HELPER_IMAGE, else alpine:3.20 if present, else
 builds the tests' busybox helper image (no registry needed).
 """
@@ -54,6 +56,7 @@ def main():
     os.environ["BACKUP_HELPER_IMAGE"] = image
     suffix = secrets.token_hex(3)
     source, copy = "aisb-demo-%s" % suffix, "aisb-demo-copy-%s" % suffix
+    from_remote = "aisb-demo-remote-%s" % suffix
     workdir = tempfile.mkdtemp(prefix="aisb-demo-", dir="/var/tmp")
     backups = os.path.join(workdir, "backups")
     # Work files and safety copies go to the demo's own folder, not the host's real one.
@@ -79,9 +82,18 @@ def main():
         archive = testkit.only_archive(backups)
         step("verify", [os.path.join(SCRIPTS, "verify_backup.py"), archive])
         step("list", [os.path.join(SCRIPTS, "list_backups.py"), backups])
+        # An off-host copy, encrypted with age, to a folder standing in for the remote.
+        key, remote = os.path.join(workdir, "age-key.txt"), os.path.join(workdir, "remote")
+        os.mkdir(remote)
+        subprocess.run(["age-keygen", "-o", key], check=True, capture_output=True)
+        with open(key) as file:
+            recipient = [line.split(": ")[1] for line in file.read().splitlines()
+                         if line.startswith("# public key: ")][0]
         time.sleep(1.05 - time.time() % 1)  # archive names have whole seconds
         step("backup_all", [os.path.join(SCRIPTS, "backup_all.py")], VOLUMES=source,
-             OUTPUT_ROOT="", METRICS_FILE=metrics_file)
+             OUTPUT_ROOT="", METRICS_FILE=metrics_file, OFFSITE_ENCRYPT="age:" + recipient,
+             OFFSITE_COMMAND='cp "$1" %s/' % remote)
+        step("the remote", ["ls", "-l", remote])
         step("drill", [os.path.join(SCRIPTS, "drill_restore.py"), source],
              METRICS_FILE=metrics_file)
         print("\n$ cat " + metrics_file, flush=True)
@@ -92,9 +104,17 @@ def main():
         step("compare", ["docker", "run", "--rm", "--network", "none",
                          "-v", source + ":/volume:ro", "-v", copy + ":/copy:ro",
                          image, "sh", "-euc", COMPARE])
-        print("\ndemo: the restored volume %s is identical to %s" % (copy, source))
+        encrypted = [os.path.join(remote, name) for name in sorted(os.listdir(remote))
+                     if name.endswith(".age")][0]
+        step("restore from the remote", ["sh", "-c", "age -d -i %s %s | %s %s - --force" % (
+            key, encrypted, os.path.join(SCRIPTS, "restore_docker_volume.py"), from_remote)])
+        step("compare", ["docker", "run", "--rm", "--network", "none",
+                         "-v", source + ":/volume:ro", "-v", from_remote + ":/copy:ro",
+                         image, "sh", "-euc", COMPARE])
+        print("\ndemo: the restored volumes %s (from the local archive) and %s (from the "
+              "encrypted off-host copy) are identical to %s" % (copy, from_remote, source))
     finally:
-        for volume in (source, copy):
+        for volume in (source, copy, from_remote):
             subprocess.run(["docker", "volume", "rm", "-f", volume], capture_output=True)
         shutil.rmtree(workdir, ignore_errors=True)
 

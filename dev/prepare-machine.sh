@@ -8,6 +8,8 @@ set -eu
 missing=""
 command -v dockerd >/dev/null 2>&1 || missing="$missing docker.io"
 dpkg -s busybox-static >/dev/null 2>&1 || missing="$missing busybox-static"
+# age: encrypted off-host copies (tests, demo)
+command -v age >/dev/null 2>&1 || missing="$missing age"
 if [ -n "$missing" ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "prepare-machine: installing$missing needs root" >&2

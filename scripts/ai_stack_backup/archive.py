@@ -198,12 +198,14 @@ class ArchiveInput:
         return self._current_stamp() == self._stamp and summary.same_content(self.first_summary)
 
 
-def verify_file(path, reporter):
+def verify_file(path, reporter, decrypted=None):
     """Check the archive at ``path`` completely, SQLite databases inside included.
 
     Gives an ArchiveSummary whose ``databases`` hold one result for each
     database (a damaged one is for the caller to judge). Raises ArchiveError
     (with the rule) for a damaged archive, BackupError when it cannot be read.
+    ``decrypted(path)``, for an encrypted file, is a context manager giving
+    the archive inside as a stream; the checksum is then the encrypted file's.
     """
     try:
         with open(path, "rb") as file, \
@@ -211,7 +213,13 @@ def verify_file(path, reporter):
             hashing = _HashingReader(file)
             with reporter.progress("Checking %s" % os.path.basename(path),
                                    total=os.fstat(file.fileno()).st_size) as progress:
-                summary = scan_archive(hashing, progress, databases)
+                if decrypted is None:
+                    summary = scan_archive(hashing, progress, databases)
+                else:
+                    for _ in iter(lambda: hashing.read(READ_SIZE), b""):
+                        pass
+                    with decrypted(path) as plain:
+                        summary = scan_archive(plain, progress, databases)
             summary.databases = databases.results()
     except OSError as error:
         raise BackupError("cannot read %s: %s" % (path, describe_os_error(error)))

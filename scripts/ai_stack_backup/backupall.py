@@ -15,11 +15,12 @@ import contextlib
 import os
 import time
 
-from . import pipeline, retention
+from . import offsite, pipeline, retention
 from .archive import scan_archive, verify_file
 from .errors import ArchiveError, BackupError, DatabaseDamaged, NotFound, describe_os_error
 from .exclusions import NONE
-from .files import LOCK_NAME, SIDECAR_SUFFIXES, Lock, ensure_backup_dir, remove_stale_work_files
+from .files import LOCK_NAME, SIDECAR_SUFFIXES, Lock, ensure_backup_dir, private_work_folder, \
+    remove_stale_work_files
 from .hostpath import PathSource
 from .names import FAILED_SUFFIX
 from .report import human_size
@@ -51,7 +52,7 @@ class Outcome:
     """How one source went: ``status`` is ok, SUSPICIOUS (backed up, but far smaller than
     before), FAILED or skipped; ``members`` and ``data_bytes`` describe the new archive."""
 
-    FAILURES = ("FAILED", "SUSPICIOUS")
+    FAILURES = ("FAILED", "SUSPICIOUS", "offsite FAILED")
 
     def __init__(self, kind, name, source, status, archive=None, size=None, seconds=0.0,
                  reason="", consistency="", members=None, data_bytes=None, mode="",
@@ -61,6 +62,7 @@ class Outcome:
         self.consistency, self.members, self.data_bytes = consistency, members, data_bytes
         self.mode, self.pause_seconds = mode, pause_seconds
         self.kept = None  # archives of the source left after retention
+        self.offsite = None  # True/False: the off-host copy got through or not; None: none
 
     @property
     def failed(self):
@@ -72,6 +74,8 @@ class Outcome:
                                             self.consistency)
         else:
             detail = "%s (%.1f s)" % (self.reason, self.seconds)
+            if self.status == "offsite FAILED":  # the archive itself is fine, and here
+                detail += "; kept: %s" % self.archive
         return "%-7s %s %s: %s" % (self.status, self.kind, self.name, detail)
 
 
@@ -99,11 +103,11 @@ def _back_up_and_verify(source, folder, config, reporter):
     if result.linked_to is not None:
         # The very bytes that were read back when they were written, and unchanged since.
         pause = result.capture.pause
-        return Outcome(source.kind, source.name, source.archive_source, "ok", result.path,
-                       result.size, time.monotonic() - started,
-                       consistency="unchanged, linked to %s" % os.path.basename(result.linked_to),
-                       members=result.members, mode=result.capture.mode,
-                       pause_seconds=pause.seconds if pause else 0.0)
+        outcome = Outcome(source.kind, source.name, source.archive_source, "ok", result.path,
+                          result.size, consistency="unchanged, linked to %s"
+                          % os.path.basename(result.linked_to), members=result.members,
+                          mode=result.capture.mode, pause_seconds=pause.seconds if pause else 0.0)
+        return _copied_off_host(outcome, config, reporter, started)
     try:
         summary = verify_file(result.path, reporter.silent())
         damaged = summary.damaged_databases()
@@ -130,6 +134,25 @@ def _back_up_and_verify(source, folder, config, reporter):
         if shrunk:
             outcome.status, outcome.reason = "SUSPICIOUS", shrunk
             reporter.error("%s %s: %s" % (source.kind, source.name, shrunk))
+    return _copied_off_host(outcome, config, reporter, started)
+
+
+def _copied_off_host(outcome, config, reporter, started):
+    """Send the verified archive with OFFSITE_COMMAND, if set; a failure makes the source's
+    status ``offsite FAILED``, so nothing of it is pruned and the run exits 1."""
+    if config.offsite.command:
+        try:
+            reporter.log(offsite.send(outcome.archive, outcome.source, config.offsite,
+                                      private_work_folder(config.backup_dir, reporter)))
+            outcome.offsite = True
+        except BackupError as error:
+            reporter.error("%s %s: %s; the archive is kept here" % (outcome.kind, outcome.name,
+                                                                    error))
+            outcome.offsite = False
+            if outcome.status == "ok":
+                outcome.status, outcome.reason = "offsite FAILED", str(error)
+            else:
+                outcome.reason += "; and the off-host copy failed: %s" % error
     outcome.seconds = time.monotonic() - started
     return outcome
 

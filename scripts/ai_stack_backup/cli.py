@@ -10,13 +10,14 @@ exit 128+N. Unexpected exceptions keep their traceback.
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import signal
 import sys
 import time
 
-from . import drill, monitor, notify, pipeline
+from . import drill, monitor, notify, offsite, pipeline
 from .archive import verify_file
 from .backupall import run_backup_all
 from .config import CONSISTENCY_MODES, DEFAULT_BACKUP_DIR, Config
@@ -239,15 +240,21 @@ def verify_backup_main(argv=None):
                      "per database.", [
                          "verify_backup.py /srv/ai-stack/backups/owui-data__20260118T120000Z"
                          ".tar.gz",
-                         "verify_backup.py /srv/ai-stack/backups/*.tar.gz"])
+                         "verify_backup.py /srv/ai-stack/backups/*.tar.gz",
+                         "OFFSITE_IDENTITY=~/backup-key.txt verify_backup.py "
+                         "owui-data__20260118T120000Z.tar.gz.age   # a fetched off-host copy"])
     parser.add_argument("archives", nargs="+", metavar="ARCHIVE")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     def verify_all(args, config, reporter):
         failed = 0
         for path in args.archives:
+            decrypted = None
+            if offsite.is_encrypted(path):  # an off-host copy, fetched back
+                decrypted = functools.partial(offsite.decrypted,
+                                              identity=config.offsite.identity)
             try:
-                summary = verify_file(path, reporter)
+                summary = verify_file(path, reporter, decrypted)
             except ArchiveError as error:
                 failed += 1
                 reporter.status("FAILED %s: %s [%s]" % (path, error, error.rule))
@@ -377,6 +384,8 @@ def backup_all_main(argv=None):
                          "RETENTION_DAILY=7 RETENTION_WEEKLY=4 RETENTION_MONTHLY=12 "
                          "backup_all.py --dry-run   # which rule keeps what",
                          "BACKUP_EXCLUDE='owui-data:cache/ tm-data:*.tmp' backup_all.py",
+                         "OFFSITE_ENCRYPT=age:age1… OFFSITE_COMMAND='rclone copyto \"$1\" "
+                         "b2:bucket/ai-stack/\"$(basename \"$1\")\"' backup_all.py",
                          "environment: BACKUP_DIR, OUTPUT_ROOT, RETENTION_DAYS (14), "
                          "RETENTION_MIN_KEEP (3),",
                          "  RETENTION_DAILY, RETENTION_WEEKLY, RETENTION_MONTHLY (0: off), "
@@ -388,7 +397,10 @@ def backup_all_main(argv=None):
                          "modes auto, sqlite, stop, live;",
                          "  default auto), STOP_CONTAINERS=1 (the default mode becomes stop),",
                          "  METRICS_FILE (…/ai_stack_backup.prom), HEALTHCHECK_URL, NOTIFY_URL, "
-                         "NOTIFY_URL_HEADERS (see README: Monitoring)"])
+                         "NOTIFY_URL_HEADERS (see README: Monitoring),",
+                         "  BACKUP_SKIP_UNCHANGED (1), OFFSITE_COMMAND, OFFSITE_ENCRYPT "
+                         "(age:RECIPIENT… or gpg:KEYID), OFFSITE_TIMEOUT (3600),",
+                         "  OFFSITE_ALLOW_PLAINTEXT (see README: Off-host copies)"])
     parser.add_argument("--dry-run", action="store_true",
                         help="print what would be backed up, which rule keeps each archive and "
                              "what would be deleted; change nothing")

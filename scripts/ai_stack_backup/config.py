@@ -13,6 +13,7 @@ from . import notify
 from .errors import ConfigError
 from .exclusions import Exclusions
 from .names import safe_name
+from .offsite import DEFAULT_TIMEOUT as DEFAULT_OFFSITE_TIMEOUT, Settings, parse_encrypt
 
 DEFAULT_BACKUP_DIR = "/srv/ai-stack/backups"
 DEFAULT_HELPER_IMAGE = "alpine:3.20"
@@ -110,6 +111,20 @@ def _exclusions(environ, sources):
         raise ConfigError("BACKUP_EXCLUDE: %s" % error)
 
 
+def _offsite(environ):
+    """Read OFFSITE_COMMAND and its settings; an unencrypted copy must be asked for."""
+    command = _setting(environ, "OFFSITE_COMMAND")
+    encrypt = _setting(environ, "OFFSITE_ENCRYPT")
+    tool, recipients = parse_encrypt(encrypt) if encrypt else (None, [])
+    if command and not tool and not _switch(environ, "OFFSITE_ALLOW_PLAINTEXT"):
+        raise ConfigError("OFFSITE_COMMAND would send archives (tokens, databases) off the host "
+                          "unencrypted: set OFFSITE_ENCRYPT=age:RECIPIENT or gpg:KEYID, or "
+                          "OFFSITE_ALLOW_PLAINTEXT=1 if the target is trusted")
+    return Settings(command, tool if command else None, recipients,
+                    _whole_number(environ, "OFFSITE_TIMEOUT", DEFAULT_OFFSITE_TIMEOUT, 1),
+                    _setting(environ, "OFFSITE_IDENTITY"))
+
+
 def _monitoring(environ):
     metrics_file = _setting(environ, "METRICS_FILE")
     if metrics_file and not metrics_file.endswith(".prom"):
@@ -151,7 +166,7 @@ class Config:
                  retention_daily=0, retention_weekly=0, retention_monthly=0,
                  shrink_guard=DEFAULT_SHRINK_GUARD, exclusions=None, metrics_file="",
                  healthcheck_url="", notify_url="", notify_headers=(), invocation_id="",
-                 skip_unchanged=False):
+                 skip_unchanged=False, offsite=None):
         self.backup_dir = os.path.abspath(backup_dir)
         self.backup_dir_configured = backup_dir_configured
         self.helper_image = helper_image
@@ -177,6 +192,7 @@ class Config:
         self.notify_headers = notify_headers
         self.invocation_id = invocation_id  # systemd's INVOCATION_ID of this run, if any
         self.skip_unchanged = skip_unchanged  # backup_all: link unchanged volumes
+        self.offsite = offsite or Settings()  # off-host copies; identity for verify too
 
     def consistency_for(self, volume):
         """Give the consistency mode for ``volume``: its own entry, else the default."""
@@ -192,6 +208,7 @@ class Config:
         fields = dict(
             backup_dir=_setting(environ, "BACKUP_DIR", DEFAULT_BACKUP_DIR),
             backup_dir_configured=bool(_setting(environ, "BACKUP_DIR")),
+            offsite=Settings(identity=_setting(environ, "OFFSITE_IDENTITY")),
             helper_image=_setting(environ, "BACKUP_HELPER_IMAGE", DEFAULT_HELPER_IMAGE),
             gzip_level=_whole_number(environ, "BACKUP_GZIP_LEVEL", DEFAULT_GZIP_LEVEL, 1, 9),
             threads=_whole_number(environ, "BACKUP_THREADS", None, 1))
@@ -223,7 +240,8 @@ class Config:
                 shrink_guard=_whole_number(environ, "RETENTION_SHRINK_GUARD",
                                            DEFAULT_SHRINK_GUARD, 0, 100),
                 exclusions=_exclusions(environ, sources),
-                skip_unchanged=_switch(environ, "BACKUP_SKIP_UNCHANGED", default=True))
+                skip_unchanged=_switch(environ, "BACKUP_SKIP_UNCHANGED", default=True),
+                offsite=_offsite(environ))
         if backup_all or monitoring:
             fields.update(_monitoring(environ))
         return cls(**fields)

@@ -34,13 +34,15 @@ FAMILIES = (
                                    "last backup (0: not stopped)."),
     ("archives_kept", "gauge", "Archives of this source in the backup folder after retention."),
     ("info", "gauge", "Always 1; the consistency mode of the last backup as a label."),
+    ("offsite_success", "gauge", "1 if the last off-host copy (OFFSITE_COMMAND) of this "
+                                 "source got through, else 0."),
     ("drill_success", "gauge", "1 if the last restore drill of this volume passed, else 0."),
     ("drill_duration_seconds", "gauge", "How long the last restore drill of this volume took."),
     ("drill_timestamp_seconds", "gauge", "When this volume was last drilled (Unix time)."),
 )
 NAMES = tuple(PREFIX + name for name, _, _ in FAMILIES)
-BACKUP_FAMILIES = NAMES[:10]
-DRILL_FAMILIES = NAMES[10:]
+DRILL_FAMILIES = tuple(name for name in NAMES if name.startswith(PREFIX + "drill_"))
+BACKUP_FAMILIES = tuple(name for name in NAMES if name not in DRILL_FAMILIES)
 FILE_MODE = 0o644  # node_exporter runs as another user; the figures hold no secrets
 
 _SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)')
@@ -203,6 +205,10 @@ def backup_run(samples, outcomes, sources, now, kept):
             put("archives_kept", source, kept[source])
         else:
             keep("archives_kept", source)
+        if outcome is not None and outcome.offsite is not None:
+            put("offsite_success", source, 1 if outcome.offsite else 0)
+        else:
+            keep("offsite_success", source)
 
 
 def drill_run(samples, results, now):

@@ -1,0 +1,220 @@
+"""Off-host copies: the operator's own copy command, after encryption with age or gpg.
+
+verified archive → encrypt (age | gpg) into a private folder → .sha256 of that file →
+``sh -c "$OFFSITE_COMMAND" offsite FILE SOURCE`` for the file, then for its .sha256 → remove
+
+Besides ``docker``, the only module that starts processes: the operator's
+command and the encryption tool, each in a session of its own (a timeout
+kills the whole group), stdin closed. Nothing secret reaches a log: the
+command is shown by its name only, its error output with URL credentials
+masked, and recipients and identities never.
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+from .errors import BackupError, ConfigError
+from .files import CHECKSUM_SUFFIX, WORK_PREFIX
+
+DEFAULT_TIMEOUT = 3600
+TOOLS = {"age": ("age", ".age"), "gpg": ("gnupg", ".gpg")}  # tool: (Debian package, suffix)
+ERROR_TAIL = 3
+_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
+_ASSIGNMENTS = re.compile(r"(?i)\b(password|passwd|pass|secret|token|key)=\S+")
+
+
+class OffsiteFailed(BackupError):
+    """The off-host copy of one archive did not get through."""
+
+
+def mask_secrets(text):
+    """Give ``text`` with URL credentials and ``password=…``-like values masked."""
+    return _ASSIGNMENTS.sub(r"\1=***", _CREDENTIALS.sub(r"\1***@", text))
+
+
+class Settings:
+    """The off-host copy settings of backup_all; ``command`` "" means off."""
+
+    def __init__(self, command="", tool=None, recipients=(), timeout=DEFAULT_TIMEOUT,
+                 identity=""):
+        self.command, self.tool, self.recipients = command, tool, list(recipients)
+        self.timeout, self.identity = timeout, identity
+
+    @property
+    def name(self):
+        """The command's name, all that logs ever show of it."""
+        try:
+            words = shlex.split(self.command)
+        except ValueError:
+            words = self.command.split()
+        return os.path.basename(words[0]) if words else "OFFSITE_COMMAND"
+
+    def describe(self):
+        return "encrypted with %s" % self.tool if self.tool else "unencrypted"
+
+
+def parse_encrypt(text):
+    """Give ``(tool, recipients)`` of OFFSITE_ENCRYPT (``age:R[,R…]`` or ``gpg:KEYID``)."""
+    tool, colon, rest = text.partition(":")
+    recipients = [word for word in re.split(r"[\s,]+", rest) if word] if colon else []
+    if tool not in TOOLS or not recipients:
+        raise ConfigError("OFFSITE_ENCRYPT must be age:RECIPIENT[,RECIPIENT…] (age public keys "
+                          "or a recipients file) or gpg:KEYID")
+    if tool == "gpg" and len(recipients) != 1:
+        raise ConfigError("OFFSITE_ENCRYPT: gpg takes one KEYID")
+    return tool, recipients
+
+
+def _run(command, what, deadline):
+    """Run ``command`` (a list) until ``deadline`` (monotonic); raise OffsiteFailed naming
+    ``what``, with the masked tail of its error output, unless it exits 0."""
+    try:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, start_new_session=True)
+    except OSError as error:
+        raise OffsiteFailed("%s could not start: %s" % (what, error.strerror))
+    try:
+        _, stderr = process.communicate(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        raise OffsiteFailed("%s did not finish in time (OFFSITE_TIMEOUT); stopped it" % what)
+    except BaseException:
+        _kill_group(process)
+        raise
+    if process.returncode != 0:
+        lines = stderr.decode("utf-8", "replace").strip().splitlines()[-ERROR_TAIL:]
+        raise OffsiteFailed("%s exited with %d: %s" % (
+            what, process.returncode, mask_secrets(" / ".join(lines)) or "no error output"))
+
+
+def _kill_group(process):
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+
+
+def _require(tool):
+    if shutil.which(tool) is None:
+        raise OffsiteFailed("%s is not installed; install the Debian package %s "
+                            "(apt install %s)" % (tool, TOOLS[tool][0], TOOLS[tool][0]))
+
+
+def _encrypt_command(settings, archive, output):
+    if settings.tool == "age":
+        command = ["age", "--encrypt", "--output", output]
+        for recipient in settings.recipients:
+            command += ["--recipients-file" if os.path.isfile(recipient) else "--recipient",
+                        recipient]
+        return command + [archive]
+    return ["gpg", "--batch", "--yes", "--no-tty", "--trust-model", "always",
+            "--recipient", settings.recipients[0], "--output", output, "--encrypt", archive]
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for piece in iter(lambda: file.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _private_folder(work_folder):
+    """A fresh 0700 folder for the encrypted copy, flocked so no cleanup takes it meanwhile."""
+    path = tempfile.mkdtemp(prefix=WORK_PREFIX + "offsite-", dir=work_folder)
+    lock = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(lock)
+
+
+def send(archive, source, settings, work_folder):
+    """Copy ``archive`` of ``source`` off the host; give what was sent, in words.
+
+    Encrypted (``settings.tool``), the command gets ``<archive name>.age`` (or
+    ``.gpg``) from a private folder and then its ``.sha256`` (the checksum of
+    the encrypted file); unencrypted, the archive and its own ``.sha256``.
+    Raises OffsiteFailed.
+    """
+    deadline = time.monotonic() + settings.timeout
+    name = settings.name
+    with contextlib.ExitStack() as stack:
+        if settings.tool:
+            _require(settings.tool)
+            folder = stack.enter_context(_private_folder(work_folder))
+            sent = os.path.join(folder, os.path.basename(archive) + TOOLS[settings.tool][1])
+            _run(_encrypt_command(settings, archive, sent),
+                 "encrypting %s with %s" % (os.path.basename(archive), settings.tool), deadline)
+            with open(sent + CHECKSUM_SUFFIX, "w") as file:
+                file.write("%s  %s\n" % (_sha256(sent), os.path.basename(sent)))
+        else:
+            sent = archive
+        files = [sent] + ([sent + CHECKSUM_SUFFIX] if os.path.exists(sent + CHECKSUM_SUFFIX)
+                          else [])
+        for path in files:
+            _run(["sh", "-c", settings.command, "offsite", path, source],
+                 "the copy command %s (for %s)" % (name, os.path.basename(path)), deadline)
+    return "%s sent by %s (%s)" % (" and ".join(os.path.basename(path) for path in files), name,
+                                   settings.describe())
+
+
+def is_encrypted(path):
+    return path.endswith(tuple(suffix for _, suffix in TOOLS.values()))
+
+
+@contextlib.contextmanager
+def decrypted(path, identity):
+    """Give a binary stream of the archive inside the encrypted file ``path``.
+
+    age needs ``identity`` (OFFSITE_IDENTITY, an age identity file); gpg asks
+    its agent. Raises OffsiteFailed when the tool is missing or fails.
+    """
+    tool = "age" if path.endswith(".age") else "gpg"
+    _require(tool)
+    if tool == "age":
+        if not identity:
+            raise OffsiteFailed("set OFFSITE_IDENTITY to the age identity file that can "
+                                "decrypt %s" % path)
+        command = ["age", "--decrypt", "--identity", identity, path]
+    else:
+        command = ["gpg", "--batch", "--no-tty", "--decrypt", path]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)
+
+    def failure():
+        """The tool's own complaint, if it failed: it explains a stream that ended early."""
+        stderr = process.stderr.read()
+        if process.wait() == 0:
+            return None
+        lines = stderr.decode("utf-8", "replace").strip().splitlines()[-ERROR_TAIL:]
+        return OffsiteFailed("decrypting %s with %s failed: %s" % (
+            path, tool, mask_secrets(" / ".join(lines)) or "no error output"))
+    try:
+        try:
+            yield process.stdout
+        except BackupError:
+            problem = failure()
+            if problem is not None:
+                raise problem
+            raise
+        process.stdout.read()  # whatever the reader left, so the tool can finish
+        problem = failure()
+        if problem is not None:
+            raise problem
+    finally:
+        if process.poll() is None:
+            _kill_group(process)
+        process.stdout.close()
+        process.stderr.close()
