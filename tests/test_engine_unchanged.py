@@ -202,7 +202,7 @@ def test_a_listing_with_entries_as_new_as_itself_is_not_recorded(helper_env, qui
     next_second()
     first = backup(quiet_volume, folder)
     assert not os.path.exists(first + ".listing")
-    assert "entries changed while the volume was listed; the next backup will not be " \
+    assert "entries changed while the volume was backed up; the next backup will not be " \
         "skipped" in capsys.readouterr().err
     next_second()
     second = backup(quiet_volume, folder)
@@ -214,7 +214,7 @@ def test_a_listing_is_racy_when_an_entry_is_as_new_as_its_start():
     new = b"6 1 6 644 0 0 1000 1000 regular file './b\nwith newline'\n"
     assert unchanged.parse_listing(b"1000", old, b"").problem is None
     assert unchanged.parse_listing(b"1000", old + new, b"").problem == \
-        "entries changed while the volume was listed"
+        "entries changed while the volume was backed up"
     assert unchanged.parse_listing(b"1000", old, b"stat: can't stat './x'\n").digest is None
 
 

@@ -342,6 +342,11 @@ class Helper:
         for line in [self.error_output()] if lines is None else lines:
             reporter.warn("%s: %s" % (what, line))
 
+    def kill(self):
+        """Kill the container now, from any thread; the owner still leaves the block."""
+        with contextlib.suppress(BackupError):
+            run_docker(["kill", self.name], "cannot kill helper %s" % self.name)
+
     def stop(self):
         """Kill the container if it still runs and reap the docker client."""
         if self.process.poll() is None:

@@ -222,7 +222,7 @@ class PathSource:
         return contextlib.nullcontext(_LiveCopy())
 
     def listed(self, reporter, work_folder=None):
-        """A host path is never skipped as unchanged: give no listing."""
+        """A host path is never skipped as unchanged: give no listed stream."""
         return contextlib.nullcontext(None)
 
     def write_tar(self, output, progress, reporter, work_folder=None, exclude=()):

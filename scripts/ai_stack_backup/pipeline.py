@@ -64,12 +64,14 @@ def _write_gzip_tar(source, output, config, reporter, work_folder=None, exclude=
     return members
 
 
-def write_archive(source, folder, config, reporter, work_folder, timestamp=None):
+def write_archive(source, folder, config, reporter, work_folder, timestamp=None,
+                  before_publish=None):
     """Write ``folder/<source>__<timestamp>.tar.gz`` atomically; give a BackupResult.
 
     No status lines: ``backup`` frames this, and a safety copy uses it as is.
-    ``work_folder`` (private) holds the transfer folder. Raises ArchiveExists
-    when the name is taken, BackupError otherwise.
+    ``work_folder`` (private) holds the transfer folder. ``before_publish()``
+    runs once the archive is complete; what it raises stops the publishing.
+    Raises ArchiveExists when the name is taken, BackupError otherwise.
     """
     started = time.monotonic()
     path = os.path.join(folder, archive_name(source.archive_source, timestamp or utc_timestamp()))
@@ -79,6 +81,8 @@ def write_archive(source, folder, config, reporter, work_folder, timestamp=None)
                                       exclude={archive.identity()})
         except OSError as error:
             raise BackupError("cannot write %s: %s" % (path, describe_os_error(error)))
+        if before_publish is not None:
+            before_publish()
         size = archive.publish(checksum=True)
         if archive.checksum_problem:
             reporter.warn(archive.checksum_problem)
@@ -147,16 +151,43 @@ def backup(source, destination, config, reporter, stdout=None, skip_unchanged=Fa
     return result
 
 
+class _Unchanged(Exception):
+    """The archive being written is not needed: the source is unchanged."""
+
+
 def _write_unless_unchanged(source, folder, config, reporter, work_folder, timestamp):
-    """List the source; link to its newest archive if nothing changed, else write and record."""
+    """Back up ``source`` while its listing is held against its newest archive's; if nothing
+    changed, the backup is cut short and the new name linked to that archive instead."""
     started = time.monotonic()
-    with source.listed(reporter, work_folder) as listing:
-        linked = unchanged.link_if_unchanged(folder, source.archive_source, timestamp, listing,
-                                             reporter)
-        if linked is None:
-            result = write_archive(source, folder, config, reporter, work_folder, timestamp)
-            unchanged.record(result.path, listing, result.members, reporter)
-            return result
+    with source.listed(reporter, work_folder) as listed:
+        if listed is None:  # a source that cannot be listed
+            return write_archive(source, folder, config, reporter, work_folder, timestamp)
+        decision = unchanged.Decision(folder, source.archive_source, listed)
+        decision.start()
+
+        def unless_unchanged():  # a small volume's tar may be done before the decision
+            decision.join()
+            if decision.unchanged is not None:
+                raise _Unchanged()
+        try:
+            result = write_archive(source, folder, config, reporter, work_folder, timestamp,
+                                   unless_unchanged)
+        except (BackupError, _Unchanged):
+            decision.join()
+            if decision.unchanged is None:
+                raise
+            result = None  # the helper was stopped, or the archive dropped, on purpose
+        finally:
+            decision.join()
+    for note in decision.notes:
+        reporter.log(note)
+    if result is not None:
+        unchanged.record(result.path, decision.listing, result.members, reporter)
+        return result
+    linked = unchanged.link(folder, source.archive_source, timestamp, decision.unchanged,
+                            reporter)
+    if linked is None:
+        return write_archive(source, folder, config, reporter, work_folder, timestamp)
     result = BackupResult(source.archive_source, linked.path, linked.size, linked.members,
                           time.monotonic() - started)
     result.linked_to = linked.target

@@ -61,13 +61,21 @@ ENDED_EARLY = 4  # the restore script's exit code when ``complete`` is missing
 
 BACKUP_SCRIPT = "tar -C /volume -cf /transfer/stream ."
 # Enough of every entry that any write changes its line (ctime cannot be set back), in
-# readdir order; a failed listing never stops the tar after it.
+# readdir order. It runs beside the tar, not before it: a change while both run shows as an
+# entry as new as listing-started, and such a listing is never trusted (unchanged.py). The
+# tar's own exit status stays the script's.
 LISTING, LISTING_STARTED, LISTING_ERRORS = "listing", "listing-started", "listing-errors"
-LISTING_SCRIPT = """cd /volume
+LISTED_BACKUP_SCRIPT = """cd /volume
 date +%s > /transfer/listing-started
-find . -exec stat -c '%i %h %s %a %u %g %Y %Z %F %N' {} + \
-  > /transfer/listing.part 2> /transfer/listing-errors || echo "find failed" >> /transfer/listing-errors
-mv /transfer/listing.part /transfer/listing"""
+(
+  find . -exec stat -c '%i %h %s %a %u %g %Y %Z %F %N' {} + \
+    > /transfer/listing.part 2> /transfer/listing-errors || echo "find failed" >> /transfer/listing-errors
+  mv /transfer/listing.part /transfer/listing
+) &
+status=0
+tar -C /volume -cf /transfer/stream . || status=$?
+wait
+exit $status"""
 LISTING_POLL = 0.01
 BACKUP_TO_STDOUT_SCRIPT = "tar -C /volume -cf - ."
 WIPE_SCRIPT = "rm -rf /volume/..?* /volume/.[!.]* /volume/*"  # hidden entries too
@@ -189,16 +197,15 @@ def volume_tar_stream(image, volume, work_folder, what):
 
 
 class ListedStream:
-    """A helper that listed the volume and now waits to write its tar (``listed_tar_stream``).
+    """A helper that writes the volume's tar while it lists it (``listed_tar_stream``).
 
-    ``listing`` is ``(started, text, errors)`` as the helper left them
-    (``errors`` non-empty: unusable). ``opened()`` gives ``(descriptor,
-    helper)`` like ``volume_tar_stream``; if it is never called, leaving the
-    block stops the helper before its tar wrote a byte anywhere.
+    ``opened()`` gives ``(descriptor, helper)`` like ``volume_tar_stream``;
+    ``wait_for_listing()`` (from any thread) gives what the listing left;
+    ``stop()`` (from any thread) kills the helper, which ends the tar stream.
     """
 
-    def __init__(self, folder, helper, listing, what):
-        self.folder, self.helper, self.listing, self.what = folder, helper, listing, what
+    def __init__(self, folder, helper, what):
+        self.folder, self.helper, self.what = folder, helper, what
 
     @contextlib.contextmanager
     def opened(self):
@@ -208,27 +215,33 @@ class ListedStream:
         finally:
             os.close(descriptor)
 
+    def wait_for_listing(self):
+        """Give ``(started, text, errors)`` once the listing is complete (``errors``
+        non-empty: unusable), or None if the helper ended without one."""
+        while not os.path.exists(self.folder.file(LISTING)):
+            if not self.helper.running():
+                if os.path.exists(self.folder.file(LISTING)):
+                    break
+                return None
+            time.sleep(LISTING_POLL)
+        found = []
+        for name in (LISTING_STARTED, LISTING, LISTING_ERRORS):
+            with open(self.folder.file(name), "rb") as file:
+                found.append(file.read())
+        return found[0].strip(), found[1], found[2]
 
-def _read_listing(folder, helper, what):
-    while not os.path.exists(folder.file(LISTING)):
-        if not helper.running():
-            raise DockerError(what, "the helper container ended before it listed the volume "
-                              "(exit %d): %s" % (helper.wait(), helper.error_output()))
-        time.sleep(LISTING_POLL)
-    found = []
-    for name in (LISTING_STARTED, LISTING, LISTING_ERRORS):
-        with open(folder.file(name), "rb") as file:
-            found.append(file.read())
-    return found[0].strip(), found[1], found[2]
+    def stop(self):
+        self.helper.kill()
 
 
 @contextlib.contextmanager
 def listed_tar_stream(image, volume, work_folder, what):
-    """Start a helper that lists the volume, then writes it as tar; give a ListedStream."""
+    """Start a helper that writes the volume as tar and lists it meanwhile; give a
+    ListedStream."""
     with TransferFolder(work_folder) as folder, \
-            Helper(image, volume, LISTING_SCRIPT + "\n" + BACKUP_SCRIPT, read_only=True,
+            Helper(image, volume, LISTED_BACKUP_SCRIPT, read_only=True,
                    transfer_path=folder.path) as helper:
-        yield ListedStream(folder, helper, _read_listing(folder, helper, what), what)
+        yield ListedStream(folder, helper, what)
 
 
 SPACE_SCRIPT = "df -P -k /volume | tail -n 1; du -s -k /volume"

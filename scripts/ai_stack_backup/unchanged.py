@@ -1,20 +1,22 @@
 """Skip-if-unchanged: a volume that did not change is published as a hard link to its
 newest archive.
 
-listing (the helper, before its tar) → the newest archive's record → same: link | else: tar + record
+helper: tar ‖ listing → Decision (a thread): listing = the newest archive's record?
+  yes: stop the helper, the tar stream ends → link   no: the tar becomes an archive + record
 
 The listing is one ``stat`` line per entry (inode, links, size, mode, owner,
 mtime, ctime, type, name and link target), so any write to a file changes
-its line: ctime cannot be set back. Only its SHA-256 is kept, in
+its line: ctime cannot be set back. It runs beside the tar, so a changed
+volume pays little for it. Only its SHA-256 is kept, in
 ``<archive>.listing`` (0600) beside the archive, with what identifies the
 archive file as it was written (inode, size, mtime) and its checksum. A
 record that is missing, unreadable or of another format means "changed";
 so does an archive file that is no longer what the record says (its inode,
-size, mtime, ``.sha256`` and, read once more, its SHA-256), or a listing
-taken while entries were changing (an entry whose ctime or mtime is not
-older than the second the listing began: a second write in that same second
-would not show). The linked name gets its own ``.sha256`` (the file names
-the archive) and its own record.
+size, mtime, ``.sha256`` and, read once more, its SHA-256). A listing with an
+entry whose ctime or mtime is not older than the second the helper began is
+never recorded: that entry changed while the tar and the listing ran, or in
+the same second, where a second write would not show. The linked name gets
+its own ``.sha256`` (the file names the archive) and its own record.
 """
 
 import contextlib
@@ -22,7 +24,9 @@ import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
+import threading
 
 from .errors import ArchiveExists, BackupError, describe_os_error
 from .files import CHECKSUM_SUFFIX, LISTING_SUFFIX, TEMP_SUFFIX, WORK_PREFIX, fsync_directory
@@ -40,20 +44,22 @@ class Listing:
         self.digest, self.problem = digest, problem
 
 
+_TIMES = re.compile(rb"^\d+ \d+ \d+ \d+ \d+ \d+ (\d+) (\d+) ", re.M)
+
+
 def parse_listing(started, text, errors):
     """Give the Listing of what the helper left (see ``transfer.ListedStream``)."""
     if errors.strip():
         return Listing(None, "the listing failed: %s"
                        % errors.decode("utf-8", "replace").strip().splitlines()[-1])
     started = int(started)
-    for line in text.splitlines():
-        fields = line.split(b" ", 8)
-        if len(fields) < 9 or not (fields[6].isdigit() and fields[7].isdigit()):
-            continue  # the rest of a name with a newline in it
-        if int(fields[6]) >= started or int(fields[7]) >= started:
-            return Listing(hashlib.sha256(text).hexdigest(),
-                           "entries changed while the volume was listed")
-    return Listing(hashlib.sha256(text).hexdigest())
+    digest = hashlib.sha256(text).hexdigest()
+    # The times are the 7th and 8th fields; a line that does not start like that is the
+    # rest of a name with a newline in it.
+    newest = max((int(time) for pair in _TIMES.findall(text) for time in pair), default=0)
+    if newest >= started:
+        return Listing(digest, "entries changed while the volume was backed up")
+    return Listing(digest)
 
 
 def _archive_identity(status):
@@ -137,30 +143,53 @@ class Linked:
         self.path, self.target, self.size, self.members = path, target, size, members
 
 
-def link_if_unchanged(folder, source, timestamp, listing, reporter):
-    """Publish ``<source>__<timestamp>.tar.gz`` as a hard link to the newest archive of
-    ``source`` if the volume is as it was then; give a Linked, or None (back it up).
+class Decision(threading.Thread):
+    """Waits, beside the backup, for the helper's listing and holds it against the newest
+    archive's record; if they match, stops the helper so that the backup ends early.
+
+    After ``join()``: ``listing`` (None if there was none), ``unchanged`` (the newest
+    archive's path and record, or None) and ``notes``, lines for the log.
+    """
+
+    def __init__(self, folder, source, listed):
+        super().__init__(name="skip-if-unchanged", daemon=True)
+        self.folder, self.source, self.listed = folder, source, listed
+        self.listing, self.unchanged, self.notes = None, None, []
+
+    def run(self):
+        raw = self.listed.wait_for_listing()
+        if raw is None:
+            return
+        self.listing = parse_listing(*raw)
+        if self.listing.digest is None:
+            return
+        found = archives_by_source(self.folder, {self.source})
+        if not found:
+            return
+        newest = found[self.source][0][1]
+        saved = _read_record(newest)
+        if saved is None or saved["listing"] != self.listing.digest:
+            return
+        try:
+            status = os.stat(newest)
+        except OSError:
+            return
+        if saved["archive"] != _archive_identity(status) or \
+                _checksum_of(newest) != saved["sha256"] or _hash_file(newest) != saved["sha256"]:
+            self.notes.append("%s is not the file it was when written; backing up %s in full"
+                              % (newest, self.source))
+            return
+        self.unchanged = (newest, saved)
+        self.listed.stop()
+
+
+def link(folder, source, timestamp, unchanged, reporter):
+    """Publish ``<source>__<timestamp>.tar.gz`` as a hard link to the archive of the Decision's
+    ``unchanged``; give a Linked, or None where no link can be made (the log says why).
 
     Raises ArchiveExists when the new name is taken.
     """
-    if listing is None or listing.digest is None:
-        return None
-    found = archives_by_source(folder, {source})
-    if not found:
-        return None
-    newest = found[source][0][1]
-    saved = _read_record(newest)
-    if saved is None or saved["listing"] != listing.digest:
-        return None
-    try:
-        status = os.stat(newest)
-    except OSError:
-        return None
-    if saved["archive"] != _archive_identity(status) or _checksum_of(newest) != saved["sha256"] \
-            or _hash_file(newest) != saved["sha256"]:
-        reporter.log("%s is not the file it was when written; backing up %s in full"
-                     % (newest, source))
-        return None
+    newest, saved = unchanged
     path = os.path.join(folder, archive_name(source, timestamp))
     try:
         os.link(newest, path)
@@ -176,7 +205,7 @@ def link_if_unchanged(folder, source, timestamp, listing, reporter):
     try:
         _publish_small(path + CHECKSUM_SUFFIX, "%s  %s\n" % (saved["sha256"],
                                                               os.path.basename(path)))
-        saved["archive"] = _archive_identity(os.stat(path))
+        saved = dict(saved, archive=_archive_identity(os.stat(path)))
         _publish_small(path + LISTING_SUFFIX, json.dumps(saved) + "\n")
         fsync_directory(folder)
     except OSError as error:
@@ -186,4 +215,4 @@ def link_if_unchanged(folder, source, timestamp, listing, reporter):
         reporter.log("cannot write the files beside %s (%s); backing up %s in full"
                      % (path, describe_os_error(error), source))
         return None
-    return Linked(path, newest, status.st_size, saved["members"])
+    return Linked(path, newest, os.stat(path).st_size, saved["members"])

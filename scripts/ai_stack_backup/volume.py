@@ -11,7 +11,7 @@ if anything fails after that the volume is rolled back from the safety copy.
 import contextlib
 import os
 
-from . import capture, docker, files, transfer, unchanged
+from . import capture, docker, files, transfer
 from .archive import ArchiveInput, VolumeShape
 from .errors import ArchiveError, BackupError, RolledBack, Unrestorable, VolumeInUse
 from .exclusions import NONE
@@ -121,13 +121,14 @@ class VolumeSource:
 
     @contextlib.contextmanager
     def listed(self, reporter, work_folder):
-        """List the volume (for skip-if-unchanged) in the helper that then writes its tar;
-        give the Listing. ``write_tar`` within the block reads that helper's stream."""
-        what = "listing volume %s" % self.name
+        """Start the helper that writes the tar and lists the volume meanwhile (for
+        skip-if-unchanged); give its ``transfer.ListedStream``. ``write_tar`` within the
+        block reads that helper's stream."""
+        what = "backing up volume %s" % self.name
         with transfer.listed_tar_stream(self.image, self.name, work_folder, what) as stream:
             self._listed = stream
             try:
-                yield unchanged.parse_listing(*stream.listing)
+                yield stream
             finally:
                 self._listed = None
 
