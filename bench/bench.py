@@ -255,7 +255,7 @@ def bench_unchanged(step, volume, work, label):
         command = script("backup_docker_volume.py", volume, folder, "--skip-unchanged")
         first, _ = run(command)
         first_bytes = disk_bytes(folder)
-        time.sleep(1.05 - time.time() % 1)  # a new name needs a new second
+        testkit.next_second()
         second, rss = run(command)
         second_bytes = disk_bytes(folder) - first_bytes
         assert len(testkit.archives_in(folder)) == 2

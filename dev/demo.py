@@ -89,7 +89,7 @@ def main():
         with open(key) as file:
             recipient = [line.split(": ")[1] for line in file.read().splitlines()
                          if line.startswith("# public key: ")][0]
-        time.sleep(1.05 - time.time() % 1)  # archive names have whole seconds
+        testkit.next_second()
         step("backup_all", [os.path.join(SCRIPTS, "backup_all.py")], VOLUMES=source,
              OUTPUT_ROOT="", METRICS_FILE=metrics_file, OFFSITE_ENCRYPT="age:" + recipient,
              OFFSITE_COMMAND='cp "$1" %s/' % remote)

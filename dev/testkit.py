@@ -369,6 +369,11 @@ def database_state(folder, name="app.db"):
 
 # --- backup folders -----------------------------------------------------------------
 
+def next_second():
+    """Sleep into the next whole second: archive names (and ctimes) have whole seconds."""
+    time.sleep(1.05 - time.time() % 1)
+
+
 def archives_in(folder):
     """The archives (``*.tar.gz``) directly in ``folder``, as full paths, oldest name first."""
     return sorted(os.path.join(str(folder), name) for name in os.listdir(str(folder))

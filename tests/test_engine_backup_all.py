@@ -288,7 +288,8 @@ def test_the_monitoring_drop_in_opens_only_what_it_names(tmp_path):
     verify = subprocess.run(["systemd-analyze", "verify", "--recursive-errors=no",
                              os.path.join(units, "ai_stack_backup.service"),
                              os.path.join(units, "ai_stack_backup-drill.service")],
-                            capture_output=True, env=dict(os.environ, SYSTEMD_UNIT_PATH=units + ":"))
+                            capture_output=True,
+                            env=dict(os.environ, SYSTEMD_UNIT_PATH=units + ":"))
     assert (verify.returncode, verify.stdout, verify.stderr) == (0, b"", b"")
     # Rendering again without the variables removes the drop-in.
     subprocess.run(["make", "-s", "install-systemd", "DESTDIR=%s" % tmp_path], cwd=REPOSITORY,

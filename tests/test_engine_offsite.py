@@ -5,7 +5,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -128,7 +127,7 @@ def test_a_failing_copy_fails_the_source_and_keeps_every_local_archive(
     monkeypatch.setenv("BACKUP_SKIP_UNCHANGED", "0")
     testkit.docker("run", "--rm", "--network", "none", "-v", volume + ":/v", testkit.HELPER_IMAGE,
                    "sh", "-c", "echo more > /v/more")
-    time.sleep(1.05 - time.time() % 1)  # archive names have whole seconds
+    testkit.next_second()
     capsys.readouterr()
     assert backup_all_main(["--quiet"]) == 1
     captured = capsys.readouterr()
@@ -176,3 +175,31 @@ def test_a_wrong_key_is_a_clear_verify_failure(stack, age_key, tmp_path, monkeyp
 ])
 def test_secrets_are_masked_in_error_output(text, masked):
     assert offsite.mask_secrets(text) == masked
+
+
+def test_gpg_encrypts_for_a_key_id_and_verify_reads_it_back(stack, tmp_path, monkeypatch,
+                                                           capsys):
+    volume, folder = stack
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    monkeypatch.setenv("GNUPGHOME", str(home))
+    subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key",
+                    "backup@example.invalid", "default", "default", "never"],
+                   check=True, capture_output=True)
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    monkeypatch.setenv("OFFSITE_ENCRYPT", "gpg:backup@example.invalid")
+    monkeypatch.setenv("OFFSITE_COMMAND", 'cp "$1" %s/' % remote)
+    monkeypatch.setenv("OUTPUT_ROOT", "")
+    assert backup_all_main(["--quiet"]) == 0
+    [archive] = testkit.archives_in(folder)
+    encrypted = str(remote / (os.path.basename(archive) + ".gpg"))
+    assert sorted(os.listdir(str(remote))) == [os.path.basename(encrypted),
+                                               os.path.basename(encrypted) + ".sha256"]
+    plain = subprocess.run(["gpg", "--batch", "--decrypt", encrypted], check=True,
+                           capture_output=True).stdout
+    with open(archive, "rb") as file:
+        assert plain == file.read()
+    capsys.readouterr()
+    assert verify_backup_main([encrypted]) == 0
+    assert "sha256 ok" in capsys.readouterr().out

@@ -30,15 +30,11 @@ def in_volume(image, volume, script):
                    "sh", "-euc", script)
 
 
-def next_second():
-    time.sleep(1.05 - time.time() % 1)  # archive names, and ctimes, have whole seconds
-
-
 @pytest.fixture
 def quiet_volume(helper_env, make_volume):
     volume = make_volume()
     in_volume(helper_env, volume, SETUP)
-    next_second()  # nothing may change in the second the first listing begins
+    testkit.next_second()  # nothing may change in the second the first listing begins
     return volume
 
 
@@ -63,7 +59,7 @@ def test_an_unchanged_volume_is_linked_and_reads_as_an_ordinary_archive(
         helper_env, quiet_volume, make_volume, tmp_path, capsys):
     folder = tmp_path / "backups"
     first = backup(quiet_volume, folder)
-    next_second()
+    testkit.next_second()
     second = backup(quiet_volume, folder)
     assert second != first
     assert os.stat(first).st_ino == os.stat(second).st_ino and os.stat(second).st_nlink == 2
@@ -95,12 +91,12 @@ def test_backup_all_links_by_default_and_retention_keeps_the_other_names(
         monkeypatch.setenv(name, setting)
     assert backup_all_main(["--quiet"]) == 0
     [first] = testkit.archives_in(folder)
-    next_second()
+    testkit.next_second()
     assert backup_all_main(["--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert re.match(r"ok +volume %s: \S+, .*, unchanged, linked to %s$"
                     % (quiet_volume, os.path.basename(first)), lines[-1]), lines[-1]
-    next_second()
+    testkit.next_second()
     assert backup_all_main(["--quiet"]) == 0  # three names, one file; retention keeps two
     archives = testkit.archives_in(folder)
     assert len(archives) == 2 and first not in archives
@@ -109,7 +105,7 @@ def test_backup_all_links_by_default_and_retention_keeps_the_other_names(
         assert verify_backup_main([path]) == 0
         assert os.stat(path).st_nlink == 2  # the deleted name took no data with it
     monkeypatch.setenv("BACKUP_SKIP_UNCHANGED", "0")
-    next_second()
+    testkit.next_second()
     assert backup_all_main(["--quiet"]) == 0
     assert os.stat(testkit.archives_in(folder)[-1]).st_nlink == 1
 
@@ -131,7 +127,7 @@ def test_any_change_makes_a_new_archive(helper_env, quiet_volume, tmp_path, chan
     folder = tmp_path / "backups"
     first = backup(quiet_volume, folder)
     in_volume(helper_env, quiet_volume, CHANGES[change])
-    next_second()
+    testkit.next_second()
     second = backup(quiet_volume, folder)
     assert os.stat(second).st_ino != os.stat(first).st_ino
     assert os.stat(first).st_nlink == 1 and os.stat(second).st_nlink == 1
@@ -149,7 +145,7 @@ def test_a_damaged_newest_archive_is_never_linked_to(helper_env, quiet_volume, t
         file.seek(-1, os.SEEK_CUR)
         file.write(bytes([byte[0] ^ 0xFF]))
     os.utime(first, ns=(before.st_atime_ns, before.st_mtime_ns))
-    next_second()
+    testkit.next_second()
     capsys.readouterr()
     second = backup(quiet_volume, folder)
     assert os.stat(second).st_ino != before.st_ino
@@ -166,7 +162,7 @@ def test_a_corrupt_or_foreign_listing_record_means_changed(helper_env, quiet_vol
         os.chmod(first + ".listing", 0o600)
         with open(first + ".listing", "w") as file:
             file.write(text)
-        next_second()
+        testkit.next_second()
         newer = backup(quiet_volume, folder)
         assert os.stat(newer).st_ino != os.stat(first).st_ino
         for path in testkit.archives_in(folder)[1:]:  # start again from the first only
@@ -185,7 +181,7 @@ def test_where_no_hard_link_can_be_made_a_full_backup_is_made(helper_env, quiet_
             raise OSError(errno.EMLINK, os.strerror(errno.EMLINK))
         return real_link(source, target, *args, **kwargs)
     monkeypatch.setattr(os, "link", link)
-    next_second()
+    testkit.next_second()
     capsys.readouterr()
     second = backup(quiet_volume, folder)
     assert os.stat(second).st_ino != os.stat(first).st_ino
@@ -199,12 +195,12 @@ def test_a_listing_with_entries_as_new_as_itself_is_not_recorded(helper_env, qui
     # a second write in that second would leave the listing as it was.
     in_volume(helper_env, quiet_volume, "touch -d @%d /v/a" % (time.time() + 3600))
     folder = tmp_path / "backups"
-    next_second()
+    testkit.next_second()
     first = backup(quiet_volume, folder)
     assert not os.path.exists(first + ".listing")
     assert "entries changed while the volume was backed up; the next backup will not be " \
         "skipped" in capsys.readouterr().err
-    next_second()
+    testkit.next_second()
     second = backup(quiet_volume, folder)
     assert os.stat(second).st_ino != os.stat(first).st_ino
 

@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 import tarfile
-import time
 
 import pytest
 
@@ -177,10 +176,6 @@ def test_a_bad_exclude_option_is_a_clear_error_and_writes_nothing(tmp_path, caps
     assert not folder.exists()
 
 
-def _wait_for_next_second():
-    time.sleep(1.05 - time.time() % 1)  # archive names have whole seconds
-
-
 @pytest.mark.engine
 def test_backup_all_applies_backup_exclude_to_volume_and_output_root(
         helper_env, make_volume, tmp_path, monkeypatch):
@@ -226,7 +221,7 @@ def test_shrink_guard_keeps_everything_when_a_volume_was_emptied(helper_env, mak
     [good] = testkit.archives_in(folder)
     testkit.docker("run", "--rm", "--network", "none", "-v", volume + ":/volume", helper_env,
                    "sh", "-c", "rm -rf /volume/uploads/*")
-    _wait_for_next_second()
+    testkit.next_second()
     capsys.readouterr()
     assert backup_all_main(["--quiet"]) == 1
     captured = capsys.readouterr()
@@ -242,7 +237,7 @@ def test_shrink_guard_keeps_everything_when_a_volume_was_emptied(helper_env, mak
                    cwd=str(folder), check=True)
     # Once the operator has looked, RETENTION_SHRINK_GUARD=0 lets the run through.
     monkeypatch.setenv("RETENTION_SHRINK_GUARD", "0")
-    _wait_for_next_second()
+    testkit.next_second()
     assert backup_all_main(["--quiet"]) == 0
     assert len(testkit.archives_in(folder)) == 1 and good not in testkit.archives_in(folder)
 

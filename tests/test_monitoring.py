@@ -290,7 +290,7 @@ def test_good_and_failed_runs_and_a_drill_in_pings_and_metrics(helper_env, make_
 
         # The volume goes away: a failed run keeps the last success and the archive figures.
         testkit.docker("volume", "rm", volume)
-        time.sleep(1.05 - time.time() % 1)
+        testkit.next_second()
         assert backup_all_main(["--quiet"]) == 1
         failed = read_exposition(metrics_file.read_text())
         assert value(failed, "last_run_success", volume) == 0

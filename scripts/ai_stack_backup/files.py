@@ -108,6 +108,15 @@ LISTING_SUFFIX = ".listing"  # skip-if-unchanged: what the volume looked like (`
 SIDECAR_SUFFIXES = (CHECKSUM_SUFFIX, LISTING_SUFFIX)
 
 
+def file_sha256(path):
+    """Give the SHA-256 (hex) of the file at ``path``; raises OSError."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for piece in iter(lambda: file.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
 class _HashingWriter:
     """Passes writes on to ``file`` and keeps the SHA-256 of what was written."""
 

@@ -12,7 +12,6 @@ masked, and recipients and identities never.
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import re
 import shlex
@@ -23,7 +22,7 @@ import tempfile
 import time
 
 from .errors import BackupError, ConfigError
-from .files import CHECKSUM_SUFFIX, WORK_PREFIX
+from .files import CHECKSUM_SUFFIX, WORK_PREFIX, file_sha256
 
 DEFAULT_TIMEOUT = 3600
 TOOLS = {"age": ("age", ".age"), "gpg": ("gnupg", ".gpg")}  # tool: (Debian package, suffix)
@@ -119,14 +118,6 @@ def _encrypt_command(settings, archive, output):
             "--recipient", settings.recipients[0], "--output", output, "--encrypt", archive]
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for piece in iter(lambda: file.read(1 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()
-
-
 @contextlib.contextmanager
 def _private_folder(work_folder):
     """A fresh 0700 folder for the encrypted copy, flocked so no cleanup takes it meanwhile."""
@@ -158,7 +149,7 @@ def send(archive, source, settings, work_folder):
             _run(_encrypt_command(settings, archive, sent),
                  "encrypting %s with %s" % (os.path.basename(archive), settings.tool), deadline)
             with open(sent + CHECKSUM_SUFFIX, "w") as file:
-                file.write("%s  %s\n" % (_sha256(sent), os.path.basename(sent)))
+                file.write("%s  %s\n" % (file_sha256(sent), os.path.basename(sent)))
         else:
             sent = archive
         files = [sent] + ([sent + CHECKSUM_SUFFIX] if os.path.exists(sent + CHECKSUM_SUFFIX)

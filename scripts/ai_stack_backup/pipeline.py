@@ -174,13 +174,15 @@ def _write_unless_unchanged(source, folder, config, reporter, work_folder, times
                                    unless_unchanged)
         except (BackupError, _Unchanged):
             decision.join()
-            if decision.unchanged is None:
+            if decision.unchanged is None and not decision.stopped:
                 raise
             result = None  # the helper was stopped, or the archive dropped, on purpose
         finally:
             decision.join()
     for note in decision.notes:
         reporter.log(note)
+    if result is None and decision.unchanged is None:  # stopped, but the old archive is bad
+        return write_archive(source, folder, config, reporter, work_folder, timestamp)
     if result is not None:
         unchanged.record(result.path, decision.listing, result.members, reporter)
         return result

@@ -69,7 +69,8 @@ LISTED_BACKUP_SCRIPT = """cd /volume
 date +%s > /transfer/listing-started
 (
   find . -exec stat -c '%i %h %s %a %u %g %Y %Z %F %N' {} + \
-    > /transfer/listing.part 2> /transfer/listing-errors || echo "find failed" >> /transfer/listing-errors
+    > /transfer/listing.part 2> /transfer/listing-errors \
+    || echo "find failed" >> /transfer/listing-errors
   mv /transfer/listing.part /transfer/listing
 ) &
 status=0

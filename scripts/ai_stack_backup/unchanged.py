@@ -29,7 +29,8 @@ import tempfile
 import threading
 
 from .errors import ArchiveExists, BackupError, describe_os_error
-from .files import CHECKSUM_SUFFIX, LISTING_SUFFIX, TEMP_SUFFIX, WORK_PREFIX, fsync_directory
+from .files import CHECKSUM_SUFFIX, LISTING_SUFFIX, TEMP_SUFFIX, WORK_PREFIX, file_sha256, \
+    fsync_directory
 from .names import archive_name
 from .retention import archives_by_source
 
@@ -90,14 +91,10 @@ def _checksum_of(path):
 def _hash_file(path):
     """Give the SHA-256 of the file at ``path`` (None if it cannot be read): the one read of
     an unchanged backup, so that nothing links to an archive damaged since it was written."""
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as file:
-            for piece in iter(lambda: file.read(1 << 20), b""):
-                digest.update(piece)
+        return file_sha256(path)
     except OSError:
         return None
-    return digest.hexdigest()
 
 
 def _publish_small(path, text):
@@ -148,13 +145,16 @@ class Decision(threading.Thread):
     archive's record; if they match, stops the helper so that the backup ends early.
 
     After ``join()``: ``listing`` (None if there was none), ``unchanged`` (the newest
-    archive's path and record, or None) and ``notes``, lines for the log.
+    archive's path and record, or None), ``stopped`` (the helper was stopped, also when
+    the archive's own bytes then did not match: back up again) and ``notes``, lines for
+    the log.
     """
 
     def __init__(self, folder, source, listed):
         super().__init__(name="skip-if-unchanged", daemon=True)
         self.folder, self.source, self.listed = folder, source, listed
         self.listing, self.unchanged, self.notes = None, None, []
+        self.stopped = False
 
     def run(self):
         raw = self.listed.wait_for_listing()
@@ -175,12 +175,19 @@ class Decision(threading.Thread):
         except OSError:
             return
         if saved["archive"] != _archive_identity(status) or \
-                _checksum_of(newest) != saved["sha256"] or _hash_file(newest) != saved["sha256"]:
+                _checksum_of(newest) != saved["sha256"]:
+            self.notes.append("%s is not the file it was when written; backing up %s in full"
+                              % (newest, self.source))
+            return
+        # Everything says unchanged: stop the tar before the archive's bytes are read again
+        # (they only ever fail to match when the disk damaged them).
+        self.stopped = True
+        self.listed.stop()
+        if _hash_file(newest) != saved["sha256"]:
             self.notes.append("%s is not the file it was when written; backing up %s in full"
                               % (newest, self.source))
             return
         self.unchanged = (newest, saved)
-        self.listed.stop()
 
 
 def link(folder, source, timestamp, unchanged, reporter):
