@@ -1,6 +1,6 @@
 #!/bin/sh
 # Installs and starts what the demo, the tests and the benchmarks need, on a fresh
-# Debian machine: a Docker engine, static busybox (the tests' helper image), the
+# Debian machine: a Docker engine, static busybox (the tests' helper image), age and gpg, the
 # root filesystems of the tests' images (dev/build-rootfs.sh) and pytest for every
 # interpreter in $PYTHONS. Does nothing that is already done.
 set -eu
@@ -8,8 +8,9 @@ set -eu
 missing=""
 command -v dockerd >/dev/null 2>&1 || missing="$missing docker.io"
 dpkg -s busybox-static >/dev/null 2>&1 || missing="$missing busybox-static"
-# age: encrypted off-host copies (tests, demo)
+# age and gpg: encrypted off-host copies (tests, demo)
 command -v age >/dev/null 2>&1 || missing="$missing age"
+command -v gpg >/dev/null 2>&1 || missing="$missing gnupg"
 if [ -n "$missing" ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "prepare-machine: installing$missing needs root" >&2

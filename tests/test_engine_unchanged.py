@@ -5,8 +5,10 @@ import hashlib
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
+import sys
 import tarfile
 import time
 
@@ -17,6 +19,7 @@ from ai_stack_backup import unchanged
 from ai_stack_backup.cli import backup_all_main, backup_docker_volume_main, list_backups_main, \
     restore_docker_volume_main, verify_backup_main
 from ai_stack_backup.names import parse_archive_name
+from conftest import SCRIPTS
 
 pytestmark = pytest.mark.engine
 
@@ -217,3 +220,27 @@ def test_a_listing_is_racy_when_an_entry_is_as_new_as_its_start():
 def test_skip_unchanged_needs_a_folder(capsys):
     assert backup_docker_volume_main(["owui-data", "-", "--skip-unchanged"]) == 2
     assert "--skip-unchanged needs a backup folder" in capsys.readouterr().err
+
+
+def test_a_signal_during_a_listed_backup_cleans_up(engine, quiet_volume, tmp_path):
+    image = testkit.build_variant_image("hanging", testkit.HANGING_TAR)
+    folder = tmp_path / "backups"
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(SCRIPTS, "backup_docker_volume.py"), quiet_volume,
+         str(folder), "--skip-unchanged", "--quiet"],
+        env=dict(os.environ, BACKUP_HELPER_IMAGE=image), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not testkit.helper_containers(quiet_volume):
+        assert time.monotonic() < deadline, "the backup never started its helper"
+        time.sleep(0.2)
+    time.sleep(0.5)  # the listing is done by now; the tar hangs
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert b"stopped by SIGTERM after cleaning up" in err
+    assert [name for name in os.listdir(str(folder))
+            if not name.startswith(".ai_stack_backup-lock")] == []
+    deadline = time.monotonic() + 10
+    while testkit.helper_containers(quiet_volume):
+        assert time.monotonic() < deadline, "a helper container was left running"
+        time.sleep(0.2)

@@ -177,8 +177,11 @@ def _write_unless_unchanged(source, folder, config, reporter, work_folder, times
             if decision.unchanged is None and not decision.stopped:
                 raise
             result = None  # the helper was stopped, or the archive dropped, on purpose
-        finally:
+        except BaseException:  # a signal: the listing need not be waited for
+            listed.stop()
             decision.join()
+            raise
+        decision.join()
     for note in decision.notes:
         reporter.log(note)
     if result is None and decision.unchanged is None:  # stopped, but the old archive is bad
