@@ -349,3 +349,33 @@ def test_report_failure_script_runs(monkeypatch):
                             env=dict(os.environ, MONITOR_UNIT="x.service"))
     assert result.returncode == 0
     assert "x.service ended with result unknown" in result.stderr
+
+
+def test_a_run_that_cannot_start_still_pings_fail_and_marks_every_source(
+        recorder, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    metrics_file = tmp_path / "ai_stack_backup.prom"
+    _configure(monkeypatch, blocker / "backups", "owui-data tm-data", "", recorder,
+               metrics_file)
+    assert backup_all_main(["--quiet"]) == 1
+    assert recorder.paths() == ["/ping/%s/fail" % SECRET, "/notify?key=%s" % SECRET]
+    assert recorder.requests[1][3].startswith(
+        "ai_stack backup FAILED on %s: backup_all could not run: " % notify.host())
+    families = read_exposition(metrics_file.read_text())
+    for source in ("owui-data", "tm-data"):
+        assert value(families, "last_run_success", source) == 0
+    assert SECRET not in "".join(capsys.readouterr())
+
+
+@pytest.mark.engine
+def test_a_metrics_file_that_cannot_be_written_fails_the_run(helper_env, make_volume, tmp_path,
+                                                             monkeypatch, capsys):
+    volume = make_volume()
+    _configure(monkeypatch, tmp_path / "backups", volume, "", None,
+               tmp_path / "no-such-folder" / "ai_stack_backup.prom")
+    assert backup_all_main(["--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert re.search(r"^ok +volume %s: " % volume, captured.out, re.M)  # the backup is fine
+    assert "cannot write the metrics file %s" % (tmp_path / "no-such-folder" /
+                                                 "ai_stack_backup.prom") in captured.err
