@@ -192,28 +192,35 @@ def test_where_no_hard_link_can_be_made_a_full_backup_is_made(helper_env, quiet_
         % (first, quiet_volume) in capsys.readouterr().err
 
 
-def test_a_listing_with_entries_as_new_as_itself_is_not_recorded(helper_env, quiet_volume,
-                                                                  tmp_path, capsys):
-    # An mtime in the future stands in for a write in the very second the listing began:
-    # a second write in that second would leave the listing as it was.
-    in_volume(helper_env, quiet_volume, "touch -d @%d /v/a" % (time.time() + 3600))
-    folder = tmp_path / "backups"
-    testkit.next_second()
-    first = backup(quiet_volume, folder)
-    assert not os.path.exists(first + ".listing")
-    assert "entries changed while the volume was backed up; the next backup will not be " \
-        "skipped" in capsys.readouterr().err
+def test_a_volume_written_while_it_is_backed_up_is_not_recorded(helper_env, quiet_volume,
+                                                                tmp_path, capsys):
+    # A writer touches a file all the time: the listing sees a ctime as new as the second
+    # the helper began, where a second write in that second would not show.
+    writer = "aisb-test-writer-%s" % os.urandom(4).hex()
+    testkit.docker("run", "-d", "--name", writer, "--network", "none", "-v",
+                   quiet_volume + ":/v", helper_env, "sh", "-c",
+                   "while true; do echo x > /v/busy; done")
+    try:
+        folder = tmp_path / "backups"
+        first = backup(quiet_volume, folder)
+        assert not os.path.exists(first + ".listing")
+        assert "entries changed while the volume was backed up; the next backup will not be " \
+            "skipped" in capsys.readouterr().err
+    finally:
+        subprocess.run(["docker", "rm", "-f", writer], capture_output=True)
     testkit.next_second()
     second = backup(quiet_volume, folder)
     assert os.stat(second).st_ino != os.stat(first).st_ino
 
 
-def test_a_listing_is_racy_when_an_entry_is_as_new_as_its_start():
-    old = b"5 1 6 644 0 0 999 999 regular file './a'\n"
-    new = b"6 1 6 644 0 0 1000 1000 regular file './b\nwith newline'\n"
-    assert unchanged.parse_listing(b"1000", old, b"").problem is None
-    assert unchanged.parse_listing(b"1000", old + new, b"").problem == \
+def test_a_listing_is_racy_when_a_ctime_is_as_new_as_its_start():
+    old = b"999 5 1 6 644 0 0 999 regular file './a'\n"
+    future_mtime = b"999 7 1 6 644 0 0 4000000000 regular file './m'\n"
+    new = b"1000 6 1 6 644 0 0 1 regular file './b\n1000 looks like a line'\n"
+    assert unchanged.parse_listing(b"1000", old + future_mtime, b"", now=1001).problem is None
+    assert unchanged.parse_listing(b"1000", old + new, b"", now=1001).problem == \
         "entries changed while the volume was backed up"
+    assert unchanged.parse_listing(b"1000", new + old, b"", now=1001).problem is not None
     assert unchanged.parse_listing(b"1000", old, b"stat: can't stat './x'\n").digest is None
 
 

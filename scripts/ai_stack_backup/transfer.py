@@ -60,15 +60,15 @@ SPOOL_RESERVE_SHARE = 0.05  # ...or than this share of the filesystem
 ENDED_EARLY = 4  # the restore script's exit code when ``complete`` is missing
 
 BACKUP_SCRIPT = "tar -C /volume -cf /transfer/stream ."
-# Enough of every entry that any write changes its line (ctime cannot be set back), in
-# readdir order. It runs beside the tar, not before it: a change while both run shows as an
+# Enough of every entry that any write changes its line (ctime, first: it cannot be set
+# back), in readdir order. It runs beside the tar, not before it: a change while both run shows as an
 # entry as new as listing-started, and such a listing is never trusted (unchanged.py). The
 # tar's own exit status stays the script's.
 LISTING, LISTING_STARTED, LISTING_ERRORS = "listing", "listing-started", "listing-errors"
 LISTED_BACKUP_SCRIPT = """cd /volume
 date +%s > /transfer/listing-started
 (
-  find . -exec stat -c '%i %h %s %a %u %g %Y %Z %F %N' {} + \
+  find . -exec stat -c '%Z %i %h %s %a %u %g %Y %F %N' {} + \
     > /transfer/listing.part 2> /transfer/listing-errors \
     || echo "find failed" >> /transfer/listing-errors
   mv /transfer/listing.part /transfer/listing
