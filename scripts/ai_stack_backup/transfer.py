@@ -61,9 +61,9 @@ ENDED_EARLY = 4  # the restore script's exit code when ``complete`` is missing
 
 BACKUP_SCRIPT = "tar -C /volume -cf /transfer/stream ."
 # Enough of every entry that any write changes its line (ctime, first: it cannot be set
-# back), in readdir order. It runs beside the tar, not before it: a change while both run shows as an
-# entry as new as listing-started, and such a listing is never trusted (unchanged.py). The
-# tar's own exit status stays the script's.
+# back), in readdir order. It runs beside the tar, not before it: a change while both run
+# shows as a ctime as new as listing-started, and such a listing is never trusted
+# (unchanged.py). The tar's own exit status stays the script's.
 LISTING, LISTING_STARTED, LISTING_ERRORS = "listing", "listing-started", "listing-errors"
 LISTED_BACKUP_SCRIPT = """cd /volume
 date +%s > /transfer/listing-started
