@@ -102,11 +102,8 @@ def _back_up_and_verify(source, folder, config, reporter):
         return failed(str(error))
     if result.linked_to is not None:
         # The very bytes that were read back when they were written, and unchanged since.
-        pause = result.capture.pause
-        outcome = Outcome(source.kind, source.name, source.archive_source, "ok", result.path,
-                          result.size, consistency="unchanged, linked to %s"
-                          % os.path.basename(result.linked_to), members=result.members,
-                          mode=result.capture.mode, pause_seconds=pause.seconds if pause else 0.0)
+        outcome = _good(source, result, "unchanged, linked to %s"
+                        % os.path.basename(result.linked_to), result.members)
         return _copied_off_host(outcome, config, reporter, started)
     try:
         summary = verify_file(result.path, reporter.silent())
@@ -124,17 +121,21 @@ def _back_up_and_verify(source, folder, config, reporter):
     reporter.status("Verified: %s (%d members, %s uncompressed%s)"
                     % (result.path, summary.members, human_size(summary.data_bytes),
                        _databases_checked(summary)))
-    pause = result.capture.pause
-    outcome = Outcome(source.kind, source.name, source.archive_source, "ok", result.path,
-                      result.size, consistency=result.consistency, members=summary.members,
-                      data_bytes=summary.data_bytes, mode=result.capture.mode,
-                      pause_seconds=pause.seconds if pause else 0.0)
+    outcome = _good(source, result, result.consistency, summary.members, summary.data_bytes)
     if previous and config.shrink_guard:
         shrunk = _shrunk(summary, result.path, previous, config.shrink_guard, reporter)
         if shrunk:
             outcome.status, outcome.reason = "SUSPICIOUS", shrunk
             reporter.error("%s %s: %s" % (source.kind, source.name, shrunk))
     return _copied_off_host(outcome, config, reporter, started)
+
+
+def _good(source, result, consistency, members, data_bytes=None):
+    """The ``ok`` Outcome of a backup ``result``; the seconds are set when it is done."""
+    pause = result.capture.pause
+    return Outcome(source.kind, source.name, source.archive_source, "ok", result.path,
+                   result.size, consistency=consistency, members=members, data_bytes=data_bytes,
+                   mode=result.capture.mode, pause_seconds=pause.seconds if pause else 0.0)
 
 
 def _copied_off_host(outcome, config, reporter, started):

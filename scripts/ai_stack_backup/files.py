@@ -145,6 +145,28 @@ def _publish_by_link(temp_path, final_path):
         os.rename(temp_path, final_path)
 
 
+def publish_text(path, text):
+    """Publish a small file (0600) the way archives are: a temp file in the same folder,
+    fsync, link to ``path`` (never overwriting), temp removed. Raises ArchiveExists when
+    ``path`` is taken, BackupError otherwise."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        descriptor, temp = tempfile.mkstemp(prefix=WORK_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
+    except OSError as error:
+        raise BackupError("cannot create a file in %s: %s" % (folder, describe_os_error(error)))
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        _publish_by_link(temp, path)
+    except OSError as error:
+        raise BackupError("cannot write %s: %s" % (path, describe_os_error(error)))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
 class AtomicArchive:
     """A temp file in the destination folder that is published under its final name.
 
@@ -207,25 +229,8 @@ class AtomicArchive:
 
     def _publish_checksum(self):
         """Publish ``<archive>.sha256`` (``sha256sum`` format) the way the archive was."""
-        line = "%s  %s\n" % (self.output.digest.hexdigest(), os.path.basename(self.final_path))
-        try:
-            descriptor, temp = tempfile.mkstemp(prefix=WORK_PREFIX, suffix=TEMP_SUFFIX,
-                                                dir=self.folder)
-        except OSError as error:
-            raise BackupError("cannot create a file in %s: %s"
-                              % (self.folder, describe_os_error(error)))
-        try:
-            with os.fdopen(descriptor, "w") as file:
-                file.write(line)
-                file.flush()
-                os.fsync(file.fileno())
-            _publish_by_link(temp, self.final_path + CHECKSUM_SUFFIX)
-        except OSError as error:
-            raise BackupError("cannot write %s%s: %s" % (self.final_path, CHECKSUM_SUFFIX,
-                                                         describe_os_error(error)))
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
+        publish_text(self.final_path + CHECKSUM_SUFFIX, "%s  %s\n" % (
+            self.output.digest.hexdigest(), os.path.basename(self.final_path)))
 
     def close(self):
         self.file.close()

@@ -55,19 +55,9 @@ class Watch:
         self._tell(False, [str(error)], 0, notify.run_failed_message([], 0, error))
 
     def _write_metrics(self, outcomes, kept):
-        if not self.config.metrics_file:
-            return []
-        now = self.clock()
-        names = configured_names(self.config)
-        try:
-            metrics.update(self.config.metrics_file,
-                           lambda samples: metrics.backup_run(samples, outcomes, names, now,
-                                                              kept),
-                           self.reporter)
-        except BackupError as error:
-            self.reporter.error(str(error))
-            return [str(error)]
-        return []
+        now, names = self.clock(), configured_names(self.config)
+        return _update_metrics(self.config, lambda samples: metrics.backup_run(
+            samples, outcomes, names, now, kept), self.reporter)
 
     def _tell(self, good, lines, total, message):
         config = self.config
@@ -110,12 +100,17 @@ def already_notified(config, invocation):
 
 def drill_finished(config, results, reporter, clock=time.time):
     """Record the drills in the metrics file; give the problems that fail the run."""
+    now = clock()
+    return _update_metrics(config, lambda samples: metrics.drill_run(samples, results, now),
+                           reporter)
+
+
+def _update_metrics(config, change, reporter):
+    """Apply ``change`` to METRICS_FILE, if set; give the problems that fail the run."""
     if not config.metrics_file:
         return []
-    now = clock()
     try:
-        metrics.update(config.metrics_file, lambda samples: metrics.drill_run(samples, results,
-                                                                              now), reporter)
+        metrics.update(config.metrics_file, change, reporter)
     except BackupError as error:
         reporter.error(str(error))
         return [str(error)]

@@ -8,8 +8,8 @@ A source (``volume.VolumeSource``, ``hostpath.PathSource``) supplies only what
 differs: ``kind``, ``name``, ``archive_source``, ``check()``,
 ``prepare(reporter)``, ``captured(reporter, work_folder)`` (a context manager
 giving an object whose ``describe()`` says how the copy was made consistent),
-``listed(reporter, work_folder)`` (a context manager giving an
-``unchanged.Listing``, or None where a source cannot be listed) and
+``listed(reporter, work_folder)`` (a context manager giving a
+``transfer.ListedStream``, or None where a source cannot be listed) and
 ``write_tar(output, progress, reporter, work_folder, exclude)``. A restore target
 (``volume.VolumeTarget``, ``hostpath.PathTarget``) supplies ``kind``,
 ``name``, ``description``, ``check(archive_path)``, ``prepare(reporter)``,

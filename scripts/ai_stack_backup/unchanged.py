@@ -24,13 +24,11 @@ import errno
 import hashlib
 import json
 import os
-import tempfile
 import threading
 import time
 
 from .errors import ArchiveExists, BackupError, describe_os_error
-from .files import CHECKSUM_SUFFIX, LISTING_SUFFIX, TEMP_SUFFIX, WORK_PREFIX, file_sha256, \
-    fsync_directory
+from .files import CHECKSUM_SUFFIX, LISTING_SUFFIX, file_sha256, fsync_directory, publish_text
 from .names import archive_name
 from .retention import archives_by_source
 
@@ -116,21 +114,6 @@ def _hash_file(path):
         return None
 
 
-def _publish_small(path, text):
-    """Publish a small file (0600) the way archives are: temp, fsync, link, never overwrite."""
-    folder = os.path.dirname(path)
-    descriptor, temp = tempfile.mkstemp(prefix=WORK_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.link(temp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-
-
 def record(archive_path, listing, members, reporter):
     """Write ``<archive>.listing`` for a newly written archive; a failure is only logged
     (the next backup of the source is then a full one)."""
@@ -143,13 +126,15 @@ def record(archive_path, listing, members, reporter):
     if digest is None:
         return  # without a checksum nothing could later prove the archive unchanged
     try:
-        text = json.dumps({"format": FORMAT, "listing": listing.digest,
-                           "archive": _archive_identity(os.stat(archive_path)),
-                           "sha256": digest, "members": members})
-        _publish_small(archive_path + LISTING_SUFFIX, text + "\n")
-    except OSError as error:
-        reporter.warn("cannot write %s%s: %s; the next backup will not be skipped"
-                      % (archive_path, LISTING_SUFFIX, describe_os_error(error)))
+        identity = _archive_identity(os.stat(archive_path))
+    except OSError:
+        return
+    try:
+        publish_text(archive_path + LISTING_SUFFIX, json.dumps({
+            "format": FORMAT, "listing": listing.digest, "archive": identity,
+            "sha256": digest, "members": members}) + "\n")
+    except BackupError as error:
+        reporter.warn("%s; the next backup will not be skipped" % error)
 
 
 class Linked:
@@ -229,16 +214,17 @@ def link(folder, source, timestamp, unchanged, reporter):
             return None
         raise BackupError("cannot publish %s: %s" % (path, describe_os_error(error)))
     try:
-        _publish_small(path + CHECKSUM_SUFFIX, "%s  %s\n" % (saved["sha256"],
-                                                              os.path.basename(path)))
-        saved = dict(saved, archive=_archive_identity(os.stat(path)))
-        _publish_small(path + LISTING_SUFFIX, json.dumps(saved) + "\n")
+        publish_text(path + CHECKSUM_SUFFIX, "%s  %s\n" % (saved["sha256"],
+                                                           os.path.basename(path)))
+        # The link left the archive's inode, size and mtime as they were: the record holds.
+        publish_text(path + LISTING_SUFFIX, json.dumps(saved) + "\n")
         fsync_directory(folder)
-    except OSError as error:
+    except (BackupError, OSError) as error:  # OSError: the folder's fsync
         for leftover in (path + LISTING_SUFFIX, path + CHECKSUM_SUFFIX, path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
+        cause = describe_os_error(error) if isinstance(error, OSError) else str(error)
         reporter.log("cannot write the files beside %s (%s); backing up %s in full"
-                     % (path, describe_os_error(error), source))
+                     % (path, cause, source))
         return None
     return Linked(path, newest, os.stat(path).st_size, saved["members"])
