@@ -14,7 +14,7 @@ from ai_stack_backup import config, files
 from ai_stack_backup.names import archive_name, parse_archive_name, parse_timestamp, safe_name, \
     utc_timestamp
 from ai_stack_backup import retention
-from ai_stack_backup.backupall import BackupLock
+from ai_stack_backup.backupall import backup_all_lock
 from ai_stack_backup.config import Config
 from ai_stack_backup.errors import ArchiveExists, BackupError, ConfigError, Locked
 from ai_stack_backup.files import AtomicArchive
@@ -100,12 +100,13 @@ def test_only_dead_leftovers_are_removed(tmp_path):
         dead.write_bytes(b"left by a killed run")
         dead_folder = tmp_path / (files.WORK_PREFIX + "transfer-old")
         (dead_folder / "sub").mkdir(parents=True)
-        keep = ["notes.txt", "a__20260118T120000Z.tar.gz", files.LOCK_NAME,
-                files.LOCK_NAME + "-volume-owui-data"]
+        legacy_lock = tmp_path / (files.LOCK_NAME + "-volume-owui-data")  # nobody holds it
+        legacy_lock.write_text("123\n")
+        keep = ["notes.txt", "a__20260118T120000Z.tar.gz", files.LOCK_NAME]
         for name in keep:
             (tmp_path / name).write_text("keep")
         removed = files.remove_stale_work_files(str(tmp_path))
-        assert sorted(removed) == sorted([str(dead), str(dead_folder)])
+        assert sorted(removed) == sorted([str(dead), str(dead_folder), str(legacy_lock)])
         assert sorted(os.listdir(str(tmp_path))) == sorted(keep + [os.path.basename(
             live.temp_path)])
 
@@ -205,20 +206,21 @@ def test_failed_copies_go_after_retention_days_even_when_few(tmp_path):
 
 
 def test_lock_is_exclusive_and_names_the_holder(tmp_path):
-    with BackupLock(str(tmp_path)):
+    with backup_all_lock(str(tmp_path)):
         with pytest.raises(Locked, match="PID %d" % os.getpid()) as raised:
-            with BackupLock(str(tmp_path)):
+            with backup_all_lock(str(tmp_path)):
                 pass
         assert raised.value.exit_code == 75
         result = subprocess.run([sys.executable, os.path.join(SCRIPTS, "backup_all.py")],
-                                env=dict(os.environ, BACKUP_DIR=str(tmp_path)),
+                                env=dict(os.environ, BACKUP_DIR=str(tmp_path),
+                                         VOLUMES="aisb-test-never-created", OUTPUT_ROOT=""),
                                 capture_output=True, timeout=60)
         assert result.returncode == 75
         assert b"(PID %d) holds the lock" % os.getpid() in result.stderr
     with pytest.raises(RuntimeError):
-        with BackupLock(str(tmp_path)):
+        with backup_all_lock(str(tmp_path)):
             raise RuntimeError("a failing run")
-    with BackupLock(str(tmp_path)):  # released on every exit path
+    with backup_all_lock(str(tmp_path)):  # released on every exit path
         descriptor = os.open(str(tmp_path / files.LOCK_NAME), os.O_RDONLY)
         with pytest.raises(BlockingIOError):
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)

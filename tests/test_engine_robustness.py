@@ -13,7 +13,7 @@ import time
 import pytest
 
 import testkit
-from ai_stack_backup import cli, files
+from ai_stack_backup import cli, files, locks
 from conftest import SCRIPTS
 from test_engine_hardening import SLOW_IMAGE, backup_of, gz, small_volume, \
     start_slow_restore, wait_for  # noqa: F401
@@ -105,7 +105,7 @@ def test_one_restore_per_volume_at_a_time(helper_env, small_volume, make_volume,
                                           own_backup_dir, capsys):
     volume, original = small_volume
     archive = backup_of(volume, tmp_path / "archives")
-    lock = os.path.join(str(own_backup_dir), files.LOCK_NAME + "-volume-" + volume)
+    lock = locks.host_lock_path(volume)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, os, sys, time\n"
         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
@@ -122,6 +122,7 @@ def test_one_restore_per_volume_at_a_time(helper_env, small_volume, make_volume,
     finally:
         holder.kill()
         holder.wait()
+        os.unlink(lock)
     assert testkit.volume_state(volume) == original
     assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet"]) == 0
 
@@ -261,8 +262,9 @@ def test_a_drill_restores_into_scratch_and_compares(helper_env, make_volume, tmp
     assert len(out) == 1 and out[0].startswith("DRILL ok %s %s/%s__" % (
         volume, own_backup_dir, volume)), out
     assert drill_volumes() == scratch_before  # the scratch volume is gone, its lock file too
-    assert not [name for name in os.listdir(str(own_backup_dir))
-                if name.startswith(files.LOCK_NAME + "-volume-ai-stack-backup-drill-")]
+    assert not [name for name in os.listdir(locks.host_lock_folder())
+                if name.startswith(locks.HOST_LOCK_PREFIX + "volume-ai-stack-backup-drill-")]
+    assert not [name for name in os.listdir(str(own_backup_dir)) if name.startswith(".")]
     assert testkit.volume_state(volume) == before  # the real volume untouched
     # A newest archive that is damaged fails the drill, naming why; scratch gone again.
     time.sleep(1.1)

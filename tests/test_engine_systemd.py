@@ -217,6 +217,16 @@ def test_the_units_under_a_real_systemd(systemd_host, make_volume, tmp_path):
     told = journal(container, second)
     assert "another backup_all run (PID %s) holds the lock" % show(
         container, service, "MainPID") in told and "Deactivated successfully" in told, told
+    # The unit and a manual restore of the same volume meet at one host-wide lock, through the
+    # unit's sandbox (ReadWritePaths=/run/lock): the restore, by root, gets 75.
+    volume_archive = os.path.join(backups, [name for name in archives if name.startswith(
+        volume)][0])
+    manual = run(container, "sh", "-c", "BACKUP_DIR=%s/manual BACKUP_HELPER_IMAGE=%s python3 "
+                 "%s/scripts/restore_docker_volume.py %s %s --force 2>&1; echo exit=$?"
+                 % (shared, testkit.HELPER_IMAGE, CHECKOUT, volume, volume_archive))
+    assert manual.splitlines()[-1] == "exit=75", manual
+    assert "another backup or restore of volume %s (PID %s) holds the lock /run/lock/" % (
+        volume, show(container, service, "MainPID")) in manual, manual
     run(container, "systemctl", "stop", service)
     wait_until_inactive(container, service)
 
@@ -271,3 +281,26 @@ def test_the_units_under_a_real_systemd(systemd_host, make_volume, tmp_path):
     assert stat.S_IMODE(os.stat(prom).st_mode) == 0o644
     assert re.search(r'^ai_stack_backup_last_run_success\{source="%s"\} 1$' % volume,
                      open(prom).read(), re.M)
+
+    # The other way round: a manual run (root) holds the volume's lock; the unit, under its
+    # sandbox, meets the same file and does not touch the volume.
+    run(container, "systemd-run", "--unit", "aisb-manual-holder", "/usr/bin/python3", "-c",
+        "import fcntl, os, time\n"
+        "fd = os.open('/run/lock/ai-stack-backup-volume-%s.lock', os.O_RDWR | os.O_CREAT, 0o644)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, b'%%d\\n' %% os.getpid())\n"
+        "open('/run/aisb-held', 'w').close()\n"
+        "time.sleep(600)\n" % volume)
+    deadline = time.monotonic() + 60
+    while run(container, "sh", "-c", "test -e /run/aisb-held && echo yes", check=False) != "yes\n":
+        assert time.monotonic() < deadline, "the manual holder never took the lock"
+        time.sleep(0.2)
+    holder = show(container, "aisb-manual-holder.service", "MainPID")
+    run(container, "systemctl", "reset-failed", check=False)
+    time.sleep(1.1)
+    run(container, "systemctl", "start", service, check=False)
+    assert show(container, service, "Result") == "exit-code"
+    told = journal(container, service)
+    assert "another backup or restore of volume %s (PID %s) holds the lock" % (
+        volume, holder) in told, told
+    run(container, "systemctl", "stop", "aisb-manual-holder.service")

@@ -15,12 +15,13 @@ import contextlib
 import os
 import time
 
-from . import offsite, pipeline, retention
+from . import drill, offsite, pipeline, retention
 from .archive import scan_archive, verify_file
 from .errors import ArchiveError, BackupError, DatabaseDamaged, NotFound, describe_os_error
 from .exclusions import NONE
-from .files import LOCK_NAME, SIDECAR_SUFFIXES, Lock, ensure_backup_dir, private_work_folder, \
+from .files import LOCK_NAME, SIDECAR_SUFFIXES, ensure_backup_dir, private_work_folder, \
     remove_stale_work_files
+from .locks import Lock
 from .hostpath import PathSource
 from .names import FAILED_SUFFIX
 from .report import human_size
@@ -43,7 +44,7 @@ def retention_policy(config):
                             config.retention_weekly, config.retention_monthly)
 
 
-def BackupLock(folder):
+def backup_all_lock(folder):
     """backup_all's lock: one run at a time per backup folder (exit 75 for the second)."""
     return Lock(folder, LOCK_NAME, "another backup_all run")
 
@@ -198,9 +199,15 @@ def run_backup_all(config, reporter, dry_run=False, on_start=None):
     Failures of single sources are in the Outcomes, not raised.
     """
     folder = ensure_backup_dir(config.backup_dir, enforce_mode=True)
-    with BackupLock(folder):
+    with backup_all_lock(folder):
         for path in remove_stale_work_files(folder):
             reporter.log("removed %s, left by an earlier run that was killed" % path)
+        if not dry_run:
+            try:
+                drill.remove_abandoned_scratch_volumes(reporter)
+            except BackupError as error:
+                reporter.warn("could not look for scratch volumes left by killed drills: %s"
+                              % error)
         sources = configured_sources(config)
         if dry_run:
             _dry_run(folder, sources, config, reporter)

@@ -152,14 +152,14 @@ def _switch(environ, name, default=False):
 class Config:
     """Everything the operations need to know about their surroundings.
 
-    ``backup_dir`` is absolute (the working folder of a run may change);
-    ``backup_dir_configured`` says whether BACKUP_DIR was set, because a
-    volume restore then keeps its work files and safety backup there rather
-    than next to the archive. The backup_all fields stay None for the other
-    commands.
+    ``backup_dir`` is absolute (the working folder of a run may change); None
+    means BACKUP_DIR was not set: the default then, and ``backup_dir_configured``
+    False, as a command creates no folder it was not given
+    (``pipeline.work_folder_for``). The backup_all fields stay None for the
+    other commands.
     """
 
-    def __init__(self, backup_dir=DEFAULT_BACKUP_DIR, backup_dir_configured=False,
+    def __init__(self, backup_dir=None,
                  helper_image=DEFAULT_HELPER_IMAGE, gzip_level=DEFAULT_GZIP_LEVEL, threads=None,
                  volumes=None, output_root=None, retention_days=None, min_keep=None,
                  stop_containers=False, consistency="live", consistency_by_volume=None,
@@ -167,8 +167,8 @@ class Config:
                  shrink_guard=DEFAULT_SHRINK_GUARD, exclusions=None, metrics_file="",
                  healthcheck_url="", notify_url="", notify_headers=(), invocation_id="",
                  skip_unchanged=False, offsite=None):
-        self.backup_dir = os.path.abspath(backup_dir)
-        self.backup_dir_configured = backup_dir_configured
+        self.backup_dir = os.path.abspath(backup_dir or DEFAULT_BACKUP_DIR)
+        self.backup_dir_configured = bool(backup_dir)
         self.helper_image = helper_image
         self.gzip_level = gzip_level
         self.threads = threads or default_threads()
@@ -206,8 +206,7 @@ class Config:
         (METRICS_FILE, HEALTHCHECK_URL, NOTIFY_URL…) with either flag.
         """
         fields = dict(
-            backup_dir=_setting(environ, "BACKUP_DIR", DEFAULT_BACKUP_DIR),
-            backup_dir_configured=bool(_setting(environ, "BACKUP_DIR")),
+            backup_dir=_setting(environ, "BACKUP_DIR") or None,
             offsite=Settings(identity=_setting(environ, "OFFSITE_IDENTITY")),
             helper_image=_setting(environ, "BACKUP_HELPER_IMAGE", DEFAULT_HELPER_IMAGE),
             gzip_level=_whole_number(environ, "BACKUP_GZIP_LEVEL", DEFAULT_GZIP_LEVEL, 1, 9),

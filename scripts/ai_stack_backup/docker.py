@@ -102,8 +102,24 @@ def volume_exists(volume):
     return any(entry.get("Name") == volume for entry in _json_lines(listing))
 
 
-def create_volume(volume):
-    run_docker(["volume", "create", volume], "cannot create volume %s" % volume)
+def create_volume(volume, labels=None):
+    """Create ``volume`` with ``labels`` ({key: value})."""
+    arguments = ["volume", "create"]
+    for key, value in sorted((labels or {}).items()):
+        arguments += ["--label", "%s=%s" % (key, value)]
+    run_docker(arguments + [volume], "cannot create volume %s" % volume)
+
+
+def volumes_labelled(key):
+    """Give ``{name: value of label key}`` of the volumes that carry the label ``key``."""
+    listing = run_docker(["volume", "ls", "--filter", "label=" + key, "--format", "{{json .}}"],
+                         "cannot list Docker volumes")
+    found = {}
+    for entry in _json_lines(listing):
+        labels = dict(pair.partition("=")[::2] for pair in entry.get("Labels", "").split(",")
+                      if pair)
+        found[entry.get("Name", "")] = labels.get(key, "")
+    return found
 
 
 def remove_volume(volume):

@@ -3,9 +3,13 @@
 newest archive → restore (all of restore's checks) into a fresh scratch volume → read the
 scratch volume back → compare both trees member by member (and check its databases) →
 scratch volume removed, whatever happened. The real volume is never touched.
+
+A scratch volume is a full copy of an app's data. It carries the label
+OWNER_LABEL (the drill's PID) and its host-wide volume lock is held for the
+whole drill, so a drill killed outright leaves a volume whose lock is free:
+every drill and every backup_all removes such volumes (and says so).
 """
 
-import contextlib
 import hashlib
 import os
 import secrets
@@ -15,12 +19,14 @@ from . import docker, pipeline, transfer
 from .archive import ArchiveInput
 from .databases import DatabaseCheck
 from .errors import ArchiveError, BackupError
-from .files import private_work_folder, volume_lock
+from .errors import Locked
+from .locks import volume_lock
 from .retention import archives_by_source
 from .tarstream import FILE, HARDLINK, ArchiveRules, TarReader
 from .volume import VolumeTarget
 
 SCRATCH_PREFIX = "ai-stack-backup-drill-"
+OWNER_LABEL = "ai-stack-backup.drill-pid"
 
 
 class DrillResult:
@@ -117,11 +123,33 @@ def _difference(expected, found):
     return "the restored tree differs: " + "; ".join(words)
 
 
+def remove_abandoned_scratch_volumes(reporter):
+    """Remove the scratch volumes of drills that are gone (their lock is free); say so."""
+    for name, pid in sorted(docker.volumes_labelled(OWNER_LABEL).items()):
+        if not name.startswith(SCRATCH_PREFIX):
+            continue
+        try:
+            with volume_lock(name):
+                docker.remove_volume(name)
+        except Locked:
+            continue  # its drill is running
+        except BackupError as error:
+            reporter.warn("the scratch volume %s of a drill that is gone (PID %s) could not be "
+                          "removed: %s" % (name, pid or "unknown", error))
+            continue
+        reporter.log("removed the scratch volume %s, left by a drill that was killed (PID %s)"
+                     % (name, pid or "unknown"))
+
+
 def drill(volume, config, reporter):
     """Restore the newest archive of ``volume`` into a scratch volume and compare; a DrillResult.
 
     Never raises BackupError: a failure is the result's ``problem``.
     """
+    try:
+        remove_abandoned_scratch_volumes(reporter)
+    except BackupError as error:
+        reporter.warn("could not look for scratch volumes left by killed drills: %s" % error)
     archive = newest_archive(config.backup_dir, volume) if os.path.isdir(config.backup_dir) \
         else None
     if archive is None:
@@ -130,11 +158,28 @@ def drill(volume, config, reporter):
     quiet = reporter.silent()
     started = time.monotonic()
     try:
-        pipeline.restore(VolumeTarget(scratch, config, safety_copy=False), archive, config,
-                         _Muted(quiet))
+        with volume_lock(scratch):
+            try:
+                return _drill_into(scratch, volume, archive, config, quiet, started)
+            finally:
+                try:
+                    if docker.volume_exists(scratch):
+                        docker.remove_volume(scratch)
+                except BackupError as error:
+                    reporter.error("the drill volume %s could not be removed: %s; remove it "
+                                   "with: docker volume rm %s" % (scratch, error, scratch))
+    except BackupError as error:  # the scratch volume's lock
+        return DrillResult(volume, archive, problem=str(error))
+
+
+def _drill_into(scratch, volume, archive, config, quiet, started):
+    try:
+        pipeline.restore(VolumeTarget(scratch, config, safety_copy=False,
+                                      labels={OWNER_LABEL: str(os.getpid())}, lock_held=True),
+                         archive, config, _Muted(quiet))
         seconds = time.monotonic() - started
         expected = _archive_manifest(archive)
-        work_folder = private_work_folder(config.backup_dir, quiet)
+        work_folder = pipeline.work_folder_for(config, quiet)
         with DatabaseCheck(work_folder) as databases:
             found = _volume_manifest(config.helper_image, scratch, work_folder, databases,
                                      quiet)
@@ -143,16 +188,6 @@ def drill(volume, config, reporter):
         return DrillResult(volume, archive, len(expected), seconds, problem)
     except (BackupError, ArchiveError) as error:
         return DrillResult(volume, archive, problem=str(error))
-    finally:
-        try:
-            if docker.volume_exists(scratch):
-                docker.remove_volume(scratch)
-        except BackupError as error:
-            reporter.error("the drill volume %s could not be removed: %s; remove it with: "
-                           "docker volume rm %s" % (scratch, error, scratch))
-        # Nobody else ever uses this random name: its lock file can go without a race.
-        with contextlib.suppress(OSError, StopIteration):
-            os.unlink(volume_lock(scratch, (config.backup_dir,)).path)
 
 
 class _Muted:

@@ -16,11 +16,14 @@ import shutil
 import stat
 import tempfile
 
-from .errors import ArchiveExists, BackupError, Locked, describe_os_error
+from .errors import ArchiveExists, BackupError, describe_os_error
+from .locks import remove_unheld
 
 WORK_PREFIX = ".ai_stack_backup-"
 TEMP_SUFFIX = ".part"  # never ".tar.gz": a temp file must not look like an archive
-LOCK_NAME = WORK_PREFIX + "lock"
+LOCK_NAME = WORK_PREFIX + "lock"  # backup_all's (``locks``)
+# Per-volume locks of versions before the host-wide ones (``locks.volume_lock``).
+LEGACY_VOLUME_LOCK_PREFIX = LOCK_NAME + "-volume-"
 FOLDER_MODE = 0o700
 READ_SIZE = 1 << 20
 
@@ -70,18 +73,29 @@ def is_private(path):
         current = parent
 
 
-def private_work_folder(backup_dir, reporter):
+def _usable(folder):
+    """Say whether this user may keep work files in ``folder``: private, and writable."""
+    return is_private(folder) and os.access(folder, os.W_OK | os.X_OK)
+
+
+def private_work_folder(backup_dir, reporter, create=True):
     """Give a folder for work files (transfer folders, safety copies, spooled stdin).
 
     The docker daemon bind-mounts work folders by path, so nobody else may be
-    able to swap one for a symlink: BACKUP_DIR when it is private to this
-    user, else ``~/.cache/ai-stack-backup`` (0700); the log says which.
+    able to swap one for a symlink: ``backup_dir`` when it is private to this
+    user and writable, else ``~/.cache/ai-stack-backup`` (0700); the log says
+    which. ``backup_dir`` is created only with ``create`` (the command was
+    given it); a folder a command was not given is used only if it exists.
     """
     try:
-        folder = ensure_backup_dir(backup_dir)
-        if is_private(folder):
-            return folder
-        reason = "can be changed by other users"
+        if create:
+            ensure_backup_dir(backup_dir)
+        if not os.path.isdir(backup_dir):
+            reason = "does not exist"
+        elif _usable(backup_dir):
+            return backup_dir
+        else:
+            reason = "can be changed by other users, or not by this one"
     except BackupError as error:
         reason = "cannot be used (%s)" % error
     own = os.path.join(os.path.expanduser("~"), ".cache", "ai-stack-backup")
@@ -238,77 +252,22 @@ class AtomicArchive:
             os.unlink(self.temp_path)
 
 
-class Lock:
-    """An exclusive flock on ``<folder>/<name>`` that holds the owner's PID.
-
-    Raises Locked (exit 75) naming ``holder_words`` and the holder's PID when
-    another process has it. The file stays; only the flock matters, and it
-    goes with the process, however that ends.
-    """
-
-    def __init__(self, folder, name, holder_words):
-        self.path = os.path.join(folder, name)
-        self.holder_words = holder_words
-        self.descriptor = None
-
-    def __enter__(self):
-        flags = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
-        try:
-            try:
-                descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | flags, 0o644)
-                # Readable by all: root's restore and the service user's timer share it.
-                if os.fstat(descriptor).st_uid == os.geteuid():
-                    os.fchmod(descriptor, 0o644)
-            except PermissionError:  # another user's lock file: a flock needs no write access
-                descriptor = os.open(self.path, os.O_RDONLY | flags)
-        except OSError as error:
-            raise BackupError("cannot open the lock %s: %s" % (self.path, describe_os_error(error)))
-        try:
-            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-                raise BackupError("the lock %s is not a regular file" % self.path)
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(descriptor, 64).decode("ascii", "replace").strip() or "unknown"
-            os.close(descriptor)
-            raise Locked("%s (PID %s) holds the lock %s; not starting"
-                         % (self.holder_words, holder, self.path))
-        except BaseException:
-            os.close(descriptor)
-            raise
-        with contextlib.suppress(OSError):  # read-only: the holder's PID stays unknown
-            os.ftruncate(descriptor, 0)
-            os.write(descriptor, b"%d\n" % os.getpid())
-        self.descriptor = descriptor
-        return self
-
-    def __exit__(self, *exc_info):
-        with contextlib.suppress(OSError):
-            os.ftruncate(self.descriptor, 0)
-        os.close(self.descriptor)  # closing releases the flock
-
-
-def volume_lock(volume, folders):
-    """The lock for one volume's backups and restores, in the first of ``folders`` that exists.
-
-    The backup folder comes first, so the timer and an operator's restore
-    meet at the same lock file.
-    """
-    folder = next(folder for folder in folders if folder and os.path.isdir(folder))
-    return Lock(folder, "%s-volume-%s" % (LOCK_NAME, volume),
-                "another backup or restore of volume %s" % volume)
-
-
 def remove_stale_work_files(folder):
     """Remove what killed runs left in ``folder``; give the removed paths.
 
-    Only entries named ``.ai_stack_backup-*`` (temp archives, transfer folders)
-    that no live process holds a lock on are removed. Lock files stay.
+    Only entries named ``.ai_stack_backup-*`` (temp archives, transfer folders,
+    the per-volume lock files of earlier versions) that no live process holds
+    a lock on are removed. backup_all's own lock stays.
     """
     removed = []
     for name in sorted(os.listdir(folder)):
-        if not name.startswith(WORK_PREFIX) or name.startswith(LOCK_NAME):
+        if not name.startswith(WORK_PREFIX) or name == LOCK_NAME:
             continue
         path = os.path.join(folder, name)
+        if name.startswith(LOCK_NAME):
+            if name.startswith(LEGACY_VOLUME_LOCK_PREFIX) and remove_unheld(path):
+                removed.append(path)
+            continue
         try:
             descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:

@@ -191,6 +191,7 @@ class TreeWriter:
 class _LiveCopy:
     mode = "live"
     pause = None
+    snapshots = {}  # a path's databases are copied as they are
 
     def describe(self):
         return "consistency live"

@@ -7,15 +7,27 @@ survives a failed run, and backup_all and drill_restore each replace only
 their own samples, under a lock (``<file>.lock``), so neither loses the
 other's. The temp file never ends in ``.prom``, so the collector never reads
 a half-written one.
+
+The metrics folder belongs to others too (node_exporter's account may write
+it), so every name in it is opened through a descriptor of the folder
+without following symlinks: a planted symlink is never read through (it is
+replaced by our file) and never written through. The lock is 0600 and ours,
+so no other user can hold it; and it is waited for a few seconds at most: a
+run whose metrics lock is busy skips the update with a warning and goes on.
+Nothing read from the file ever reaches a log.
 """
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
-import tempfile
+import secrets
+import stat
+import time
 
 from .errors import BackupError, describe_os_error
+from .locks import LockRefused, open_lock_file
 
 PREFIX = "ai_stack_backup_"
 # name (without PREFIX), type, help; written in this order.
@@ -44,6 +56,9 @@ NAMES = tuple(PREFIX + name for name, _, _ in FAMILIES)
 DRILL_FAMILIES = tuple(name for name in NAMES if name.startswith(PREFIX + "drill_"))
 BACKUP_FAMILIES = tuple(name for name in NAMES if name not in DRILL_FAMILIES)
 FILE_MODE = 0o644  # node_exporter runs as another user; the figures hold no secrets
+LOCK_MODE = 0o600  # nobody else may hold it
+LOCK_WAIT = 5.0  # seconds; then this run's update is skipped, never the run stopped
+READ_LIMIT = 1 << 20  # our own file is a few kB
 
 _SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)')
 _LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"\s*(?:,|$)')
@@ -63,7 +78,7 @@ def _labels(text):
     while position < len(text):
         match = _LABEL.match(text, position)
         if not match:
-            raise ValueError("bad labels: %r" % text)
+            raise ValueError("bad labels")
         labels.append((match.group(1), _unescape(match.group(2))))
         position = match.end()
     return tuple(labels)
@@ -72,19 +87,22 @@ def _labels(text):
 def parse(text):
     """Give ``{name: {labels: value}}`` of a file in our format (labels: tuple of pairs).
 
-    Comments and families not ours are dropped; raises ValueError on a line
-    that is no sample.
+    Comments and families not ours are dropped; raises ValueError naming the
+    number of a line that is no sample (never its text: the file may not be ours).
     """
     samples = {}
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
         match = _SAMPLE.fullmatch(line.strip())
-        if not match:
-            raise ValueError("not a sample: %r" % line)
-        name, labels, value = match.groups()
-        if name in NAMES:
-            samples.setdefault(name, {})[_labels(labels or "")] = float(value)
+        try:
+            if not match:
+                raise ValueError()
+            name, labels, value = match.groups()
+            if name in NAMES:
+                samples.setdefault(name, {})[_labels(labels or "")] = float(value)
+        except ValueError:
+            raise ValueError("line %d is not a sample" % number) from None
     return samples
 
 
@@ -110,46 +128,113 @@ def source_labels(source, **extra):
     return (("source", source),) + tuple(sorted(extra.items()))
 
 
-@contextlib.contextmanager
-def _locked(path):
-    with open(path + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+def _take_lock(folder, name, path, reporter):
+    """Give a descriptor holding the lock ``name`` in the folder ``folder`` (a descriptor),
+    or None (with a warning) when it is not ours or stays busy for LOCK_WAIT seconds."""
+    try:
+        descriptor = open_lock_file(name, LOCK_MODE, dir_fd=folder)
+    except LockRefused as error:
+        reporter.warn("%s; the metrics file %s is not updated this run" % (error, path))
+        return None
+    try:
+        owner = os.fstat(descriptor).st_uid
+        if owner != os.geteuid():
+            reporter.warn("the metrics lock %s.lock belongs to user %d, not this one; the "
+                          "metrics file is not updated this run" % (path, owner))
+            os.close(descriptor)
+            return None
+        os.fchmod(descriptor, LOCK_MODE)  # one left 0644 by an earlier version
+        give_up = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return descriptor
+            except BlockingIOError:
+                if time.monotonic() >= give_up:
+                    break
+                time.sleep(0.1)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    os.close(descriptor)
+    reporter.warn("the metrics lock %s.lock stayed busy for %g s; the metrics file is not "
+                  "updated this run" % (path, LOCK_WAIT))
+    return None
+
+
+def _read(folder, name, path, reporter):
+    """Give the samples of our file ``name`` in ``folder`` ({} when there is none to read)."""
+    try:
+        descriptor = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                             dir_fd=folder)
+    except FileNotFoundError:
+        return {}
+    except OSError as error:
+        cause = "it is a symbolic link" if error.errno == errno.ELOOP \
+            else describe_os_error(error)
+        reporter.warn("metrics file %s not read (%s); starting it afresh" % (path, cause))
+        return {}
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            reporter.warn("metrics file %s not read (not a regular file); starting it afresh"
+                          % path)
+            return {}
+        data = os.read(descriptor, READ_LIMIT + 1)
+    finally:
+        os.close(descriptor)
+    try:
+        if len(data) > READ_LIMIT:
+            raise ValueError("larger than %d bytes" % READ_LIMIT)
+        return parse(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        cause = "not UTF-8" if isinstance(error, UnicodeDecodeError) else str(error)
+        reporter.warn("metrics file %s could not be read (%s); starting it afresh"
+                      % (path, cause))
+        return {}
+
+
+def _write(folder, name, text):
+    """Replace ``name`` in ``folder`` by a new file holding ``text`` (FILE_MODE), atomically."""
+    temp = ".%s.%s.tmp" % (name, secrets.token_hex(6))
+    descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                         os.O_CLOEXEC, 0o600, dir_fd=folder)
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fchmod(file.fileno(), FILE_MODE)
+            os.fsync(file.fileno())
+        os.replace(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
+        temp = None
+    finally:
+        if temp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp, dir_fd=folder)
 
 
 def update(path, change, reporter):
     """Apply ``change(samples)`` to the metrics file at ``path`` and write it atomically.
 
-    A file that cannot be parsed is started afresh (and the log says so).
-    Raises BackupError when the file cannot be written.
+    A file that cannot be parsed is started afresh (and the log says so); a
+    lock that stays busy skips the update (and the log says so). Raises
+    BackupError when the file cannot be written.
     """
-    folder = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
     try:
-        with _locked(path):
-            samples = {}
+        folder = os.open(os.path.dirname(os.path.abspath(path)),
+                         os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            lock = _take_lock(folder, name + ".lock", path, reporter)
+            if lock is None:
+                return
             try:
-                with open(path) as file:
-                    samples = parse(file.read())
-            except FileNotFoundError:
-                pass
-            except (ValueError, UnicodeDecodeError) as error:
-                reporter.warn("metrics file %s could not be read (%s); starting it afresh"
-                              % (path, error))
-            change(samples)
-            descriptor, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
-                                                suffix=".tmp", dir=folder)
-            try:
-                with os.fdopen(descriptor, "w") as file:
-                    file.write(render(samples))
-                    file.flush()
-                    os.fchmod(file.fileno(), FILE_MODE)
-                    os.fsync(file.fileno())
-                os.replace(temp, path)
-                temp = None
+                samples = _read(folder, name, path, reporter)
+                change(samples)
+                _write(folder, name, render(samples))
             finally:
-                if temp is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(temp)
+                os.close(lock)
+        finally:
+            os.close(folder)
     except OSError as error:
         raise BackupError("cannot write the metrics file %s: %s"
                           % (path, describe_os_error(error)))

@@ -8,6 +8,10 @@
   that cannot be sent is logged and never changes a run's result.
 - URLs carry secrets (tokens in the path or query, credentials): only
   ``mask(url)`` ever reaches a log line or an error message.
+- Every send has a total deadline, retries included (urllib's own timeout is
+  per socket read: an endpoint answering a byte every few seconds would hold
+  it for ever). A request still running at the deadline is left to its
+  daemon thread and given up on.
 
 systemd starts the OnFailure= unit with the failed unit's outcome in
 ``MONITOR_*`` variables (systemd 251 and later); the command line reads them
@@ -16,6 +20,7 @@ and hands them here as a ``Failure``.
 
 import re
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -23,7 +28,9 @@ import urllib.request
 
 from .errors import BackupError, ConfigError
 
-SEND_TIMEOUT = 10
+SEND_TIMEOUT = 10  # one attempt, connect to the last byte of the answer
+SEND_DEADLINE = 20  # all attempts of a message together
+PING_DEADLINE = 10  # all attempts of a ping: a backup waits for its /start ping at most this
 ATTEMPTS = 3
 RETRY_DELAY = 1.0  # seconds before the second attempt, doubled before each further one
 BODY_LIMIT = 10000  # healthchecks.io keeps the first 10 kB of a ping's body
@@ -72,14 +79,33 @@ def parse_headers(text):
     return headers
 
 
-def _post(url, body, headers=()):
-    """POST ``body`` (text) to ``url`` once; raises OSError or urllib's errors."""
+def _post(url, body, headers=(), seconds=SEND_TIMEOUT):
+    """POST ``body`` (text) to ``url`` once, answer and all within ``seconds``; raises
+    OSError (TimeoutError at the deadline) or urllib's errors."""
+    outcome = []
+
+    def post():
+        try:
+            _post_once(url, body, headers, seconds)
+            outcome.append(None)
+        except BaseException as error:  # handed to the caller's thread
+            outcome.append(error)
+    thread = threading.Thread(target=post, name="notify", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise TimeoutError("no complete answer within %g s" % seconds)
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def _post_once(url, body, headers, seconds):
     request = urllib.request.Request(url, data=body.encode("utf-8", "replace")[:BODY_LIMIT],
                                      method="POST")
     request.add_header("Content-Type", "text/plain; charset=utf-8")
     for name, value in headers:
         request.add_header(name, value)
-    with urllib.request.urlopen(request, timeout=SEND_TIMEOUT) as response:
+    with urllib.request.urlopen(request, timeout=seconds) as response:
         response.read()
 
 
@@ -90,27 +116,32 @@ def _cause(error):
     return str(reason) if not isinstance(reason, OSError) else (reason.strerror or str(reason))
 
 
-def send(url, body, headers=(), attempts=ATTEMPTS):
-    """POST ``body`` to ``url``, retrying; raises BackupError naming the masked URL and cause."""
+def send(url, body, headers=(), attempts=ATTEMPTS, deadline=SEND_DEADLINE):
+    """POST ``body`` to ``url``, retrying, for ``deadline`` seconds at most in all; raises
+    BackupError naming the masked URL and the cause."""
+    end = time.monotonic() + deadline
     delay = RETRY_DELAY
-    for attempt in range(1, attempts + 1):
+    tried = 0
+    while True:
+        tried += 1
         try:
-            _post(url, body, headers)
+            _post(url, body, headers, min(SEND_TIMEOUT, max(0.1, end - time.monotonic())))
             return
         except (urllib.error.URLError, OSError, ValueError) as error:
-            if attempt == attempts:
+            if tried == attempts or time.monotonic() + delay >= end:
                 raise BackupError("could not send to %s after %d attempt%s: %s"
-                                  % (mask(url), attempts, "" if attempts == 1 else "s",
+                                  % (mask(url), tried, "" if tried == 1 else "s",
                                      _cause(error)))
         time.sleep(delay)
         delay *= 2
 
 
 def ping(url, event, body, reporter):
-    """Ping a health check: ``event`` is start, success or fail. Failures are only logged."""
+    """Ping a health check: ``event`` is start, success or fail. Failures are only logged;
+    a ping takes PING_DEADLINE seconds at most."""
     target = url.rstrip("/") + {"start": "/start", "success": "", "fail": "/fail"}[event]
     try:
-        send(target, body)
+        send(target, body, deadline=PING_DEADLINE)
     except BackupError as error:
         reporter.warn("health-check ping (%s) not sent: %s" % (event, error))
 

@@ -4,10 +4,14 @@ verified archive → encrypt (age | gpg) into a private folder → .sha256 of th
 ``sh -c "$OFFSITE_COMMAND" offsite FILE SOURCE`` for the file, then for its .sha256 → remove
 
 Besides ``docker``, the only module that starts processes: the operator's
-command and the encryption tool, each in a session of its own (a timeout
-kills the whole group), stdin closed. Nothing secret reaches a log: the
-command is shown by its name only, its error output with URL credentials
-masked, and recipients and identities never.
+command and the encryption tool, each in a session of its own, stdin closed,
+error output into an unnamed file (not a pipe: a child that outlives the
+command would hold a pipe open and keep the run waiting). At the deadline
+every process the command started is ended: its process group, its session,
+its descendants, and those that left all three (we are their subreaper, so
+they become our children). Nothing secret reaches a log: the command is shown
+by its executable's plain name only (never ``VAR=value`` words), its error
+output with ``mask_secrets``, and recipients and identities never.
 """
 
 import contextlib
@@ -27,8 +31,23 @@ from .files import CHECKSUM_SUFFIX, WORK_PREFIX, file_sha256
 DEFAULT_TIMEOUT = 3600
 TOOLS = {"age": ("age", ".age"), "gpg": ("gnupg", ".gpg")}  # tool: (Debian package, suffix)
 ERROR_TAIL = 3
-_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
-_ASSIGNMENTS = re.compile(r"(?i)\b(password|passwd|pass|secret|token|key)=\S+")
+_SECRET_WORD = r"[A-Za-z0-9_.-]*(?:passw(?:or)?d|pass|secret|token|key|credential|auth)" \
+               r"[A-Za-z0-9_.-]*"
+_MASKS = (
+    # URL userinfo: scheme://user:password@host
+    (re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@"), r"\1***@"),
+    # URL query strings: ?token=…&sig=…
+    (re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#]*)\?[^\s#]*"), r"\1?***"),
+    # Authorization: Bearer value
+    (re.compile(r"(?i)\b(bearer|basic)\s+(?!\*\*\*)[A-Za-z0-9._~+/=-]+"), r"\1 ***"),
+    # NAME=value, AWS_SECRET_ACCESS_KEY=…, x-api-key: value, "token": "value"
+    (re.compile(r"(?i)(%s\"?\s*[=:]\s*)(?!\*\*\*)(\"[^\"]*\"|'[^']*'|[^\s,;&]+)" % _SECRET_WORD),
+     r"\1***"),
+    # --password value, -token value
+    (re.compile(r"(?i)((?:^|\s)--?%s\s+)(?!\*\*\*)\S+" % _SECRET_WORD), r"\1***"),
+)
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._+-]{1,40}")
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 
 
 class OffsiteFailed(BackupError):
@@ -36,8 +55,12 @@ class OffsiteFailed(BackupError):
 
 
 def mask_secrets(text):
-    """Give ``text`` with URL credentials and ``password=…``-like values masked."""
-    return _ASSIGNMENTS.sub(r"\1=***", _CREDENTIALS.sub(r"\1***@", text))
+    """Give ``text`` with what may be secret masked: URL credentials and query strings,
+    ``…KEY=``/``…_TOKEN=``/``…SECRET…=``/``password=`` values (and ``: `` forms), values after
+    ``--password``-like flags, and bearer tokens."""
+    for pattern, replacement in _MASKS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 class Settings:
@@ -50,12 +73,18 @@ class Settings:
 
     @property
     def name(self):
-        """The command's name, all that logs ever show of it."""
+        """The command's name, all that logs ever show of it: the executable's base name
+        after any ``VAR=value`` words (and ``env``), if it is a plain word; else
+        ``OFFSITE_COMMAND``."""
         try:
             words = shlex.split(self.command)
         except ValueError:
             words = self.command.split()
-        return os.path.basename(words[0]) if words else "OFFSITE_COMMAND"
+        words = [word for word in words if not _ASSIGNMENT.match(word)]
+        while words and words[0] in ("env", "exec", "command"):
+            words = [word for word in words[1:] if not word.startswith("-")]
+        name = os.path.basename(words[0]) if words else ""
+        return name if _PLAIN_NAME.fullmatch(name) else "OFFSITE_COMMAND"
 
     def describe(self):
         return "encrypted with %s" % self.tool if self.tool else "unencrypted"
@@ -73,26 +102,86 @@ def parse_encrypt(text):
     return tool, recipients
 
 
-def _run(command, what, deadline):
+def _run(command, what, deadline, work_folder):
     """Run ``command`` (a list) until ``deadline`` (monotonic); raise OffsiteFailed naming
     ``what``, with the masked tail of its error output, unless it exits 0."""
-    try:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, start_new_session=True)
-    except OSError as error:
-        raise OffsiteFailed("%s could not start: %s" % (what, error.strerror))
-    try:
-        _, stderr = process.communicate(timeout=max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        _kill_group(process)
-        raise OffsiteFailed("%s did not finish in time (OFFSITE_TIMEOUT); stopped it" % what)
-    except BaseException:
-        _kill_group(process)
-        raise
-    if process.returncode != 0:
-        lines = stderr.decode("utf-8", "replace").strip().splitlines()[-ERROR_TAIL:]
-        raise OffsiteFailed("%s exited with %d: %s" % (
-            what, process.returncode, mask_secrets(" / ".join(lines)) or "no error output"))
+    _become_subreaper()
+    before = _children(_process_table())
+    with tempfile.TemporaryFile(dir=work_folder) as errors:
+        try:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=errors,
+                                       start_new_session=True)
+        except OSError as error:
+            raise OffsiteFailed("%s could not start: %s" % (what, error.strerror))
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _end_everything(process, before)
+            raise OffsiteFailed("%s did not finish in time (OFFSITE_TIMEOUT); stopped it and "
+                                "every process it started" % what)
+        except BaseException:
+            _end_everything(process, before)
+            raise
+        if process.returncode != 0:
+            errors.seek(max(0, errors.seek(0, os.SEEK_END) - 8192))
+            lines = errors.read().decode("utf-8", "replace").strip().splitlines()[-ERROR_TAIL:]
+            raise OffsiteFailed("%s exited with %d: %s" % (
+                what, process.returncode, mask_secrets(" / ".join(lines)) or "no error output"))
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper():
+    """Make orphaned descendants our children instead of init's, so that a process that left
+    the command's group and session can still be found and ended (best effort)."""
+    with contextlib.suppress(Exception):
+        import ctypes  # here only: no other command needs it
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _process_table():
+    """Give ``{pid: (ppid, process group, session)}`` of the processes we can see."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open("/proc/%s/stat" % name, "rb") as file:
+                fields = file.read().rsplit(b")", 1)[1].split()
+            if fields[0] != b"Z":
+                table[int(name)] = (int(fields[1]), int(fields[2]), int(fields[3]))
+    return table
+
+
+def _children(table):
+    return {pid for pid, (parent, _, _) in table.items() if parent == os.getpid()}
+
+
+def _end_everything(process, before):
+    """Kill ``process`` and all it started: its group, its session, its descendants and our
+    new children (orphans it left, which came to us as subreaper); then reap them."""
+    for _ in range(5):  # a dying parent may hand on a child between two looks
+        table = _process_table()
+        doomed = {pid for pid, (_, group, session) in table.items()
+                  if process.pid in (group, session)}
+        roots = {process.pid} | (_children(table) - before)
+        while roots:
+            doomed |= roots
+            roots = {pid for pid, (parent, _, _) in table.items()
+                     if parent in roots and pid not in doomed}
+        doomed &= set(table)
+        if not doomed:
+            break
+        for pid in doomed:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        process.wait()
+        for pid in doomed - {process.pid}:
+            with contextlib.suppress(OSError):  # not our child: its own parent reaps it
+                os.waitpid(pid, os.WNOHANG)  # never block: a zombie left here is harmless
+    process.wait()
 
 
 def _kill_group(process):
@@ -147,7 +236,8 @@ def send(archive, source, settings, work_folder):
             folder = stack.enter_context(_private_folder(work_folder))
             sent = os.path.join(folder, os.path.basename(archive) + TOOLS[settings.tool][1])
             _run(_encrypt_command(settings, archive, sent),
-                 "encrypting %s with %s" % (os.path.basename(archive), settings.tool), deadline)
+                 "encrypting %s with %s" % (os.path.basename(archive), settings.tool), deadline,
+                 folder)
             with open(sent + CHECKSUM_SUFFIX, "w") as file:
                 file.write("%s  %s\n" % (file_sha256(sent), os.path.basename(sent)))
         else:
@@ -156,7 +246,8 @@ def send(archive, source, settings, work_folder):
                           else [])
         for path in files:
             _run(["sh", "-c", settings.command, "offsite", path, source],
-                 "the copy command %s (for %s)" % (name, os.path.basename(path)), deadline)
+                 "the copy command %s (for %s)" % (name, os.path.basename(path)), deadline,
+                 work_folder)
     return "%s sent by %s (%s)" % (" and ".join(os.path.basename(path) for path in files), name,
                                    settings.describe())
 

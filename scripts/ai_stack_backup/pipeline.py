@@ -89,6 +89,17 @@ def write_archive(source, folder, config, reporter, work_folder, timestamp=None,
     return BackupResult(source.archive_source, path, size, members, time.monotonic() - started)
 
 
+def work_folder_for(config, reporter, given=None):
+    """The private work folder of a command (``files.private_work_folder``): BACKUP_DIR when
+    it was set (created if missing: it was given), else the folder the command writes to
+    (``given``, a backup's destination), else the default backup folder if it exists. No
+    folder the command was not given is ever created."""
+    if config.backup_dir_configured or given is None:
+        return private_work_folder(config.backup_dir, reporter,
+                                   create=config.backup_dir_configured)
+    return private_work_folder(given, reporter, create=False)
+
+
 def _copy_saver(config, reporter, work_folder):
     """Give ``save_copy(source)``: a quiet ``write_archive`` of a target's safety copy.
 
@@ -124,7 +135,7 @@ def backup(source, destination, config, reporter, stdout=None, skip_unchanged=Fa
         folder = ensure_backup_dir(destination)
         timestamp = utc_timestamp()
         path = os.path.join(folder, archive_name(source.archive_source, timestamp))
-    work_folder = private_work_folder(config.backup_dir, reporter) \
+    work_folder = work_folder_for(config, reporter, None if to_stdout else folder) \
         if source.uses_work_folder else None
     reporter.status("Backing up %s: %s" % (source.kind, source.name))
     reporter.status("Output: %s" % path)
@@ -141,8 +152,9 @@ def backup(source, destination, config, reporter, stdout=None, skip_unchanged=Fa
             result = BackupResult(source.archive_source, "-", None, members,
                                   time.monotonic() - started)
         elif skip_unchanged:
+            made_by = unchanged.recipe(source.exclusions, capture)
             result = _write_unless_unchanged(source, folder, config, reporter, work_folder,
-                                             timestamp)
+                                             timestamp, made_by)
         else:
             result = write_archive(source, folder, config, reporter, work_folder, timestamp)
     result.consistency = capture.describe()
@@ -155,14 +167,16 @@ class _Unchanged(Exception):
     """The archive being written is not needed: the source is unchanged."""
 
 
-def _write_unless_unchanged(source, folder, config, reporter, work_folder, timestamp):
-    """Back up ``source`` while its listing is held against its newest archive's; if nothing
-    changed, the backup is cut short and the new name linked to that archive instead."""
+def _write_unless_unchanged(source, folder, config, reporter, work_folder, timestamp,
+                            made_by):
+    """Back up ``source`` while its listing and ``made_by`` (``unchanged.recipe``) are held
+    against its newest archive's record; if nothing changed, the backup is cut short and the
+    new name linked to that archive instead."""
     started = time.monotonic()
     with source.listed(reporter, work_folder) as listed:
         if listed is None:  # a source that cannot be listed
             return write_archive(source, folder, config, reporter, work_folder, timestamp)
-        decision = unchanged.Decision(folder, source.archive_source, listed)
+        decision = unchanged.Decision(folder, source.archive_source, listed, made_by)
         decision.start()
 
         def unless_unchanged():  # a small volume's tar may be done before the decision
@@ -187,7 +201,7 @@ def _write_unless_unchanged(source, folder, config, reporter, work_folder, times
     if result is None and decision.unchanged is None:  # stopped, but the old archive is bad
         return write_archive(source, folder, config, reporter, work_folder, timestamp)
     if result is not None:
-        unchanged.record(result.path, decision.listing, result.members, reporter)
+        unchanged.record(result.path, decision.listing, result.members, made_by, reporter)
         return result
     linked = unchanged.link(folder, source.archive_source, timestamp, decision.unchanged,
                             reporter)
@@ -225,7 +239,7 @@ def restore(target, archive_path, config, reporter, stdin=None):
     target.prepare(reporter)
     reporter.status("Restoring %s: %s" % (target.kind, target.name))
     reporter.status("From: %s" % archive_path)
-    work_folder = private_work_folder(config.backup_dir, reporter)
+    work_folder = work_folder_for(config, reporter)
     with _opened_archive(archive_path, work_folder, stdin) as archive, \
             contextlib.ExitStack() as stack:
         with reporter.progress("Checking archive", total=archive.size) as progress:

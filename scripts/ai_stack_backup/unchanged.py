@@ -17,6 +17,12 @@ entry whose ctime is not older than the second the helper began is never
 recorded: that entry changed while the tar and the listing ran, or in the
 same second, where a second write would not show. The linked name gets
 its own ``.sha256`` (the file names the archive) and its own record.
+
+The listing says what the volume held; the record's ``recipe`` says what
+else decided the archive's content: the exclusions, the consistency mode,
+which databases were snapshotted and this tool's archive format. A record
+whose recipe differs means "changed", so an exclusion added to keep a secret
+out (or removed to get data back) takes effect the very next night.
 """
 
 import contextlib
@@ -33,6 +39,7 @@ from .names import archive_name
 from .retention import archives_by_source
 
 FORMAT = "ai_stack_backup listing 1"
+ARCHIVE_FORMAT = "ustar+pax gzip 1"  # what our archives are made of; a change means "changed"
 
 
 class Listing:
@@ -80,6 +87,17 @@ def parse_listing(started, text, errors, now=None):
     return Listing(digest)
 
 
+def recipe(exclusions, capture):
+    """Give the digest of what decides an archive's content besides the listing: the
+    exclusion patterns, the consistency mode and the snapshotted databases (``capture``)."""
+    snapshots = sorted(path.decode("utf-8", "backslashreplace") if isinstance(path, bytes)
+                       else str(path) for path in capture.snapshots)
+    return hashlib.sha256(json.dumps({
+        "format": ARCHIVE_FORMAT, "exclude": list(exclusions.patterns),
+        "consistency": capture.mode, "snapshots": snapshots},
+        sort_keys=True).encode()).hexdigest()
+
+
 def _archive_identity(status):
     return [status.st_ino, status.st_size, status.st_mtime_ns]
 
@@ -114,9 +132,10 @@ def _hash_file(path):
         return None
 
 
-def record(archive_path, listing, members, reporter):
-    """Write ``<archive>.listing`` for a newly written archive; a failure is only logged
-    (the next backup of the source is then a full one)."""
+def record(archive_path, listing, members, made_by, reporter):
+    """Write ``<archive>.listing`` for a newly written archive made by the ``recipe``
+    ``made_by``; a failure is only logged (the next backup of the source is then a full
+    one)."""
     if listing is None or listing.problem is not None:
         if listing is not None:
             reporter.log("%s: %s; the next backup will not be skipped"
@@ -132,7 +151,7 @@ def record(archive_path, listing, members, reporter):
     try:
         publish_text(archive_path + LISTING_SUFFIX, json.dumps({
             "format": FORMAT, "listing": listing.digest, "archive": identity,
-            "sha256": digest, "members": members}) + "\n")
+            "sha256": digest, "members": members, "recipe": made_by}) + "\n")
     except BackupError as error:
         reporter.warn("%s; the next backup will not be skipped" % error)
 
@@ -154,9 +173,10 @@ class Decision(threading.Thread):
     the log.
     """
 
-    def __init__(self, folder, source, listed):
+    def __init__(self, folder, source, listed, made_by):
         super().__init__(name="skip-if-unchanged", daemon=True)
         self.folder, self.source, self.listed = folder, source, listed
+        self.made_by = made_by  # the recipe this backup would make its archive by
         self.listing, self.unchanged, self.notes = None, None, []
         self.stopped = False
 
@@ -173,6 +193,11 @@ class Decision(threading.Thread):
         newest = found[self.source][0][1]
         saved = _read_record(newest)
         if saved is None or saved["listing"] != self.listing.digest:
+            return
+        if saved.get("recipe") != self.made_by:
+            self.notes.append("%s was made with other settings (exclusions, consistency, "
+                              "snapshotted databases or format); backing up %s in full"
+                              % (newest, self.source))
             return
         try:
             status = os.stat(newest)

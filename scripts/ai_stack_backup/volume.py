@@ -11,11 +11,12 @@ if anything fails after that the volume is rolled back from the safety copy.
 import contextlib
 import os
 
-from . import capture, docker, files, transfer
+from . import capture, docker, transfer
 from .archive import ArchiveInput, VolumeShape
 from .errors import ArchiveError, BackupError, RolledBack, Unrestorable, VolumeInUse
 from .exclusions import NONE
 from .gzipstream import CHUNK_SIZE
+from .locks import volume_lock
 from .tarstream import ArchiveRules, TarReader
 
 
@@ -110,7 +111,7 @@ class VolumeSource:
 
         The volume's lock is held throughout: no restore can change it meanwhile.
         """
-        with files.volume_lock(self.name, (self.backup_dir, work_folder)), \
+        with volume_lock(self.name), \
                 capture.captured(self.consistency, self.name, self.image, work_folder,
                                  reporter) as held:
             self._capture = held
@@ -172,13 +173,16 @@ class VolumeTarget:
 
     kind = "volume"
 
-    def __init__(self, volume, config, safety_copy=True, stop_containers=False):
+    def __init__(self, volume, config, safety_copy=True, stop_containers=False, labels=None,
+                 lock_held=False):
         self.name = volume
         self.description = "volume %s" % volume
         self.config = config
         self.image = config.helper_image
         self.safety_copy = safety_copy
         self.stop_containers = stop_containers
+        self.labels = labels  # for a volume the restore creates
+        self.lock_held = lock_held  # the caller holds the volume's lock already (the drill)
         self.existed = None
         self._empty_root = None  # (uid, gid, mode, mtime) of an empty volume's root folder
 
@@ -192,7 +196,7 @@ class VolumeTarget:
     @contextlib.contextmanager
     def staged(self, archive, work_folder, progress, reporter):
         """Check the archive into a transfer folder, holding the volume's lock until the end."""
-        with files.volume_lock(self.name, (self.config.backup_dir, work_folder)), \
+        with contextlib.nullcontext() if self.lock_held else volume_lock(self.name), \
                 transfer.TransferFolder(work_folder) as folder:
             summary, staged = transfer.stage(archive, folder, progress, VolumeShape())
             if not staged:
@@ -217,7 +221,7 @@ class VolumeTarget:
             if self.existed and self.safety_copy:
                 snapshot = self._save_current(reporter, save_copy)
             if not self.existed:
-                docker.create_volume(self.name)
+                docker.create_volume(self.name, self.labels)
             reporter.status("WARNING: deleting existing volume data")
             try:
                 transfer.fill_volume(self.image, self.name, archive, staged.folder,
