@@ -74,3 +74,20 @@ def test_a_pipeline_shows_everything_through_its_reporter(tmp_path, capsys):
     assert log.getvalue() == ""
     assert (target / "a").read_text() == "alpha"
     assert (result.source, result.members) == (safe_name(str(source)), 2)
+
+
+def test_the_package_docstring_lists_every_module_in_import_order():
+    import re
+    import ai_stack_backup
+    listed = re.search(r"Every module, each importing only\s+modules before it: ([^.]+)\.",
+                       ai_stack_backup.__doc__).group(1)
+    order = [name.strip() for name in listed.split(",")]
+    modules = {name[:-3]: tree for name, tree in _modules() if name != "__init__.py"}
+    assert sorted(order) == sorted(modules)
+    for position, name in enumerate(order):
+        imported = set()
+        for node in ast.walk(modules[name]):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported |= {node.module} if node.module else {alias.name for alias in node.names}
+        later = imported - set(order[:position])
+        assert not later, "%s imports %s, listed after it" % (name, sorted(later))

@@ -2,10 +2,11 @@
 
 cli (argv, environ) → pipeline.backup|restore → volume|hostpath → capture, transfer, docker → files
 
-Standard library only (Python 3.8 to 3.13). The modules, each building only
-on those before it: errors, names, report, config, files, gzipstream,
-tarstream, databases, archive, docker, transfer, capture, pipeline, volume,
-hostpath, notify, drill, backupall, cli. The README's Development section has one line per module.
+Standard library only (Python 3.8 to 3.13). Every module, each importing only
+modules before it: errors, names, report, exclusions, notify, locks, files,
+offsite, config, databases, docker, gzipstream, metrics, monitor, retention,
+tarstream, archive, hostpath, transfer, capture, unchanged, pipeline, volume,
+drill, backupall, cli. The README's Development section has one line per module.
 """
 
 __version__ = "1.0.0"
