@@ -66,4 +66,4 @@ install-systemd:
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 lint:
-	$(PYTHON) -m ruff check --select F,E,W,B --ignore B904,B905 --line-length 100 scripts tests dev bench
+	$(PYTHON) -m ruff check --select F,E,W,B --ignore B904,B905,F811 --line-length 100 scripts tests dev bench

@@ -9,7 +9,8 @@ set -eu
 
 name=$1
 packages=$2
-tarball=${3:-${XDG_CACHE_HOME:-$HOME/.cache}/ai-stack-backup/$name-rootfs.tar}
+# Not ~/.cache/ai-stack-backup: that is the tool's own work folder on an operator's host.
+tarball=${3:-${XDG_CACHE_HOME:-$HOME/.cache}/ai-stack-backup-test/$name-rootfs.tar}
 if [ -s "$tarball" ]; then
     echo "$tarball"
     exit 0

@@ -72,9 +72,6 @@ def build_variant_image(name, tar_function):
                b"set -eu\n"
                b'eval "$2"\n') % tar_function
     digest = hashlib.sha256(wrapper).hexdigest()[:16]
-    for dangling in docker("images", "-q", "--filter", "dangling=true",
-                           "--filter", "label=ai-stack-backup.variant").split():
-        subprocess.run(["docker", "rmi", dangling], capture_output=True)
     found = subprocess.run(["docker", "image", "inspect", "--format",
                             '{{.Id}} {{index .Config.Labels "ai-stack-backup.variant"}}', image],
                            capture_output=True)
@@ -230,13 +227,33 @@ def start_app_container(volume, name):
     return name
 
 
+HANG_CEILING = 300  # seconds: only a guard against a hang, never a claim about speed
+
+
+def wait_for(condition, what, ceiling=HANG_CEILING):
+    """Wait until ``condition()`` is true: the event itself (a file, a container state), never a
+    fixed sleep standing in for it. The ceiling only turns a hang into a failure."""
+    deadline = time.monotonic() + ceiling
+    while not condition():
+        assert time.monotonic() < deadline, "never happened: " + what
+        time.sleep(0.05)
+
+
+def started_at(name):
+    """When the container ``name`` last started (docker's own timestamp)."""
+    return docker("container", "inspect", "--format", "{{.State.StartedAt}}", name).strip()
+
+
 def container_running(name):
     return docker("container", "inspect", "--format", "{{.State.Running}}", name).strip() == "true"
 
 
 def starts(volume):
-    with open(os.path.join(mountpoint(volume), "starts")) as file:
-        return len(file.read().splitlines())
+    try:
+        with open(os.path.join(mountpoint(volume), "starts")) as file:
+            return len(file.read().splitlines())
+    except FileNotFoundError:  # the app has not written its first line yet
+        return 0
 
 
 def helper_containers(volume):
@@ -251,8 +268,10 @@ def helper_containers(volume):
 # --- an app that writes SQLite ----------------------------------------------------
 
 APP_IMAGE = "ai-stack-backup-test-app:latest"
+# The tests' own cache (dev/build-rootfs.sh): ~/.cache/ai-stack-backup is the tool's work
+# folder on an operator's host, which a test run must not fill.
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                     "ai-stack-backup")
+                     "ai-stack-backup-test")
 APP_ROOTFS = os.path.join(CACHE, "app-rootfs.tar")
 ACCOUNTS = 3000
 

@@ -6,6 +6,7 @@ every skip into a failure.
 """
 
 import os
+import pwd
 import secrets
 import shutil
 import subprocess
@@ -60,6 +61,15 @@ def engine(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def own_home(monkeypatch, tmp_path_factory):
+    """Every test has a HOME of its own: what the tool keeps in ~/.cache/ai-stack-backup (its
+    fallback work folder) never lands in the real one of the user running the tests."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+@pytest.fixture(autouse=True)
 def own_backup_dir(monkeypatch, tmp_path_factory):
     """Every test gets a backup folder of its own: work files and safety copies never go to
     the host's real /srv/ai-stack/backups (operators run the tests on their servers)."""
@@ -104,3 +114,22 @@ def public_tmp():
     os.chmod(path, 0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def operator(public_tmp):
+    """A non-root user of this test in the docker group, with a home under ``public_tmp``;
+    removed again. Gives its pwd entry."""
+    if os.geteuid() != 0:
+        pytest.skip("creating the non-root operator needs root")
+    name = "aisb-op-%s" % secrets.token_hex(4)
+    home = os.path.join(public_tmp, name)
+    subprocess.run(["useradd", "--no-create-home", "--home-dir", home, "--shell",
+                    "/usr/sbin/nologin", "--groups", "docker", name], check=True)
+    try:
+        entry = pwd.getpwnam(name)
+        os.mkdir(home, 0o700)
+        os.chown(home, entry.pw_uid, entry.pw_gid)
+        yield entry
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)

@@ -82,7 +82,7 @@ def test_auto_gives_committed_states_every_night(writers, helper_env, tmp_path, 
     before = {mode: testkit.commits(volume) for mode, (volume, _) in writers.items()}
     time.sleep(3)  # a few seconds of undisturbed writing, to compare the pauses against
     idle = {mode: testkit.commit_times_ms(name) for mode, (_, name) in writers.items()}
-    for run in range(RUNS):
+    for _ in range(RUNS):
         code = cli.backup_all_main(["--quiet"])
         captured = capsys.readouterr()
         assert code == 0, [line for line in (captured.out + captured.err).splitlines()

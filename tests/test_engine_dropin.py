@@ -2,14 +2,12 @@
 
 import gzip
 import os
-import pwd
 import re
 import shutil
 import stat
 import subprocess
 import sys
 import tarfile
-import time
 
 import pytest
 
@@ -20,7 +18,6 @@ from conftest import REPOSITORY, SCRIPTS
 pytestmark = pytest.mark.engine
 
 ARCHIVE_PATTERN = re.compile(r"(?P<source>.+)__\d{8}T\d{6}Z\.tar\.gz")
-OPERATOR = "aisb-operator"
 
 
 only_archive = testkit.only_archive
@@ -158,7 +155,8 @@ def test_restore_without_force_changes_nothing(helper_env, tricky_volume, make_v
 
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated", "cut at member boundary"])
 def test_damaged_archive_is_refused_and_changes_nothing(helper_env, tricky_volume, make_volume,
-                                                        tmp_path, capsys, damage):
+                                                        tmp_path, own_backup_dir, capsys,
+                                                        damage):
     volume, original = tricky_volume
     assert cli.backup_docker_volume_main([volume, str(tmp_path)]) == 0
     archive = only_archive(tmp_path)
@@ -184,7 +182,8 @@ def test_damaged_archive_is_refused_and_changes_nothing(helper_env, tricky_volum
     assert re.search(r"is refused \[%s\]: .*; volume %s was not changed" % (rules[damage], volume),
                      error), error
     assert testkit.volume_state(volume) == original
-    assert os.listdir(damaged.parent) == [damaged.name]  # no safety backup, no leftovers
+    assert os.listdir(damaged.parent) == [damaged.name]  # no leftovers beside it
+    assert testkit.archives_in(own_backup_dir) == []  # no safety backup where one would go
     missing = make_volume(create=False)
     assert cli.restore_docker_volume_main([missing, str(damaged), "--force"]) == 1
     assert not testkit.volume_exists(missing)
@@ -226,7 +225,6 @@ def test_missing_helper_image_fails_fast_and_writes_nothing(helper_env, make_vol
     testkit.fill_volume(volume, testkit.make_tricky_tree(tmp_path / "src").decode())
     before = testkit.volume_state(volume)
     monkeypatch.setenv("BACKUP_HELPER_IMAGE", "aisb-no-such-image:never")
-    started = time.monotonic()
     assert cli.backup_docker_volume_main([volume, str(tmp_path / "b")]) == 1
     assert "helper image aisb-no-such-image:never is not available" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
@@ -234,7 +232,6 @@ def test_missing_helper_image_fails_fast_and_writes_nothing(helper_env, make_vol
     with tarfile.open(archive, "w:gz") as empty:
         empty.addfile(tarfile.TarInfo("./x"))
     assert cli.restore_docker_volume_main([volume, str(archive), "--force"]) == 1
-    assert time.monotonic() - started < 60
     assert testkit.volume_state(volume) == before
 
 
@@ -261,19 +258,6 @@ def test_shell_shims_work_from_any_folder(helper_env, make_volume, tmp_path):
                              capture_output=True)
     assert restore.returncode == 0, restore.stderr
     assert testkit.volume_state(target) == testkit.volume_state(volume)
-
-
-@pytest.fixture
-def operator():
-    """A non-root user in the docker group; gives its pwd entry."""
-    if os.geteuid() != 0:
-        pytest.skip("creating the non-root operator needs root")
-    try:
-        return pwd.getpwnam(OPERATOR)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        "--groups", "docker", OPERATOR], check=True)
-        return pwd.getpwnam(OPERATOR)
 
 
 def test_non_root_operator_owns_the_archive(helper_env, operator, make_volume, tmp_path,

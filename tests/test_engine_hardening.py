@@ -3,11 +3,11 @@
 import gzip
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
 import tarfile
-import time
 
 import pytest
 
@@ -75,11 +75,7 @@ def write(path, data):
     return str(path)
 
 
-def wait_for(condition, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for " + what
-        time.sleep(0.1)
+wait_for = testkit.wait_for
 
 
 def temp_files(folder):
@@ -102,7 +98,7 @@ BROKEN_RULES = {"empty file": "empty", "not gzip": "not-gzip",
 
 @pytest.mark.parametrize("case", sorted(HOSTILE) + sorted(BROKEN))
 def test_hostile_or_broken_archive_changes_nothing(helper_env, small_volume, tmp_path, case,
-                                                   capsys):
+                                                   own_backup_dir, capsys):
     volume, original = small_volume
     if case in BROKEN:
         data = BROKEN[case]
@@ -118,6 +114,9 @@ def test_hostile_or_broken_archive_changes_nothing(helper_env, small_volume, tmp
     assert "is refused [%s]" % rule in capsys.readouterr().err
     assert testkit.volume_state(volume) == original
     assert os.listdir(str(folder)) == ["hostile.tar.gz"]
+    # Refused before anything changed: not even a safety copy in the work folder, where one
+    # would go.
+    assert testkit.archives_in(own_backup_dir) == []
 
 
 def test_helper_extracts_exactly_what_was_checked(helper_env, make_volume, tmp_path):
@@ -161,7 +160,7 @@ def test_sigkill_leaves_no_archive_and_no_helper(helper_env, big_volume, tmp_pat
     wait_for(growing_temp_file(folder), "the backup to be under way")
     process.kill()
     process.wait()
-    wait_for(lambda: not testkit.helper_containers(big_volume), "the helper to go", timeout=10)
+    wait_for(lambda: not testkit.helper_containers(big_volume), "the helper to go")
     assert not any(name.endswith(".tar.gz") for name in os.listdir(str(folder)))
     # The next backup_all removes what the killed run left.
     removed = files.remove_stale_work_files(str(folder))
@@ -240,43 +239,54 @@ def test_safety_backup_is_an_ordinary_archive(helper_env, small_volume, make_vol
 
 
 def test_no_safety_backup_of_an_empty_volume_or_when_declined(helper_env, small_volume,
-                                                              make_volume, tmp_path, capsys):
-    volume, _ = small_volume
+                                                              make_volume, tmp_path,
+                                                              own_backup_dir, capsys):
+    volume, original = small_volume
     archive = backup_of(volume, tmp_path / "archives")
     empty = make_volume()
     assert cli.restore_docker_volume_main([empty, archive, "--force"]) == 0
+    assert testkit.volume_state(empty) == original
+    testkit.fill_volume(volume, tmp_path)  # something to lose, with no safety copy taken
     assert cli.restore_docker_volume_main([volume, archive, "--force", "--no-safety-backup"]) == 0
+    assert testkit.volume_state(volume) == original
     assert "Safety backup" not in capsys.readouterr().out
     assert testkit.archives_in(tmp_path / "archives") == [archive]
+    assert testkit.archives_in(own_backup_dir) == []  # where a safety copy would have gone
 
 
-def restore_caught_after_the_wipe(engine, volume, tmp_path, make_volume):
+@pytest.fixture
+def slow_image(engine):
+    """This test's own tag of the image whose tar extraction hangs: the test may retag it to
+    the plain helper (so a rollback runs at normal speed) without touching another run's."""
+    base = testkit.build_variant_image("slow-extract", SLOW_EXTRACT)
+    tag = "ai-stack-backup-test-slow-%s:latest" % secrets.token_hex(5)
+    testkit.docker("tag", base, tag)
+    yield tag
+    subprocess.run(["docker", "rmi", tag], capture_output=True)  # only the tag goes
+
+
+def restore_caught_after_the_wipe(engine, volume, tmp_path, make_volume, slow_image):
     """Start a restore of another tree whose helper stops right after emptying the volume.
 
     Gives the running restore process once the volume is empty. The plain
-    helper image then takes the slow image's name, so the rollback runs at
+    helper image then takes the test's slow tag, so the rollback runs at
     normal speed.
     """
     other = make_volume()
     testkit.fill_volume(other, testkit.make_tricky_tree(tmp_path / "tricky").decode())
     archive = backup_of(other, tmp_path / "archives")  # helper_env set the plain image
-    process = start_slow_restore(volume, archive)
+    process = start_slow_restore(volume, archive, slow_image)
     wait_for(lambda: not os.listdir(testkit.mountpoint(volume)), "the wipe")
-    testkit.docker("tag", engine, SLOW_IMAGE)
+    testkit.docker("tag", engine, slow_image)
     return process
 
 
-SLOW_IMAGE = "ai-stack-backup-test-slow-extract:latest"
-
-
-def start_slow_restore(volume, archive):
-    """Start a restore whose helper's tar extraction hangs; give the process once it has
+def start_slow_restore(volume, archive, image):
+    """Start a restore with the slow ``image`` (``slow_image``); give the process once it has
     begun deleting the volume's data."""
-    slow = testkit.build_variant_image("slow-extract", SLOW_EXTRACT)
-    assert slow == SLOW_IMAGE
     process = subprocess.Popen(
         [sys.executable, os.path.join(SCRIPTS, "restore_docker_volume.py"), volume, archive,
-         "--force"], env=dict(os.environ, BACKUP_HELPER_IMAGE=slow),
+         "--force"], env=dict(os.environ, BACKUP_HELPER_IMAGE=image),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     for line in process.stdout:
         if line.startswith(b"WARNING: deleting existing volume data"):
@@ -285,9 +295,10 @@ def start_slow_restore(volume, archive):
 
 
 def test_helper_killed_after_the_wipe_rolls_back(helper_env, small_volume, make_volume,
-                                                 tmp_path):
+                                                 tmp_path, slow_image):
     volume, original = small_volume
-    process = restore_caught_after_the_wipe(helper_env, volume, tmp_path, make_volume)
+    process = restore_caught_after_the_wipe(helper_env, volume, tmp_path, make_volume,
+                                            slow_image)
     for name in testkit.helper_containers(volume):
         testkit.docker("kill", name, check=False)
     process.stdout.read()
@@ -299,10 +310,11 @@ def test_helper_killed_after_the_wipe_rolls_back(helper_env, small_volume, make_
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_during_a_restore_rolls_back(helper_env, small_volume, make_volume, tmp_path,
-                                              signum):
+                                              slow_image, signum):
     """SIGHUP is what a dropped SSH session sends: it must roll back like SIGTERM."""
     volume, original = small_volume
-    process = restore_caught_after_the_wipe(helper_env, volume, tmp_path, make_volume)
+    process = restore_caught_after_the_wipe(helper_env, volume, tmp_path, make_volume,
+                                            slow_image)
     process.send_signal(signum)
     process.stdout.read()
     error = process.stderr.read()
@@ -310,7 +322,7 @@ def test_a_signal_during_a_restore_rolls_back(helper_env, small_volume, make_vol
     assert b"was rolled back to its previous contents from the safety backup" in error
     assert b"stopped by %s after cleaning up" % signal.Signals(signum).name.encode() in error
     assert testkit.volume_state(volume) == original
-    wait_for(lambda: not testkit.helper_containers(volume), "the helpers to go", timeout=10)
+    wait_for(lambda: not testkit.helper_containers(volume), "the helpers to go")
     assert not [name for name in os.listdir(str(tmp_path / "archives"))
                 if name.startswith(files.WORK_PREFIX)]  # no staging file left behind
 
@@ -339,6 +351,47 @@ def test_a_volume_without_room_is_refused_before_it_changes(helper_env, make_vol
                      error), error
     assert "Safety backup" not in error
     assert testkit.volume_state(volume) == original
+
+
+@pytest.fixture
+def few_inodes(public_tmp):
+    """A tmpfs with room for bytes but for only 64 files, the engine can see; gives its path."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path = os.path.join(public_tmp, "few-inodes")
+    os.mkdir(path)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m,nr_inodes=64,mode=0700", "tmpfs",
+                    path], check=True)
+    yield path
+    subprocess.run(["umount", "-l", path], check=True)
+
+
+def test_a_volume_that_fills_up_during_extraction_is_rolled_back(helper_env, make_volume,
+                                                                 few_inodes, tmp_path,
+                                                                 own_backup_dir, capsys):
+    """The space check counts bytes; the filesystem runs out of files half-way through the
+    extraction: the volume is put back from the safety copy."""
+    folder = os.path.join(few_inodes, "volume-data")
+    os.mkdir(folder)
+    volume = make_volume(create=False)
+    testkit.docker("volume", "create", "--driver", "local", "--opt", "type=none",
+                   "--opt", "o=bind", "--opt", "device=" + folder, volume)
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "precious").write_bytes(os.urandom(100000))
+    testkit.fill_volume(volume, tmp_path / "small")
+    original = testkit.volume_state(volume)
+    many = make_volume()
+    (tmp_path / "many").mkdir()
+    for index in range(200):
+        (tmp_path / "many" / ("file-%03d" % index)).write_bytes(b"x")
+    testkit.fill_volume(many, tmp_path / "many")
+    archive = backup_of(many, tmp_path / "archives")
+    capsys.readouterr()
+    assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert "was rolled back to its previous contents from the safety backup" in error, error
+    assert testkit.volume_state(volume) == original
+    assert len(testkit.archives_in(own_backup_dir)) == 1  # the safety copy stays, as said
 
 
 def test_restore_stops_before_any_change_if_the_safety_backup_fails(
@@ -379,7 +432,7 @@ def test_restore_refuses_a_volume_in_use(helper_env, small_volume, app, tmp_path
     volume, _ = small_volume
     archive = backup_of(volume, tmp_path / "archives")
     first, second = app(volume), app(volume)
-    time.sleep(0.5)
+    wait_for(lambda: testkit.starts(volume) == 2, "both apps to start")
     before = testkit.volume_state(volume)
     capsys.readouterr()
     assert cli.restore_docker_volume_main([volume, archive, "--force"]) == 1
@@ -389,9 +442,9 @@ def test_restore_refuses_a_volume_in_use(helper_env, small_volume, app, tmp_path
     assert testkit.volume_state(volume) == before
     assert cli.restore_docker_volume_main([volume, archive, "--force", "--stop-containers"]) == 0
     assert testkit.container_running(first) and testkit.container_running(second)
-    time.sleep(0.5)
     # The archive predates the containers: a replaced volume has a fresh "starts" file
     # with one line per restart (4 would mean nothing was replaced).
+    wait_for(lambda: testkit.starts(volume) >= 2, "both apps to start again")
     assert testkit.starts(volume) == 2
 
 

@@ -6,8 +6,6 @@ over /srv, so the host's /srv is never touched.
 """
 
 import os
-import pwd
-import secrets
 import shlex
 import shutil
 import subprocess
@@ -18,29 +16,11 @@ import pytest
 import testkit
 from ai_stack_backup import cli, locks
 from conftest import SCRIPTS
-from test_engine_hardening import backup_of, small_volume, start_slow_restore  # noqa: F401
+from test_engine_hardening import backup_of, slow_image, small_volume, \
+    start_slow_restore  # noqa: F401
 
 pytestmark = pytest.mark.engine
 PYTHON = sys.executable
-
-
-@pytest.fixture
-def operator(public_tmp):
-    """A non-root user of this test in the docker group, with a home under ``public_tmp``;
-    removed again. Gives its pwd entry."""
-    if os.geteuid() != 0:
-        pytest.skip("creating the non-root operator needs root")
-    name = "aisb-op-%s" % secrets.token_hex(4)
-    home = os.path.join(public_tmp, name)
-    subprocess.run(["useradd", "--no-create-home", "--home-dir", home, "--shell",
-                    "/usr/sbin/nologin", "--groups", "docker", name], check=True)
-    try:
-        entry = pwd.getpwnam(name)
-        os.mkdir(home, 0o700)
-        os.chown(home, entry.pw_uid, entry.pw_gid)
-        yield entry
-    finally:
-        subprocess.run(["userdel", name], capture_output=True)
 
 
 def as_user(user, *command):
@@ -87,7 +67,7 @@ def test_a_non_root_operator_with_roots_backup_folder_present(helper_env, operat
 
 def test_two_restores_of_one_volume_from_two_folders_by_two_users(helper_env, operator,
                                                                   small_volume, make_volume,
-                                                                  tmp_path, public_tmp):
+                                                                  tmp_path, slow_image):
     volume, _ = small_volume
     other = make_volume()
     testkit.fill_volume(other, testkit.make_tricky_tree(tmp_path / "tricky").decode())
@@ -96,7 +76,7 @@ def test_two_restores_of_one_volume_from_two_folders_by_two_users(helper_env, op
     operator_copy = os.path.join(operator.pw_dir, "copy.tar.gz")
     shutil.copyfile(archive, operator_copy)
     os.chown(operator_copy, operator.pw_uid, operator.pw_gid)
-    first = start_slow_restore(volume, archive)  # root, BACKUP_DIR of this test
+    first = start_slow_restore(volume, archive, slow_image)  # root, BACKUP_DIR of this test
     try:
         second = subprocess.run(
             as_user(operator, PYTHON, os.path.join(SCRIPTS, "restore_docker_volume.py"), volume,

@@ -13,9 +13,9 @@ import time
 import pytest
 
 import testkit
-from ai_stack_backup import cli, files, locks
+from ai_stack_backup import cli, drill, files, locks
 from conftest import SCRIPTS
-from test_engine_hardening import SLOW_IMAGE, backup_of, gz, small_volume, \
+from test_engine_hardening import backup_of, gz, slow_image, small_volume, \
     start_slow_restore, wait_for  # noqa: F401
 from test_tarstream import entry, raw_tar
 
@@ -125,15 +125,16 @@ def test_one_restore_per_volume_at_a_time(helper_env, small_volume, make_volume,
         os.unlink(lock)
     assert testkit.volume_state(volume) == original
     assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet"]) == 0
+    assert testkit.volume_state(volume) == original  # the archive was made of it
 
 
 def test_two_real_restores_of_one_volume_do_not_mix(helper_env, small_volume, make_volume,
-                                                    tmp_path):
+                                                    tmp_path, slow_image):
     volume, _ = small_volume
     other = make_volume()
     testkit.fill_volume(other, testkit.make_tricky_tree(tmp_path / "tricky").decode())
     archive = backup_of(other, tmp_path / "archives")
-    first = start_slow_restore(volume, archive)
+    first = start_slow_restore(volume, archive, slow_image)
     try:
         second = subprocess.run(
             [sys.executable, os.path.join(SCRIPTS, "restore_docker_volume.py"), volume, archive,
@@ -208,7 +209,7 @@ def test_a_path_archive_is_not_restored_into_a_volume(helper_env, small_volume, 
 
 
 def test_a_failed_restore_into_an_empty_volume_puts_its_root_back(helper_env, make_volume,
-                                                                  tmp_path):
+                                                                  tmp_path, slow_image):
     volume = make_volume()
     root = testkit.mountpoint(volume)
     os.chown(root, 1234, 5678)
@@ -218,9 +219,9 @@ def test_a_failed_restore_into_an_empty_volume_puts_its_root_back(helper_env, ma
     other = make_volume()
     testkit.fill_volume(other, testkit.make_tricky_tree(tmp_path / "tricky").decode())
     archive = backup_of(other, tmp_path / "archives")
-    process = start_slow_restore(volume, archive)
+    process = start_slow_restore(volume, archive, slow_image)
     wait_for(lambda: testkit.helper_containers(volume), "the restore's helper")
-    testkit.docker("tag", helper_env, SLOW_IMAGE)  # the rollback runs at normal speed
+    testkit.docker("tag", helper_env, slow_image)  # the rollback runs at normal speed
     for name in testkit.helper_containers(volume):
         testkit.docker("kill", name, check=False)
     error = process.stderr.read()
@@ -244,8 +245,10 @@ def test_relative_folders_work_on_every_python(helper_env, small_volume, make_vo
 
 
 def drill_volumes():
-    return {name for name in testkit.docker("volume", "ls", "-q").split()
-            if name.startswith("ai-stack-backup-drill-")}
+    """The scratch volumes of drills run by this test process (an operator's own drill may
+    run on the same host: never look at those)."""
+    return set(testkit.docker("volume", "ls", "-q", "--filter", "label=%s=%d" % (
+        drill.OWNER_LABEL, os.getpid())).split())
 
 
 def test_a_drill_restores_into_scratch_and_compares(helper_env, make_volume, tmp_path,

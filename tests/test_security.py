@@ -23,7 +23,7 @@ from ai_stack_backup import drill, locks, metrics, notify
 from ai_stack_backup.cli import backup_all_main, drill_restore_main, report_failure_main
 from ai_stack_backup.report import Reporter
 from conftest import SCRIPTS
-from test_engine_hardening import SLOW_EXTRACT
+from test_engine_hardening import slow_image  # noqa: F401  (the fixture)
 from test_monitoring import recorder  # noqa: F401  (the fixture)
 
 SECRETS = {  # one of each shape a secret arrives in
@@ -314,17 +314,16 @@ def test_a_changed_exclusion_is_never_skipped(helper_env, make_volume, tmp_path,
 
 @pytest.mark.engine
 def test_a_killed_drill_leaves_no_scratch_copy_behind(helper_env, make_volume, tmp_path,
-                                                      own_backup_dir, capsys):
+                                                      own_backup_dir, slow_image, capsys):
     volume = make_volume()
     testkit.fill_volume(volume, testkit.make_tricky_tree(tmp_path / "tricky").decode())
     # The tricky tree's webui.db is not a database; a drill would rightly fail on it.
     os.remove(os.path.join(testkit.mountpoint(volume), "app", "backend", "data", "webui.db"))
     from ai_stack_backup.cli import backup_docker_volume_main
     assert backup_docker_volume_main([volume, str(own_backup_dir), "--quiet"]) == 0
-    slow = testkit.build_variant_image("slow-extract", SLOW_EXTRACT)
     before = set(testkit.docker("volume", "ls", "-q").split())
     process = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "drill_restore.py"),
-                                volume], env=dict(os.environ, BACKUP_HELPER_IMAGE=slow),
+                                volume], env=dict(os.environ, BACKUP_HELPER_IMAGE=slow_image),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     scratch = None
     try:
@@ -353,3 +352,37 @@ def test_a_killed_drill_leaves_no_scratch_copy_behind(helper_env, make_volume, t
     assert not os.path.lexists(locks.host_lock_path(scratch))
     assert not [name for name in testkit.docker("volume", "ls", "-q").split()
                 if name.startswith(drill.SCRATCH_PREFIX) and name not in before]
+
+
+KILLED_WRITER = r'''
+import os, sys, time
+sys.path.insert(0, sys.argv[2])
+from ai_stack_backup import metrics
+from ai_stack_backup.report import Reporter
+def stuck(*args, **kwargs):  # the new file is written and fsynced; the rename never comes
+    print("written", flush=True)
+    time.sleep(3600)
+metrics.os.replace = stuck
+def change(samples):
+    samples.setdefault(metrics.PREFIX + "members", {})[metrics.source_labels("v")] = 999
+metrics.update(sys.argv[1], change, Reporter())
+'''
+
+
+def test_a_kill_during_a_metrics_write_leaves_the_old_file_whole(metrics_folder):
+    path = os.path.join(metrics_folder, "ai_stack_backup.prom")
+    _update(path, io.StringIO())
+    before = open(path).read()
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, path, SCRIPTS],
+                              stdout=subprocess.PIPE)
+    assert writer.stdout.readline() == b"written\n"
+    writer.kill()
+    writer.wait()
+    assert open(path).read() == before  # never a half-written file under the name
+    assert metrics.parse(before)[metrics.PREFIX + "members"] == {
+        metrics.source_labels("v"): 3}
+    left = [name for name in os.listdir(metrics_folder) if name.endswith(".prom")]
+    assert left == ["ai_stack_backup.prom"]  # the collector reads only *.prom
+    log = io.StringIO()
+    _update(path, log)  # the killed writer's lock went with it
+    assert "not updated" not in log.getvalue()

@@ -114,7 +114,7 @@ def _number(value):
 def render(samples):
     """Give the exposition text: every family with samples, HELP and TYPE first."""
     lines = []
-    for (short, kind, text), name in zip(FAMILIES, NAMES):
+    for (_, kind, text), name in zip(FAMILIES, NAMES):
         if not samples.get(name):
             continue
         lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
