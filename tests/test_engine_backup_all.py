@@ -210,7 +210,7 @@ def test_backup_all_with_stop_containers(helper_env, two_volumes, app_container,
     assert cli.backup_all_main(["--quiet"]) == 0
     testkit.wait_for(lambda: testkit.starts(two_volumes[1]) >= 2, "the app to start again")
     assert testkit.container_running(app) and testkit.starts(two_volumes[1]) == 2
-    archives = archives_in(tmp_path)
+    archives = testkit.archives_in(tmp_path)
     assert sorted(os.path.basename(path).split("__")[0] for path in archives) == \
         sorted(two_volumes)
     for path in archives:  # each holds its volume as it was, the app's one while stopped
