@@ -119,6 +119,44 @@ def test_hostile_or_broken_archive_changes_nothing(helper_env, small_volume, tmp
     assert testkit.archives_in(own_backup_dir) == []
 
 
+@pytest.mark.parametrize("case", ["dot-dot", "absolute name", "character device",
+                                  "through a symlink", "flipped byte", "truncated"])
+def test_one_pass_into_a_volume_with_nothing_to_lose_refuses_and_leaves_it(
+        helper_env, make_volume, tmp_path, case, capsys):
+    """An empty or missing volume is filled as the archive streams; a refusal anywhere in the
+    stream (the hostile member comes after harmless ones, damage shows only at the end)
+    leaves it exactly as it was: empty with its root folder's owner, mode and mtime, or
+    not there at all."""
+    harmless = [entry("./", tarfile.DIRTYPE)] + [
+        entry("./harmless-%03d" % index, data=os.urandom(20000)) for index in range(50)]
+    if case in HOSTILE:
+        data = gz(raw_tar(harmless + HOSTILE[case], tarfile.GNU_FORMAT))
+        rule = HOSTILE_RULES[case]
+    else:
+        data = bytearray(gz(raw_tar(harmless, tarfile.GNU_FORMAT)))
+        if case == "flipped byte":
+            data[len(data) // 2] ^= 0x40
+            rule = "(gzip-crc|gzip-corrupt|bad-checksum)"
+        else:
+            data = data[:len(data) * 2 // 3]
+            rule = "truncated"
+    archive = write(tmp_path / "case.tar.gz", bytes(data))
+    empty = make_volume()
+    root = testkit.mountpoint(empty)
+    os.chown(root, 1234, 5678)
+    os.chmod(root, 0o750)
+    os.utime(root, (1_500_000_000, 1_500_000_000))
+    before = testkit.volume_state(empty)
+    assert cli.restore_docker_volume_main([empty, archive, "--force"]) == 1
+    error = capsys.readouterr().err
+    assert re.search(r"is refused \[%s\]" % rule, error), error
+    assert testkit.volume_state(empty) == before
+    missing = make_volume(create=False)
+    assert cli.restore_docker_volume_main([missing, archive, "--force"]) == 1
+    assert re.search(r"is refused \[%s\]" % rule, capsys.readouterr().err)
+    assert not testkit.volume_exists(missing)
+
+
 def test_helper_extracts_exactly_what_was_checked(helper_env, make_volume, tmp_path):
     """pax records rename and resize members; busybox must see our reading, not its own."""
     members = [entry("./", tarfile.DIRTYPE, mode=0o755),
@@ -197,10 +235,20 @@ def test_restore_streams_twice_when_the_disk_cannot_stage_it(helper_env, make_vo
     assert cli.backup_docker_volume_main([source, str(tmp_path / "a"), "--quiet"]) == 0
     archive = testkit.only_archive(tmp_path / "a")
     monkeypatch.setenv("BACKUP_DIR", small_disk)  # 3 MiB: no room to stage 3+ MiB of tar
-    target = make_volume(create=False)
-    assert cli.restore_docker_volume_main([target, archive, "--force", "--quiet"]) == 0
+    target = make_volume()  # not empty: it has something to lose, so the archive is checked
+    (tmp_path / "old").mkdir()  # completely before the volume changes
+    (tmp_path / "old" / "data").write_text("old")
+    testkit.fill_volume(target, tmp_path / "old")
+    assert cli.restore_docker_volume_main([target, archive, "--force", "--quiet",
+                                           "--no-safety-backup"]) == 0  # no room for it here
     assert "streaming it in a second pass" in capsys.readouterr().err
     assert testkit.volume_state(target) == testkit.volume_state(source)
+    assert without_locks(os.listdir(small_disk)) == []
+    # A volume with nothing to lose is filled in one pass, checked as it streams: no staging.
+    fresh = make_volume(create=False)
+    assert cli.restore_docker_volume_main([fresh, archive, "--force", "--quiet"]) == 0
+    assert "second pass" not in capsys.readouterr().err
+    assert testkit.volume_state(fresh) == testkit.volume_state(source)
     assert without_locks(os.listdir(small_disk)) == []
 
 

@@ -183,17 +183,20 @@ def backup_path_main(argv=None):
 
 def restore_docker_volume_main(argv=None):
     prog = "restore_docker_volume.py"
-    parser = _parser(prog, "Replace the contents of a Docker named volume with an archive. The "
-                     "whole archive is checked first; the current contents are saved as a "
-                     "safety backup and restored automatically if the restore fails.", [
+    parser = _parser(prog, "Replace the contents of a Docker named volume with an archive. For a "
+                     "volume with data, the whole archive is checked first, and the current "
+                     "contents are saved as a safety backup and restored automatically if the "
+                     "restore fails. An empty or missing volume is filled as the archive is "
+                     "checked, in one pass, and emptied again (or removed) if it is refused.", [
                          "restore_docker_volume.sh owui-data "
                          "/srv/ai-stack/backups/owui-data__20260118T120000Z.tar.gz --force",
                          "restore_docker_volume.py tm-data --force "
                          "/srv/ai-stack/backups/tm-data__20260118T120000Z.tar.gz",
                          "ssh oldhost backup_docker_volume.py owui-data - | "
                          "restore_docker_volume.py owui-data - --force",
-                         "environment: BACKUP_DIR (where the safety backup goes; default: "
-                         "next to the archive)"])
+                         "environment: BACKUP_DIR (where the safety backup and work files go; "
+                         "default: /srv/ai-stack/backups if it exists and is private to you, "
+                         "else ~/.cache/ai-stack-backup; never next to the archive)"])
     parser.add_argument("volume_name", help="the volume to restore into (created if missing)")
     parser.add_argument("archive", help="the .tar.gz to restore, or '-' for stdin")
     parser.add_argument("--force", action="store_true",

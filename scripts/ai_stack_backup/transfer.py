@@ -245,23 +245,47 @@ def listed_tar_stream(image, volume, work_folder, what):
         yield ListedStream(folder, helper, what)
 
 
-SPACE_SCRIPT = "df -P -k /volume | tail -n 1; du -s -k /volume"
+# Free and used space, whether anything is in the volume, and its root folder's owner, mode
+# and mtime: what a restore needs to know of an existing volume, in one helper run.
+PROBE_SCRIPT = """df -P -k /volume | tail -n 1
+du -s -k /volume
+ls -A /volume | head -n 1 | wc -l
+stat -c '%u %g %a %Y' /volume"""
 BLOCK = 4096  # what one member takes at least on the usual filesystems
 
 
-def space_check(image, volume, summary, reporter):
+class VolumeProbe:
+    """An existing volume as a restore finds it: ``free`` and ``held`` bytes, ``empty``, and
+    ``root`` (uid, gid, mode, mtime) of its root folder."""
+
+    def __init__(self, free, held, empty, root):
+        self.free, self.held, self.empty, self.root = free, held, empty, root
+
+
+def probe_volume(image, volume, reporter):
+    """Look at an existing volume (read-only); give a VolumeProbe. Raises DockerError."""
+    with Helper(image, volume, PROBE_SCRIPT, read_only=True, capture_stdout=True) as helper:
+        output = helper.read_output()
+        helper.finish("measuring volume %s" % volume, reporter)
+    lines = output.decode("utf-8", "replace").splitlines()
+    try:
+        uid, gid, mode, mtime = lines[3].split()
+        return VolumeProbe(int(lines[0].split()[3]) * 1024, int(lines[1].split()[0]) * 1024,
+                           lines[2].strip() == "0", (int(uid), int(gid), int(mode, 8),
+                                                     int(mtime)))
+    except (IndexError, ValueError):
+        raise DockerError("measuring volume %s" % volume, "unexpected output from the helper: "
+                          "%r" % output[:200])
+
+
+def space_check(probe, volume, summary):
     """Refuse (NoRoom) unless the volume's filesystem can hold what the archive will write.
 
     What the volume holds now is counted as free: it goes before extraction.
     The need is each member's data plus one block, so a tree of small files is
     not underestimated. Sparse files are written out in full by tar.
     """
-    with Helper(image, volume, SPACE_SCRIPT, read_only=True, capture_stdout=True) as helper:
-        output = helper.read_output()
-        helper.finish("measuring volume %s" % volume, reporter)
-    lines = output.decode("utf-8", "replace").splitlines()
-    free = int(lines[0].split()[3]) * 1024
-    held = int(lines[1].split()[0]) * 1024
+    free, held = probe.free, probe.held
     need = summary.data_bytes + summary.members * BLOCK
     if need > free + held:
         raise NoRoom("volume %s has room for about %d MiB (%d MiB free and %d MiB it holds now), "
@@ -384,12 +408,17 @@ def stage(archive, transfer, progress, shape=None):
     return archive.check(progress, shape).run(), False
 
 
-def fill_volume(image, volume, archive, transfer, staged, reporter):
-    """Empty the volume and extract the checked archive (staged, or streamed again).
+def fill_volume(image, volume, archive, transfer, staged, reporter, checked_before=True,
+                shape=None):
+    """Empty the volume and extract the checked archive (staged, or streamed).
 
-    A second pass must be exactly what was checked, or ArchiveError is raised
-    (with ``changed-during-restore``). Raises DockerError if the helper fails;
-    the volume may then be partly filled, which the caller rolls back.
+    Streamed after a checking pass (``checked_before``), the second pass must
+    be exactly what was checked, or ArchiveError is raised (with
+    ``changed-during-restore``). Streamed in one pass (into an empty volume),
+    each member is checked before it is sent and the helper sees ``complete``
+    only after the whole archive checked out; an ArchiveError then comes from
+    here. Raises DockerError if the helper fails; the volume may then be
+    partly filled, which the caller rolls back.
     """
     what = "restoring volume %s" % volume
     with Helper(image, volume, RESTORE_SCRIPT, transfer_path=transfer.path) as helper:
@@ -398,12 +427,12 @@ def fill_volume(image, volume, archive, transfer, staged, reporter):
                 descriptor = _open_fifo_for_writing(transfer.fifo, helper, what)
                 try:
                     sent = emit_checked_stream(archive, pipe_writer(descriptor), transfer,
-                                               progress)
+                                               progress, shape)
                 except BrokenPipeError:
                     raise helper.failed(what)
                 finally:
                     os.close(descriptor)
         helper.finish(what, reporter)
-    if not staged and not archive.unchanged(sent):
+    if not staged and checked_before and not archive.unchanged(sent):
         raise ArchiveError("the archive %s changed while it was being restored" % archive.name,
                            "changed-during-restore")

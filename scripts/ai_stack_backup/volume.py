@@ -6,6 +6,10 @@ Restore: the checked stream is staged for the helper (``transfer``); then,
 unless asked not to, the volume's current contents are saved as an ordinary
 archive (the safety copy), the helper empties the volume and extracts, and
 if anything fails after that the volume is rolled back from the safety copy.
+A volume that is empty or does not exist yet has nothing to lose: the
+archive is checked as it streams to the helper, in one pass (gunzip and
+extraction on two cores), and a refusal or failure empties it again (or
+removes it), which leaves it exactly as it was.
 """
 
 import contextlib
@@ -13,7 +17,8 @@ import os
 
 from . import capture, docker, transfer
 from .archive import ArchiveInput, VolumeShape
-from .errors import ArchiveError, BackupError, RolledBack, Unrestorable, VolumeInUse
+from .errors import ArchiveError, ArchiveRefused, BackupError, RolledBack, Unrestorable, \
+    VolumeInUse
 from .exclusions import NONE
 from .gzipstream import CHUNK_SIZE
 from .locks import volume_lock
@@ -184,7 +189,7 @@ class VolumeTarget:
         self.labels = labels  # for a volume the restore creates
         self.lock_held = lock_held  # the caller holds the volume's lock already (the drill)
         self.existed = None
-        self._empty_root = None  # (uid, gid, mode, mtime) of an empty volume's root folder
+        self.probe = None  # transfer.VolumeProbe of an existing volume
 
     def check(self, archive_path):
         docker.check_volume_name(self.name)
@@ -193,11 +198,21 @@ class VolumeTarget:
         self.existed = docker.volume_exists(self.name)
         docker.ensure_image(self.image, reporter)
 
+    @property
+    def _nothing_to_lose(self):
+        return not self.existed or self.probe.empty
+
     @contextlib.contextmanager
     def staged(self, archive, work_folder, progress, reporter):
-        """Check the archive into a transfer folder, holding the volume's lock until the end."""
+        """Check the archive into a transfer folder, holding the volume's lock until the end;
+        for a volume with nothing to lose, only prepare the folder (one pass in ``apply``)."""
         with contextlib.nullcontext() if self.lock_held else volume_lock(self.name), \
                 transfer.TransferFolder(work_folder) as folder:
+            if self.existed:  # under the lock: what the volume holds now
+                self.probe = transfer.probe_volume(self.image, self.name, reporter)
+            if self._nothing_to_lose:
+                yield _Staged(folder, False, work_folder, None, one_pass=True)
+                return
             summary, staged = transfer.stage(archive, folder, progress, VolumeShape())
             if not staged:
                 reporter.log("too little free space in %s to stage the uncompressed archive; "
@@ -205,8 +220,8 @@ class VolumeTarget:
             yield _Staged(folder, staged, work_folder, summary)
 
     def apply(self, staged, archive, reporter, save_copy):
-        if self.existed:
-            transfer.space_check(self.image, self.name, staged.summary, reporter)
+        if staged.summary is not None:
+            transfer.space_check(self.probe, self.name, staged.summary)
         users = docker.containers_using_volume(self.name) if self.existed else []
         if users and not self.stop_containers:
             names = " ".join(container.name for container in users)
@@ -218,16 +233,25 @@ class VolumeTarget:
         with docker.containers_stopped(self.name, reporter, users) if users \
                 else contextlib.nullcontext():
             snapshot = None
-            if self.existed and self.safety_copy:
+            if not self._nothing_to_lose and self.safety_copy:
                 snapshot = self._save_current(reporter, save_copy)
             if not self.existed:
                 docker.create_volume(self.name, self.labels)
             reporter.status("WARNING: deleting existing volume data")
             try:
                 transfer.fill_volume(self.image, self.name, archive, staged.folder,
-                                     staged.staged, reporter)
+                                     staged.staged, reporter, not staged.one_pass,
+                                     VolumeShape() if staged.one_pass else None)
             except BaseException as error:
-                if self.existed and not self.safety_copy:
+                if staged.one_pass and isinstance(error, ArchiveError):
+                    outcome = self._roll_back(staged.work_folder, None, reporter)
+                    reporter.log(outcome)
+                    raise ArchiveRefused(
+                        "the archive %s is refused [%s]: %s; %s" % (
+                            archive.name, error.rule, error,
+                            outcome if self.existed else "volume %s was not created"
+                            % self.name), error.rule)
+                if not self._nothing_to_lose and not self.safety_copy:
                     outcome = ("no safety backup was taken (--no-safety-backup), so volume %s "
                                "may hold a partial restore" % self.name)
                 else:
@@ -242,8 +266,7 @@ class VolumeTarget:
         return closing
 
     def _save_current(self, reporter, save_copy):
-        """Save the volume as an ordinary archive (in the work folder); give its path, or None
-        if it is empty.
+        """Save the volume as an ordinary archive (in the work folder); give its path.
 
         Raises BackupError when it cannot be written: the restore then stops
         before anything changed.
@@ -253,13 +276,6 @@ class VolumeTarget:
         except BackupError as error:
             raise BackupError("cannot save the current contents of volume %s before the "
                               "restore, so nothing was changed: %s" % (self.name, error))
-        if result.members <= 1:  # only the volume's root folder: it is empty
-            with open(result.path, "rb") as file:
-                check = ArchiveInput(file, result.path).check()
-                root = next(check.members)
-                self._empty_root = (root.uid, root.gid, root.mode, root.mtime)
-            os.unlink(result.path)
-            return None
         reporter.status("Safety backup of the current contents: %s" % result.path)
         return result.path
 
@@ -272,7 +288,7 @@ class VolumeTarget:
                 docker.remove_volume(self.name)
                 return "volume %s, which this restore created, was removed again" % self.name
             if snapshot is None:
-                transfer.wipe_volume(self.image, self.name, reporter, self._empty_root)
+                transfer.wipe_volume(self.image, self.name, reporter, self.probe.root)
                 return ("volume %s was emptied again, its root folder's owner, mode and mtime "
                         "put back, as it was before" % self.name)
             with open(snapshot, "rb") as file, transfer.TransferFolder(work_folder) as folder:
@@ -292,6 +308,9 @@ class VolumeTarget:
 
 
 class _Staged:
-    def __init__(self, folder, staged, work_folder, summary):
+    """What ``staged`` prepared: the transfer folder, whether ``plain.tar`` is staged there,
+    the checked archive's summary (None: not checked yet, ``one_pass``)."""
+
+    def __init__(self, folder, staged, work_folder, summary, one_pass=False):
         self.folder, self.staged, self.work_folder = folder, staged, work_folder
-        self.summary = summary
+        self.summary, self.one_pass = summary, one_pass
