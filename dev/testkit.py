@@ -9,7 +9,12 @@ import subprocess
 import tarfile
 import time
 
-HELPER_IMAGE = "ai-stack-backup-test-helper:latest"
+# The tests' images carry the tag of their run (tests/conftest.py sets a fresh one, and
+# removes those images afterwards), so two runs at once never replace each other's; the
+# demo and the bench keep "latest".
+IMAGE_TAG = os.environ.get("AISB_TEST_IMAGE_TAG") or "latest"
+IMAGE_PREFIX = "ai-stack-backup-test-"
+HELPER_IMAGE = IMAGE_PREFIX + "helper:" + IMAGE_TAG
 OTHER_UID, OTHER_GID = 1234, 5678
 SYMLINK_UID, SYMLINK_GID = 4321, 4322
 
@@ -66,7 +71,7 @@ def build_variant_image(name, tar_function):
     a wrapper that defines the function and then runs the tool's script as is.
     Built once per content (a label holds its hash); a replaced image is removed.
     """
-    image = "ai-stack-backup-test-%s:latest" % name
+    image = "%s%s:%s" % (IMAGE_PREFIX, name, IMAGE_TAG)
     wrapper = (b"#!/bin/busybox ash\n"
                b"tar() { %s; }\n"
                b"set -eu\n"
@@ -84,6 +89,16 @@ def build_variant_image(name, tar_function):
     if found.returncode == 0 and old_id != _image_id(HELPER_IMAGE):
         subprocess.run(["docker", "rmi", old_id], capture_output=True)
     return image
+
+
+def remove_images_of_this_run():
+    """Remove the images tagged with this run's IMAGE_TAG, by exact name (never "latest")."""
+    if IMAGE_TAG == "latest":
+        return
+    names = docker("images", "--format", "{{.Repository}}:{{.Tag}}").split()
+    for name in names:
+        if name.startswith(IMAGE_PREFIX) and name.endswith(":" + IMAGE_TAG):
+            subprocess.run(["docker", "rmi", name], capture_output=True)
 
 
 def _image_id(image):
@@ -267,7 +282,7 @@ def helper_containers(volume):
 
 # --- an app that writes SQLite ----------------------------------------------------
 
-APP_IMAGE = "ai-stack-backup-test-app:latest"
+APP_IMAGE = IMAGE_PREFIX + "app:" + IMAGE_TAG
 # The tests' own cache (dev/build-rootfs.sh): ~/.cache/ai-stack-backup is the tool's work
 # folder on an operator's host, which a test run must not fill.
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),

@@ -21,6 +21,8 @@ sys.path.insert(0, SCRIPTS)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPOSITORY, "dev"))
 
+# This run's own image tag, before testkit reads it (see testkit.IMAGE_TAG).
+os.environ.setdefault("AISB_TEST_IMAGE_TAG", "run-%d-%s" % (os.getpid(), secrets.token_hex(3)))
 import testkit  # noqa: E402  (needs the path above)
 
 REQUIRE_DOCKER = os.environ.get("AI_STACK_REQUIRE_DOCKER") == "1"
@@ -57,7 +59,8 @@ def engine(tmp_path_factory):
             pytest.fail(problem)
         pytest.skip(problem)
     testkit.build_helper_image(tmp_path_factory.mktemp("helper-image"))
-    return testkit.HELPER_IMAGE
+    yield testkit.HELPER_IMAGE
+    testkit.remove_images_of_this_run()
 
 
 @pytest.fixture(autouse=True)

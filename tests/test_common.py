@@ -118,7 +118,7 @@ def test_config_defaults_and_overrides():
     assert settings.backup_dir == "/srv/ai-stack/backups" and not settings.backup_dir_configured
     assert settings.volumes == ["owui-data", "tm-data", "context6-data", "context6-cache",
                                 "qdrant-data"]
-    assert (settings.retention_days, settings.min_keep, settings.stop_containers) == (14, 3, False)
+    assert (settings.retention_days, settings.min_keep, settings.consistency) == (14, 3, "auto")
     assert settings.output_root == config.DEFAULT_OUTPUT_ROOT
     assert (settings.helper_image, settings.gzip_level) == ("alpine:3.20", 6)
     assert settings.threads == config.default_threads() >= 1
@@ -126,7 +126,7 @@ def test_config_defaults_and_overrides():
         {"OPEN_WEBUI_VOLUME": "webui", "TOOL_TM_VOLUME": "tm", "STOP_CONTAINERS": "1",
          "RETENTION_DAYS": "0", "BACKUP_DIR": " relative/dir ", "BACKUP_HELPER_IMAGE": " img ",
          "BACKUP_GZIP_LEVEL": "1", "BACKUP_THREADS": "3"}, backup_all=True)
-    assert settings.volumes[:2] == ["webui", "tm"] and settings.stop_containers
+    assert settings.volumes[:2] == ["webui", "tm"] and settings.consistency == "stop"
     assert settings.backup_dir == os.path.abspath("relative/dir") and settings.backup_dir_configured
     assert (settings.helper_image, settings.gzip_level, settings.threads) == ("img", 1, 3)
     assert Config.from_environment({"VOLUMES": " a, b  c,,d "}, backup_all=True).volumes == \

@@ -1,5 +1,6 @@
 """Hostile archives, faults mid-flight, safety backup and rollback, volumes in use (real engine)."""
 
+import contextlib
 import gzip
 import os
 import re
@@ -47,17 +48,39 @@ def big_volume(make_volume, tmp_path):
     return volume
 
 
+@contextlib.contextmanager
+def own_tmpfs(public_tmp, name, options):
+    """A tmpfs mounted with ``options`` in a folder the engine can see; gives its path."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path = os.path.join(public_tmp, name)
+    os.mkdir(path)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options + ",mode=0700", "tmpfs", path],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], check=True)
+
+
 @pytest.fixture
 def small_disk(public_tmp):
     """A 3 MiB tmpfs the engine can see; gives its path."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    path = os.path.join(public_tmp, "small-disk")
-    os.mkdir(path)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", path],
-                   check=True)
-    yield path
-    subprocess.run(["umount", "-l", path], check=True)
+    with own_tmpfs(public_tmp, "small-disk", "size=3m") as path:
+        yield path
+
+
+def volume_on(folder, make_volume, tmp_path):
+    """A volume kept in ``folder`` (a bind), holding one precious file; gives its name."""
+    data = os.path.join(folder, "volume-data")
+    os.mkdir(data)
+    volume = make_volume(create=False)
+    testkit.docker("volume", "create", "--driver", "local", "--opt", "type=none",
+                   "--opt", "o=bind", "--opt", "device=" + data, volume)
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "precious").write_bytes(os.urandom(100000))
+    testkit.fill_volume(volume, tmp_path / "small")
+    return volume
 
 
 def without_locks(names):
@@ -307,7 +330,7 @@ def slow_image(engine):
     """This test's own tag of the image whose tar extraction hangs: the test may retag it to
     the plain helper (so a rollback runs at normal speed) without touching another run's."""
     base = testkit.build_variant_image("slow-extract", SLOW_EXTRACT)
-    tag = "ai-stack-backup-test-slow-%s:latest" % secrets.token_hex(5)
+    tag = "%sslow-%s:%s" % (testkit.IMAGE_PREFIX, secrets.token_hex(5), testkit.IMAGE_TAG)
     testkit.docker("tag", base, tag)
     yield tag
     subprocess.run(["docker", "rmi", tag], capture_output=True)  # only the tag goes
@@ -377,14 +400,7 @@ def test_a_signal_during_a_restore_rolls_back(helper_env, small_volume, make_vol
 
 def test_a_volume_without_room_is_refused_before_it_changes(helper_env, make_volume, small_disk,
                                                            tmp_path, capsys):
-    folder = os.path.join(small_disk, "volume-data")
-    os.mkdir(folder)
-    volume = make_volume(create=False)
-    testkit.docker("volume", "create", "--driver", "local", "--opt", "type=none",
-                   "--opt", "o=bind", "--opt", "device=" + folder, volume)
-    (tmp_path / "small").mkdir()
-    (tmp_path / "small" / "precious").write_bytes(os.urandom(100000))
-    testkit.fill_volume(volume, tmp_path / "small")
+    volume = volume_on(small_disk, make_volume, tmp_path)
     original = testkit.volume_state(volume)
     big = make_volume()
     (tmp_path / "big").mkdir()
@@ -404,14 +420,8 @@ def test_a_volume_without_room_is_refused_before_it_changes(helper_env, make_vol
 @pytest.fixture
 def few_inodes(public_tmp):
     """A tmpfs with room for bytes but for only 64 files, the engine can see; gives its path."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    path = os.path.join(public_tmp, "few-inodes")
-    os.mkdir(path)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m,nr_inodes=64,mode=0700", "tmpfs",
-                    path], check=True)
-    yield path
-    subprocess.run(["umount", "-l", path], check=True)
+    with own_tmpfs(public_tmp, "few-inodes", "size=32m,nr_inodes=64") as path:
+        yield path
 
 
 def test_a_volume_that_fills_up_during_extraction_is_rolled_back(helper_env, make_volume,
@@ -419,14 +429,7 @@ def test_a_volume_that_fills_up_during_extraction_is_rolled_back(helper_env, mak
                                                                  own_backup_dir, capsys):
     """The space check counts bytes; the filesystem runs out of files half-way through the
     extraction: the volume is put back from the safety copy."""
-    folder = os.path.join(few_inodes, "volume-data")
-    os.mkdir(folder)
-    volume = make_volume(create=False)
-    testkit.docker("volume", "create", "--driver", "local", "--opt", "type=none",
-                   "--opt", "o=bind", "--opt", "device=" + folder, volume)
-    (tmp_path / "small").mkdir()
-    (tmp_path / "small" / "precious").write_bytes(os.urandom(100000))
-    testkit.fill_volume(volume, tmp_path / "small")
+    volume = volume_on(few_inodes, make_volume, tmp_path)
     original = testkit.volume_state(volume)
     many = make_volume()
     (tmp_path / "many").mkdir()

@@ -4,8 +4,8 @@ cli (argv, environ) → pipeline.backup|restore → volume|hostpath → capture,
 
 Standard library only (Python 3.8 to 3.13). Every module, each importing only
 modules before it: errors, names, report, exclusions, notify, locks, files,
-offsite, config, databases, docker, gzipstream, metrics, monitor, retention,
-tarstream, archive, hostpath, transfer, capture, unchanged, pipeline, volume,
+catalog, offsite, config, databases, docker, gzipstream, metrics, monitor, retention,
+tarstream, archive, hosttree, hostpath, transfer, capture, unchanged, pipeline, volume,
 drill, backupall, cli. The README's Development section has one line per module.
 """
 

@@ -15,7 +15,7 @@ import contextlib
 import os
 import time
 
-from . import drill, offsite, pipeline, retention
+from . import catalog, drill, offsite, pipeline, retention
 from .archive import scan_archive, verify_file
 from .errors import ArchiveError, BackupError, DatabaseDamaged, NotFound, describe_os_error
 from .exclusions import NONE
@@ -84,8 +84,7 @@ def _back_up_and_verify(source, folder, config, reporter):
     """Back up one source, read the archive back and hold it against the one before; give an
     Outcome (never raises BackupError)."""
     started = time.monotonic()
-    earlier = retention.archives_by_source(folder, {source.archive_source})
-    previous = earlier[source.archive_source][0][1] if earlier else None
+    previous = catalog.newest_archive(folder, source.archive_source)
 
     def failed(reason):
         reporter.error(reason)
@@ -231,11 +230,11 @@ def run_backup_all(config, reporter, dry_run=False, on_start=None):
                 reporter.error("retention could not delete %s: %s" % (path, error.strerror))
                 outcomes.append(Outcome("retention", path, None, "FAILED",
                                         reason="could not delete: %s" % error.strerror))
-        for path in retention.orphaned_sidecars(folder):
+        for path in catalog.orphaned_sidecars(folder):
             reporter.log("removing %s: its archive is gone" % path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        left = retention.archives_by_source(folder)
+        left = catalog.archives_by_source(folder)
         for outcome in outcomes:
             if outcome.source is not None:
                 outcome.kept = len(left.get(outcome.source, ()))

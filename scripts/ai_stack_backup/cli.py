@@ -15,18 +15,17 @@ import json
 import os
 import signal
 import sys
-import time
 
 from . import drill, monitor, notify, offsite, pipeline
 from .archive import verify_file
+from .catalog import list_archives
 from .backupall import run_backup_all
 from .config import CONSISTENCY_MODES, DEFAULT_BACKUP_DIR, Config
-from .files import CHECKSUM_SUFFIX
 from .exclusions import Exclusions
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL_BASE, EXIT_STATUS_HELP, ArchiveError, \
     BackupError, Interrupted, Locked
 from .hostpath import PathSource, PathTarget
-from .names import FAILED_SUFFIX, parse_archive_name, parse_failed_name, parse_timestamp
+from .names import parse_archive_name
 from .report import Reporter, human_size
 from .volume import VolumeSource, VolumeTarget
 
@@ -304,45 +303,6 @@ def _age(seconds):
     if days:
         return "%dd %dh old" % (days, rest // 3600)
     return "%dh %dm old" % (rest // 3600, rest % 3600 // 60)
-
-
-def list_archives(folder):
-    """Give our archives in ``folder``, grouped by source, newest first within each source."""
-    entries = []
-    try:
-        names = os.listdir(folder)
-    except OSError as error:
-        raise BackupError("cannot list %s: %s" % (folder, error.strerror))
-    now = time.time()
-    for name in sorted(names):
-        parsed = parse_archive_name(name) or parse_failed_name(name)
-        path = os.path.join(folder, name)
-        if parsed is None or not os.path.isfile(path) or os.path.islink(path):
-            continue
-        source, timestamp = parsed
-        status = os.stat(path)
-        entries.append({"source": source, "timestamp": timestamp, "path": path,
-                        "size": status.st_size, "inode": [status.st_dev, status.st_ino],
-                        "age_seconds": int(now - parse_timestamp(timestamp)),
-                        "failed_verification": name.endswith(FAILED_SUFFIX),
-                        "sha256": os.path.isfile(path + CHECKSUM_SUFFIX)})
-    entries.sort(key=lambda entry: (entry["source"], entry["timestamp"]), reverse=True)
-    entries.sort(key=lambda entry: entry["source"])
-    # Skip-if-unchanged links an unchanged volume's new name to its newest archive: those
-    # names share one file, and its space once.
-    by_inode = {}
-    for entry in entries:
-        by_inode.setdefault(tuple(entry["inode"]), []).append(entry["path"])
-    for entry in entries:
-        entry["same_data_as"] = [path for path in by_inode[tuple(entry["inode"])]
-                                 if path != entry["path"]]
-    seen = set()
-    for entry in entries:
-        # A copy that failed verification is shown, but it is nobody's newest backup.
-        entry["newest"] = entry["source"] not in seen and not entry["failed_verification"]
-        if entry["newest"]:
-            seen.add(entry["source"])
-    return entries
 
 
 def list_backups_main(argv=None):

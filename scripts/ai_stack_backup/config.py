@@ -162,7 +162,7 @@ class Config:
     def __init__(self, backup_dir=None,
                  helper_image=DEFAULT_HELPER_IMAGE, gzip_level=DEFAULT_GZIP_LEVEL, threads=None,
                  volumes=None, output_root=None, retention_days=None, min_keep=None,
-                 stop_containers=False, consistency="live", consistency_by_volume=None,
+                 consistency="live", consistency_by_volume=None,
                  retention_daily=0, retention_weekly=0, retention_monthly=0,
                  shrink_guard=DEFAULT_SHRINK_GUARD, exclusions=None, metrics_file="",
                  healthcheck_url="", notify_url="", notify_headers=(), invocation_id="",
@@ -176,7 +176,6 @@ class Config:
         self.output_root = output_root
         self.retention_days = retention_days
         self.min_keep = min_keep
-        self.stop_containers = stop_containers
         self.consistency = consistency
         self.consistency_by_volume = consistency_by_volume or {}
         self.retention_daily = retention_daily
@@ -231,7 +230,7 @@ class Config:
                 retention_days=_whole_number(environ, "RETENTION_DAYS",
                                              DEFAULT_RETENTION_DAYS, 0),
                 min_keep=_whole_number(environ, "RETENTION_MIN_KEEP", DEFAULT_MIN_KEEP, 1),
-                stop_containers=stop_containers, consistency=consistency,
+                consistency=consistency,
                 consistency_by_volume=consistency_by_volume,
                 retention_daily=_whole_number(environ, "RETENTION_DAILY", 0, 0),
                 retention_weekly=_whole_number(environ, "RETENTION_WEEKLY", 0, 0),

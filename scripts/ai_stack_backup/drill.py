@@ -21,7 +21,7 @@ from .databases import DatabaseCheck
 from .errors import ArchiveError, BackupError
 from .errors import Locked
 from .locks import volume_lock
-from .retention import archives_by_source
+from .catalog import newest_archive
 from .tarstream import FILE, HARDLINK, ArchiveRules, TarReader
 from .volume import VolumeTarget
 
@@ -41,12 +41,6 @@ class DrillResult:
             return "DRILL ok %s %s %d %.1f" % (self.volume, self.archive, self.members,
                                                self.seconds)
         return "DRILL FAILED %s %s: %s" % (self.volume, self.archive or "-", self.problem)
-
-
-def newest_archive(folder, volume):
-    """Give the path of the newest archive of ``volume`` in ``folder`` (by its name), or None."""
-    found = archives_by_source(folder, {volume})
-    return found[volume][0][1] if found else None
 
 
 def _manifest(members, data, databases=None):
@@ -176,7 +170,7 @@ def _drill_into(scratch, volume, archive, config, quiet, started):
     try:
         pipeline.restore(VolumeTarget(scratch, config, safety_copy=False,
                                       labels={OWNER_LABEL: str(os.getpid())}, lock_held=True),
-                         archive, config, _Muted(quiet))
+                         archive, config, quiet.without_status())
         seconds = time.monotonic() - started
         expected = _archive_manifest(archive)
         work_folder = pipeline.work_folder_for(config, quiet)
@@ -188,16 +182,3 @@ def _drill_into(scratch, volume, archive, config, quiet, started):
         return DrillResult(volume, archive, len(expected), seconds, problem)
     except (BackupError, ArchiveError) as error:
         return DrillResult(volume, archive, problem=str(error))
-
-
-class _Muted:
-    """A reporter for the drill's restore: its status lines are not the drill's."""
-
-    def __init__(self, reporter):
-        self._reporter = reporter
-
-    def status(self, line):
-        pass
-
-    def __getattr__(self, name):
-        return getattr(self._reporter, name)

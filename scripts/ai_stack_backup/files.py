@@ -181,6 +181,24 @@ def publish_text(path, text):
             os.unlink(temp)
 
 
+def replace_text(path, text):
+    """Replace the small file ``path`` (0600) by one holding ``text``, atomically: a temp file
+    in the same folder, fsync, rename over it. Raises OSError."""
+    folder = os.path.dirname(os.path.abspath(path))
+    descriptor, temp = tempfile.mkstemp(prefix=WORK_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+        temp = None
+    finally:
+        if temp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+
+
 class AtomicArchive:
     """A temp file in the destination folder that is published under its final name.
 

@@ -1,191 +1,24 @@
 """A host folder or file as a backup source and as a restore target (staging, then rename).
 
 The archive holds one top-level entry, the source's basename, as
-``tar -czf OUT -C DIRNAME BASENAME`` made it. Headers are GNU format, byte for
-byte what ``tarfile`` writes (``tarstream.encode_header``, held to it by the
-tests): long and non-UTF-8 names survive, and GNU tar and busybox extract it
-without a warning. Modes, owners (with names), mtimes, symlinks (not
-followed), hard links, empty folders and FIFOs are kept; sockets and device
-files are skipped with a warning (restore refuses device files).
+``tar -czf OUT -C DIRNAME BASENAME`` made it; ``hosttree`` writes it. A restore
+checks the whole archive while it extracts it next to TARGET through folder
+descriptors, then swaps it in by rename, so a failure leaves TARGET as it was.
 """
 
 import contextlib
 import errno
-import grp
 import os
-import pwd
 import secrets
 import stat
 
 from .archive import PathShape
 from .errors import BackupError, NotFound, describe_os_error
 from .exclusions import NONE
-from .files import WORK_PREFIX, BatchedWriter
+from .files import WORK_PREFIX
+from .hosttree import TreeWriter
 from .names import safe_name
-from .tarstream import BLOCK_SIZE, DIRECTORY, END_OF_ARCHIVE, FIFO, FILE, HARDLINK, SYMLINK, \
-    encode_header, padding
-
-READ_SIZE = 1 << 20
-RECORD_SIZE = 20 * BLOCK_SIZE  # tar and tarfile pad archives to whole 10 KiB records
-
-
-class TreeWriter:
-    """Writes tar members for a file tree into ``output`` (anything with ``write``).
-
-    Paths are bytes throughout, so any name survives unchanged. ``exclude``
-    holds ``(st_dev, st_ino)`` pairs never to archive (the archive being
-    written, if it lies inside the tree). Hard links are tracked only for
-    files with more than one link, and folders are listed one at a time, so
-    memory does not grow with the number of files.
-    """
-
-    def __init__(self, output, reporter, exclude=(), progress=None, exclusions=NONE):
-        self.exclude = set(exclude)
-        self.exclusions = exclusions
-        self.progress = progress
-        self.warn = reporter.warn
-        self.members = 0
-        self.data_bytes = 0
-        self._output = BatchedWriter(output.write)
-        self._emit = self._output.write
-        self._first_path = {}
-        self._users = {}
-        self._groups = {}
-        self._buffer = bytearray(READ_SIZE)
-
-    @staticmethod
-    def _cached_name(cache, lookup, number):
-        """Give the user or group name of ``number`` (``b""`` if it has none), asked once."""
-        if number not in cache:
-            try:
-                cache[number] = os.fsencode(lookup(number)[0])
-            except KeyError:
-                cache[number] = b""
-        return cache[number]
-
-    def _user(self, uid):
-        return self._cached_name(self._users, pwd.getpwuid, uid)
-
-    def _group(self, gid):
-        return self._cached_name(self._groups, grp.getgrgid, gid)
-
-    def _header(self, arcname, status, kind, linkname=b"", size=0):
-        self._emit(encode_header(arcname + b"/" if kind == DIRECTORY else arcname, kind,
-                                 stat.S_IMODE(status.st_mode), status.st_uid, status.st_gid,
-                                 status.st_mtime_ns // 1000000000, size, linkname,
-                                 self._user(status.st_uid), self._group(status.st_gid)))
-        self.members += 1
-
-    def _copy_file(self, path, arcname, status):
-        shown = os.fsdecode(path)
-        try:
-            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as error:
-            if error.errno in (errno.ENOENT, errno.ELOOP):
-                self.warn("%s vanished while it was backed up; skipped" % shown)
-                return
-            raise BackupError("cannot read %s: %s" % (shown, describe_os_error(error)))
-        try:
-            opened = os.fstat(descriptor)
-            if not stat.S_ISREG(opened.st_mode):
-                self.warn("%s changed type while it was backed up; skipped" % shown)
-                return
-            self._header(arcname, opened, FILE, size=opened.st_size)
-            remaining = opened.st_size
-            view = memoryview(self._buffer)
-            while remaining:
-                try:
-                    count = os.readv(descriptor, [view[:min(remaining, READ_SIZE)]])
-                except OSError as error:
-                    raise BackupError("cannot read %s: %s" % (shown, describe_os_error(error)))
-                if not count:
-                    self.warn("%s shrank by %d bytes while it was read; the rest is zeros"
-                         % (shown, remaining))
-                    while remaining:
-                        filler = min(remaining, READ_SIZE)
-                        self._emit(bytes(filler))
-                        remaining -= filler
-                    break
-                self._emit(view[:count])
-                remaining -= count
-                if self.progress is not None:
-                    self.progress.advance(count)
-            self._emit(padding(opened.st_size))
-            self.data_bytes += opened.st_size
-        finally:
-            os.close(descriptor)
-
-    def add(self, path, arcname, status):
-        """Archive one entry (not its children); give True when it is a folder to descend into."""
-        mode = status.st_mode
-        if stat.S_ISREG(mode):
-            if status.st_nlink > 1:
-                key = (status.st_dev, status.st_ino)
-                if key in self._first_path:
-                    self._header(arcname, status, HARDLINK, linkname=self._first_path[key])
-                    return False
-                self._first_path[key] = arcname
-            self._copy_file(path, arcname, status)
-        elif stat.S_ISDIR(mode):
-            self._header(arcname, status, DIRECTORY)
-            return True
-        elif stat.S_ISLNK(mode):
-            self._header(arcname, status, SYMLINK, linkname=os.readlink(path))
-        elif stat.S_ISFIFO(mode):
-            self._header(arcname, status, FIFO)  # never opened, never read
-        elif stat.S_ISSOCK(mode):
-            self.warn("%s is a socket; skipped" % os.fsdecode(path))
-        else:
-            self.warn("%s is a device file; skipped (restore refuses device files)"
-                 % os.fsdecode(path))
-        return False
-
-    def _names(self, folder):
-        try:
-            return sorted(os.listdir(folder))
-        except OSError as error:
-            raise BackupError("cannot list folder %s: %s"
-                              % (os.fsdecode(folder), describe_os_error(error)))
-
-    def add_tree(self, path, arcname):
-        """Archive ``path`` (followed if a symlink) and everything below it, as ``arcname``."""
-        path, arcname = os.fsencode(path), os.fsencode(arcname)
-        try:
-            status = os.stat(path)
-        except OSError as error:
-            raise BackupError("cannot read %s: %s" % (os.fsdecode(path), describe_os_error(error)))
-        if not self.add(path, arcname, status):
-            return
-        stack = [(path, arcname, b"", iter(self._names(path)))]
-        while stack:
-            folder, folder_arcname, relative, names = stack[-1]
-            name = next(names, None)
-            if name is None:
-                stack.pop()
-                continue
-            child = os.path.join(folder, name)
-            try:
-                status = os.lstat(child)
-            except FileNotFoundError:
-                self.warn("%s vanished while it was backed up; skipped" % os.fsdecode(child))
-                continue
-            if (status.st_dev, status.st_ino) in self.exclude:
-                continue
-            child_relative = relative + b"/" + name if relative else name
-            # What is above was matched already: an excluded folder is never entered.
-            if self.exclusions and self.exclusions.matches(child_relative,
-                                                           stat.S_ISDIR(status.st_mode)):
-                continue
-            child_arcname = folder_arcname + b"/" + name
-            if self.add(child, child_arcname, status):
-                stack.append((child, child_arcname, child_relative,
-                              iter(self._names(child))))
-
-    def finish(self):
-        """Write the end-of-archive marker, padded to a whole record like tar does."""
-        total = self._output.count + len(END_OF_ARCHIVE)
-        self._emit(END_OF_ARCHIVE + bytes(-total % RECORD_SIZE))
-        self._output.flush()
+from .tarstream import DIRECTORY, FIFO, FILE, HARDLINK, SYMLINK
 
 
 class _LiveCopy:
@@ -226,7 +59,8 @@ class PathSource:
         """A host path is never skipped as unchanged: give no listed stream."""
         return contextlib.nullcontext(None)
 
-    def write_tar(self, output, progress, reporter, work_folder=None, exclude=()):
+    def write_tar(self, output, progress, reporter, work_folder=None, exclude=(), held=None,
+                  listed=None):
         """Write the tree as tar into ``output``; give the member count. Raises BackupError."""
         top = self.name.rstrip("/")
         tree = TreeWriter(output, reporter, exclude, progress, self.exclusions)

@@ -16,6 +16,7 @@ import time
 
 from . import metrics, notify
 from .errors import BackupError
+from .files import replace_text
 
 NOTIFIED_NAME = ".ai_stack_backup-notified"
 
@@ -73,18 +74,9 @@ class Watch:
             return
         self.reporter.log("failure message sent to %s" % notify.mask(config.notify_url))
         if config.invocation_id:
-            _write_small(os.path.join(config.backup_dir, NOTIFIED_NAME), config.invocation_id)
-
-
-def _write_small(path, text):
-    temp = "%s.%d.tmp" % (path, os.getpid())
-    try:
-        with open(temp, "w") as file:
-            file.write(text + "\n")
-        os.replace(temp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
+            with contextlib.suppress(OSError):  # without it, OnFailure= only says it twice
+                replace_text(os.path.join(config.backup_dir, NOTIFIED_NAME),
+                             config.invocation_id + "\n")
 
 
 def already_notified(config, invocation):

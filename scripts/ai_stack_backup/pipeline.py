@@ -10,12 +10,15 @@ differs: ``kind``, ``name``, ``archive_source``, ``check()``,
 giving an object whose ``describe()`` says how the copy was made consistent),
 ``listed(reporter, work_folder)`` (a context manager giving a
 ``transfer.ListedStream``, or None where a source cannot be listed) and
-``write_tar(output, progress, reporter, work_folder, exclude)``. A restore target
+``write_tar(output, progress, reporter, work_folder, exclude, held, listed)``, which
+is handed the capture and the listed stream (state travels as arguments, never
+parked on the source between calls). A restore target
 (``volume.VolumeTarget``, ``hostpath.PathTarget``) supplies ``kind``,
 ``name``, ``description``, ``check(archive_path)``, ``prepare(reporter)``,
 ``staged(archive, work_folder, progress, reporter)`` — a context manager that reads
 and checks the whole archive once, raising ArchiveError before anything
-changed — and ``apply(staged, archive, reporter, save_copy)``, which makes the
+changed (a volume with nothing to lose is checked in ``apply``'s one pass
+instead) — and ``apply(staged, archive, reporter, save_copy)``, which makes the
 change (taking its safety copy with ``save_copy(source)`` and rolling
 back itself on failure) and gives the status lines for after ``OK``.
 """
@@ -47,16 +50,19 @@ class BackupResult:
         self.linked_to = None  # skip-if-unchanged: the archive this one is a hard link to
 
 
-def _write_gzip_tar(source, output, config, reporter, work_folder=None, exclude=()):
+def _write_gzip_tar(source, output, config, reporter, work_folder=None, exclude=(), held=None,
+                    listed=None):
     """Let ``source`` write its tar stream through the parallel gzip into ``output``.
 
-    Gives the member count. The gzip stream is finished only on success, so a
-    failed stream never looks complete.
+    ``held`` (the source's capture) and ``listed`` (its listed stream) go to
+    ``write_tar``. Gives the member count. The gzip stream is finished only on
+    success, so a failed stream never looks complete.
     """
     gzip_writer = ParallelGzipWriter(output, config.gzip_level, config.threads)
     try:
         with reporter.progress("Backing up %s" % source.name) as progress:
-            members = source.write_tar(gzip_writer, progress, reporter, work_folder, exclude)
+            members = source.write_tar(gzip_writer, progress, reporter, work_folder, exclude,
+                                       held, listed)
         gzip_writer.close()
     except BaseException:
         gzip_writer.abort()
@@ -65,12 +71,12 @@ def _write_gzip_tar(source, output, config, reporter, work_folder=None, exclude=
 
 
 def write_archive(source, folder, config, reporter, work_folder, timestamp=None,
-                  before_publish=None):
+                  publish_if=None, held=None, listed=None):
     """Write ``folder/<source>__<timestamp>.tar.gz`` atomically; give a BackupResult.
 
     No status lines: ``backup`` frames this, and a safety copy uses it as is.
-    ``work_folder`` (private) holds the transfer folder. ``before_publish()``
-    runs once the archive is complete; what it raises stops the publishing.
+    ``work_folder`` (private) holds the transfer folder. ``publish_if()`` is
+    asked once the archive is complete: False drops it, and None is given.
     Raises ArchiveExists when the name is taken, BackupError otherwise.
     """
     started = time.monotonic()
@@ -78,11 +84,11 @@ def write_archive(source, folder, config, reporter, work_folder, timestamp=None,
     with AtomicArchive(path) as archive:
         try:
             members = _write_gzip_tar(source, archive.output, config, reporter, work_folder,
-                                      exclude={archive.identity()})
+                                      {archive.identity()}, held, listed)
         except OSError as error:
             raise BackupError("cannot write %s: %s" % (path, describe_os_error(error)))
-        if before_publish is not None:
-            before_publish()
+        if publish_if is not None and not publish_if():
+            return None
         size = archive.publish(checksum=True)
         if archive.checksum_problem:
             reporter.warn(archive.checksum_problem)
@@ -144,7 +150,7 @@ def backup(source, destination, config, reporter, stdout=None, skip_unchanged=Fa
             started = time.monotonic()
             output = stdout or sys.stdout.buffer
             try:
-                members = _write_gzip_tar(source, output, config, reporter)
+                members = _write_gzip_tar(source, output, config, reporter, held=capture)
                 output.flush()
             except BrokenPipeError:
                 raise BackupError("backing up %s %s failed: stdout was closed"
@@ -152,61 +158,53 @@ def backup(source, destination, config, reporter, stdout=None, skip_unchanged=Fa
             result = BackupResult(source.archive_source, "-", None, members,
                                   time.monotonic() - started)
         elif skip_unchanged:
-            made_by = unchanged.recipe(source.exclusions, capture)
             result = _write_unless_unchanged(source, folder, config, reporter, work_folder,
-                                             timestamp, made_by)
+                                             timestamp, capture)
         else:
-            result = write_archive(source, folder, config, reporter, work_folder, timestamp)
+            result = write_archive(source, folder, config, reporter, work_folder, timestamp,
+                                   held=capture)
     result.consistency = capture.describe()
     result.capture = capture
     reporter.status("OK")
     return result
 
 
-class _Unchanged(Exception):
-    """The archive being written is not needed: the source is unchanged."""
-
-
-def _write_unless_unchanged(source, folder, config, reporter, work_folder, timestamp,
-                            made_by):
-    """Back up ``source`` while its listing and ``made_by`` (``unchanged.recipe``) are held
-    against its newest archive's record; if nothing changed, the backup is cut short and the
-    new name linked to that archive instead."""
+def _write_unless_unchanged(source, folder, config, reporter, work_folder, timestamp, held):
+    """Back up ``source`` while its listing and recipe (``unchanged.recipe``) are held against
+    its newest archive's record; if nothing changed, the backup is cut short and the new
+    name linked to that archive instead. One archive is written at most: a source that
+    cannot be listed, or whose newest archive cannot be linked to after all, gets it."""
     started = time.monotonic()
+    made_by = unchanged.recipe(source.exclusions, held)
+    result = decision = None
     with source.listed(reporter, work_folder) as listed:
-        if listed is None:  # a source that cannot be listed
-            return write_archive(source, folder, config, reporter, work_folder, timestamp)
-        decision = unchanged.Decision(folder, source.archive_source, listed, made_by)
-        decision.start()
-
-        def unless_unchanged():  # a small volume's tar may be done before the decision
-            decision.join()
-            if decision.unchanged is not None:
-                raise _Unchanged()
-        try:
-            result = write_archive(source, folder, config, reporter, work_folder, timestamp,
-                                   unless_unchanged)
-        except (BackupError, _Unchanged):
-            decision.join()
-            if decision.unchanged is None and not decision.stopped:
+        if listed is not None:
+            decision = unchanged.Decision(folder, source.archive_source, listed, made_by)
+            decision.start()
+            try:
+                # A small volume's tar may be done before the decision: it is waited for.
+                result = write_archive(source, folder, config, reporter, work_folder,
+                                       timestamp, decision.changed, held, listed)
+            except BackupError:
+                if not decision.stopped_the_helper():
+                    raise
+            except BaseException:  # a signal: the listing need not be waited for
+                listed.stop()
+                decision.join()
                 raise
-            result = None  # the helper was stopped, or the archive dropped, on purpose
-        except BaseException:  # a signal: the listing need not be waited for
-            listed.stop()
             decision.join()
-            raise
-        decision.join()
-    for note in decision.notes:
-        reporter.log(note)
-    if result is None and decision.unchanged is None:  # stopped, but the old archive is bad
-        return write_archive(source, folder, config, reporter, work_folder, timestamp)
+            for note in decision.notes:
+                reporter.log(note)
     if result is not None:
         unchanged.record(result.path, decision.listing, result.members, made_by, reporter)
         return result
-    linked = unchanged.link(folder, source.archive_source, timestamp, decision.unchanged,
-                            reporter)
+    linked = None
+    if decision is not None and decision.unchanged is not None:
+        linked = unchanged.link(folder, source.archive_source, timestamp, decision.unchanged,
+                                reporter)
     if linked is None:
-        return write_archive(source, folder, config, reporter, work_folder, timestamp)
+        return write_archive(source, folder, config, reporter, work_folder, timestamp,
+                             held=held)
     result = BackupResult(source.archive_source, linked.path, linked.size, linked.members,
                           time.monotonic() - started)
     result.linked_to = linked.target

@@ -72,6 +72,16 @@ class Reporter:
         """A reporter for work done on the side (a safety backup): logs, but no progress line."""
         return Reporter(self._status_stream, self._log_stream, quiet=True)
 
+    def without_status(self):
+        """A silent reporter whose status lines go nowhere: a restore inside a drill, whose
+        lines are not the drill's."""
+        return _WithoutStatus(self._status_stream, self._log_stream, quiet=True)
+
+
+class _WithoutStatus(Reporter):
+    def status(self, line):
+        pass
+
 
 class Progress:
     """One updating status line on a terminal; silent anywhere else.

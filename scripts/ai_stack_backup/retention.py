@@ -20,8 +20,8 @@ import datetime
 import os
 import time
 
-from .files import SIDECAR_SUFFIXES
-from .names import parse_archive_name, parse_failed_name, parse_timestamp
+from .catalog import archives_by_source
+from .names import parse_failed_name, parse_timestamp
 
 DAY = 86400
 
@@ -63,23 +63,6 @@ class Decision:
     @property
     def kept(self):
         return bool(self.reasons)
-
-
-def archives_by_source(folder, sources=None):
-    """Give ``{source: [(when, path), …]}`` of our archives directly in ``folder``, newest first.
-
-    With ``sources``, only those sources' archives.
-    """
-    found = {}
-    for entry in os.scandir(folder):
-        parsed = parse_archive_name(entry.name)
-        if parsed is None or (sources is not None and parsed[0] not in sources) or \
-                not entry.is_file(follow_symlinks=False):
-            continue
-        found.setdefault(parsed[0], []).append((parse_timestamp(parsed[1]), entry.path))
-    for archives in found.values():
-        archives.sort(reverse=True)
-    return found
 
 
 def decide(source, archives, policy, now):
@@ -135,17 +118,3 @@ def failed_copies(folder, sources, days, now=None):
         if now - when > days * DAY:
             found.append((when, entry.path))
     return [path for _, path in sorted(found)]
-
-
-def orphaned_sidecars(folder):
-    """Give our ``<archive>.sha256`` and ``<archive>.listing`` files directly in ``folder``
-    whose archive is gone."""
-    orphans = []
-    for entry in os.scandir(folder):
-        name = entry.name
-        for suffix in SIDECAR_SUFFIXES:
-            if name.endswith(suffix) and entry.is_file(follow_symlinks=False) and \
-                    parse_archive_name(name[:-len(suffix)]) is not None and \
-                    not os.path.lexists(entry.path[:-len(suffix)]):
-                orphans.append(entry.path)
-    return sorted(orphans)

@@ -36,7 +36,7 @@ import time
 from .errors import ArchiveExists, BackupError, describe_os_error
 from .files import CHECKSUM_SUFFIX, LISTING_SUFFIX, file_sha256, fsync_directory, publish_text
 from .names import archive_name
-from .retention import archives_by_source
+from .catalog import newest_archive
 
 FORMAT = "ai_stack_backup listing 1"
 ARCHIVE_FORMAT = "ustar+pax gzip 1"  # what our archives are made of; a change means "changed"
@@ -180,6 +180,17 @@ class Decision(threading.Thread):
         self.listing, self.unchanged, self.notes = None, None, []
         self.stopped = False
 
+    def changed(self):
+        """Wait for the decision; say whether the source changed (its archive is needed)."""
+        self.join()
+        return self.unchanged is None
+
+    def stopped_the_helper(self):
+        """Wait for the decision; say whether it stopped the helper on purpose (a backup that
+        then failed is no failure)."""
+        self.join()
+        return self.stopped
+
     def run(self):
         raw = self.listed.wait_for_listing()
         if raw is None:
@@ -187,10 +198,9 @@ class Decision(threading.Thread):
         self.listing = parse_listing(*raw)
         if self.listing.digest is None:
             return
-        found = archives_by_source(self.folder, {self.source})
-        if not found:
+        newest = newest_archive(self.folder, self.source)
+        if newest is None:
             return
-        newest = found[self.source][0][1]
         saved = _read_record(newest)
         if saved is None or saved["listing"] != self.listing.digest:
             return

@@ -100,8 +100,6 @@ class VolumeSource:
         self.image = config.helper_image
         self.backup_dir = config.backup_dir
         self.consistency = consistency
-        self._capture = None
-        self._listed = None  # the helper of a ``listed`` block
 
     def check(self):
         docker.check_volume_name(self.name)
@@ -119,36 +117,31 @@ class VolumeSource:
         with volume_lock(self.name), \
                 capture.captured(self.consistency, self.name, self.image, work_folder,
                                  reporter) as held:
-            self._capture = held
-            try:
-                yield held
-            finally:
-                self._capture = None
+            yield held
 
     @contextlib.contextmanager
     def listed(self, reporter, work_folder):
         """Start the helper that writes the tar and lists the volume meanwhile (for
-        skip-if-unchanged); give its ``transfer.ListedStream``. ``write_tar`` within the
-        block reads that helper's stream."""
+        skip-if-unchanged); give its ``transfer.ListedStream``, for ``write_tar``'s
+        ``listed``."""
         what = "backing up volume %s" % self.name
         with transfer.listed_tar_stream(self.image, self.name, work_folder, what) as stream:
-            self._listed = stream
-            try:
-                yield stream
-            finally:
-                self._listed = None
+            yield stream
 
-    def write_tar(self, output, progress, reporter, work_folder=None, exclude=()):
+    def write_tar(self, output, progress, reporter, work_folder=None, exclude=(), held=None,
+                  listed=None):
         """Pass the helper's tar of the volume into ``output``, checking it; give the members.
 
+        ``held`` is the Capture of ``captured`` (its database snapshots go in),
+        ``listed`` the stream of ``listed`` (else a helper of its own is started).
         With database snapshots or exclusions the stream is re-emitted, with the
         snapshots put in and the excluded paths left out.
         Raises DockerError unless the stream is a complete tar (end-of-archive
         marker included) and the helper's tar ended well.
         """
         what = "backing up volume %s" % self.name
-        snapshots = self._capture.snapshots if self._capture else {}
-        stream = self._listed.opened() if self._listed is not None else \
+        snapshots = held.snapshots if held else {}
+        stream = listed.opened() if listed is not None else \
             transfer.volume_tar_stream(self.image, self.name, work_folder, what)
         with stream as (descriptor, helper):
             rules = _RulesOfRestore(self.name)
