@@ -143,6 +143,7 @@ def test_qdrant_storage_is_stopped_for_the_copy(helper_env, make_volume, tmp_pat
     with open(os.path.join(testkit.mountpoint(volume), "raft_state.json"), "w") as file:
         file.write("{}")
     app = testkit.start_app_container(volume, "aisb-qdrant-%s" % volume[len("aisb-test-"):])
+    testkit.wait_for(lambda: testkit.starts(volume) == 1, "the app to start")
     monkeypatch.setenv("BACKUP_DIR", str(tmp_path / "backups"))
     monkeypatch.setenv("OUTPUT_ROOT", "")
     monkeypatch.setenv("VOLUMES", volume)
@@ -153,6 +154,7 @@ def test_qdrant_storage_is_stopped_for_the_copy(helper_env, make_volume, tmp_pat
                      r"\d+\.\d s" % (volume, app), captured.out)
     assert line, captured.out
     sys.stderr.write("\nstop capture: %s\n" % line.group(0))
+    testkit.wait_for(lambda: testkit.starts(volume) >= 2, "the app to start again")
     assert testkit.starts(volume) == 2 and testkit.container_running(app)
 
 
@@ -180,11 +182,13 @@ def test_without_sqlite_in_the_image_sqlite_falls_back_to_stop(helper_env, make_
     connection.close()
     # The busybox image has no python3: no way to run SQLite in it.
     app = testkit.start_app_container(volume, "aisb-nosqlite-%s" % volume[len("aisb-test-"):])
+    testkit.wait_for(lambda: testkit.starts(volume) == 1, "the app to start")
     folder = tmp_path / "backups"
     assert cli.backup_docker_volume_main([volume, str(folder), "--consistency", "sqlite"]) == 0
     error = capsys.readouterr().err
     assert "has no usable SQLite" in error and "stopping its containers for the copy instead" \
         in error
+    testkit.wait_for(lambda: testkit.starts(volume) >= 2, "the app to start again")
     assert testkit.starts(volume) == 2 and testkit.container_running(app)
     into = tmp_path / "x"
     extracted(archives_of(folder, volume)[0], str(into))

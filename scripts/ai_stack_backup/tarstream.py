@@ -198,6 +198,34 @@ def _data_size(size, records, offset):
     return size
 
 
+def _check_sum(block, offset):
+    """Raise ArchiveError unless the header's checksum (unsigned, or the signed sum some old
+    tars wrote) matches."""
+    try:
+        stored = _number(block[148:156], "checksum", offset)
+    except ArchiveError:
+        stored = None
+    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+    if stored != unsigned and stored != sum(_SIGNED_SUM.unpack(block)) + 8 * 32:
+        if offset == 0:
+            raise ArchiveError("not a tar archive (bad header checksum)", "not-tar")
+        raise ArchiveError("corrupt tar header at byte %d (checksum mismatch)" % offset,
+                           "bad-checksum")
+
+
+def _merge_pax(target, payload, offset):
+    """Merge a pax header's records into ``target`` (an empty value removes a record)."""
+    records = _parse_pax(payload, offset)
+    if any(key.startswith(b"GNU.sparse") for key in records):
+        raise ArchiveError("sparse members are not supported (pax header at byte %d)" % offset,
+                           "sparse")
+    for key, value in records.items():
+        if value:
+            target[key] = value
+        else:
+            target.pop(key, None)
+
+
 class TarReader:
     """Parse a tar stream from an iterator of byte chunks.
 
@@ -271,7 +299,11 @@ class TarReader:
                                    "trailing-data")
 
     def next(self):
-        """Give the next member, or None at a valid end of archive; raises ArchiveError."""
+        """Give the next member, or None at a valid end of archive; raises ArchiveError.
+
+        Extended headers (GNU long names and links, pax records) come before the
+        member they describe and are gathered until it comes.
+        """
         self._skip_rest()
         long_name = long_link = None
         local = {}
@@ -283,47 +315,33 @@ class TarReader:
                                        "orphan-extended-header")
                 self._check_end(offset)
                 return None
-            try:
-                stored = _number(block[148:156], "checksum", offset)
-            except ArchiveError:
-                stored = None
-            unsigned = sum(block) - sum(block[148:156]) + 8 * 32
-            if stored != unsigned and stored != sum(_SIGNED_SUM.unpack(block)) + 8 * 32:
-                if offset == 0:
-                    raise ArchiveError("not a tar archive (bad header checksum)", "not-tar")
-                raise ArchiveError("corrupt tar header at byte %d (checksum mismatch)" % offset,
-                                   "bad-checksum")
+            _check_sum(block, offset)
             typeflag = block[156:157]
             size = _number(block[124:136], "size", offset)
-            if typeflag in (b"L", b"K", b"x", b"g"):
-                if not 0 <= size <= EXTENDED_HEADER_LIMIT:
-                    raise ArchiveError("an extended header at byte %d is too large (%d bytes)"
-                                       % (offset, size), "extended-header-too-large")
-                payload = self._stream.read(size)
-                if len(payload) < size:
-                    raise ArchiveError("the archive is truncated inside an extended header",
-                                       "truncated")
-                self._stream.read(-size % BLOCK_SIZE)
-                if typeflag == b"L":
-                    long_name = payload.rstrip(b"\0")
-                elif typeflag == b"K":
-                    long_link = payload.rstrip(b"\0")
-                else:
-                    records = _parse_pax(payload, offset)
-                    if any(key.startswith(b"GNU.sparse") for key in records):
-                        raise ArchiveError("sparse members are not supported (pax header at "
-                                           "byte %d)" % offset, "sparse")
-                    target = self._global if typeflag == b"g" else local
-                    for key, value in records.items():
-                        if value:
-                            target[key] = value
-                        else:  # an empty value removes the record
-                            target.pop(key, None)
-                continue
-            records = {**self._global, **local} if self._global else local
-            if self._light:
-                return self._walk_member(typeflag, size, offset, records)
-            return self._member(block, typeflag, size, offset, long_name, long_link, records)
+            if typeflag not in (b"L", b"K", b"x", b"g"):
+                break
+            payload = self._extended_payload(size, offset)
+            if typeflag == b"L":
+                long_name = payload.rstrip(b"\0")
+            elif typeflag == b"K":
+                long_link = payload.rstrip(b"\0")
+            else:
+                _merge_pax(self._global if typeflag == b"g" else local, payload, offset)
+        records = {**self._global, **local} if self._global else local
+        if self._light:
+            return self._walk_member(typeflag, size, offset, records)
+        return self._member(block, typeflag, size, offset, long_name, long_link, records)
+
+    def _extended_payload(self, size, offset):
+        if not 0 <= size <= EXTENDED_HEADER_LIMIT:
+            raise ArchiveError("an extended header at byte %d is too large (%d bytes)"
+                               % (offset, size), "extended-header-too-large")
+        payload = self._stream.read(size)
+        if len(payload) < size:
+            raise ArchiveError("the archive is truncated inside an extended header",
+                               "truncated")
+        self._stream.read(-size % BLOCK_SIZE)
+        return payload
 
     def _walk_member(self, typeflag, size, offset, records):
         if typeflag not in _KIND_BY_TYPEFLAG:
