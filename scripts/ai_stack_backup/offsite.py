@@ -161,7 +161,8 @@ def _children(table):
 
 def _end_everything(process, before):
     """Kill ``process`` and all it started: its group, its session, its descendants and our
-    new children (orphans it left, which came to us as subreaper); then reap them."""
+    new children (orphans it left, which came to us as subreaper); wait until they are gone
+    (a few seconds at most), reaping those that are ours."""
     for _ in range(5):  # a dying parent may hand on a child between two looks
         table = _process_table()
         doomed = {pid for pid, (_, group, session) in table.items()
@@ -177,11 +178,32 @@ def _end_everything(process, before):
         for pid in doomed:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+        _wait_gone(doomed - {process.pid}, time.monotonic() + KILL_GRACE)
         process.wait()
-        for pid in doomed - {process.pid}:
-            with contextlib.suppress(OSError):  # not our child: its own parent reaps it
-                os.waitpid(pid, os.WNOHANG)  # never block: a zombie left here is harmless
     process.wait()
+
+
+KILL_GRACE = 5.0  # seconds for killed processes to be gone; a D-state one is left behind
+
+
+def _wait_gone(pids, deadline):
+    """Wait until each of ``pids`` has ended (gone, or a zombie: then reaped if ours)."""
+    pending = set(pids)
+    while pending and time.monotonic() < deadline:
+        for pid in list(pending):
+            with contextlib.suppress(OSError):  # not our child: its own parent reaps it
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    pending.discard(pid)
+                    continue
+            try:
+                with open("/proc/%d/stat" % pid, "rb") as file:
+                    ended = file.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+            except (OSError, IndexError):
+                ended = True
+            if ended:
+                pending.discard(pid)
+        if pending:
+            time.sleep(0.01)
 
 
 def _kill_group(process):
