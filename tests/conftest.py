@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(REPOSITORY, "dev"))
 # This run's own image tag, before testkit reads it (see testkit.IMAGE_TAG).
 os.environ.setdefault("AISB_TEST_IMAGE_TAG", "run-%d-%s" % (os.getpid(), secrets.token_hex(3)))
 import testkit  # noqa: E402  (needs the path above)
+from ai_stack_backup import locks  # noqa: E402
 
 REQUIRE_DOCKER = os.environ.get("AI_STACK_REQUIRE_DOCKER") == "1"
 
@@ -104,6 +105,8 @@ def make_volume(engine):
         for container in testkit.docker("ps", "-aq", "--filter", "volume=" + name).split():
             subprocess.run(["docker", "rm", "-f", container], capture_output=True)
         subprocess.run(["docker", "volume", "rm", "-f", name], capture_output=True)
+        # A backup or restore the test killed outright leaves the volume's host-wide lock file.
+        locks.remove_unheld(locks.host_lock_path(name))
 
 
 @pytest.fixture
