@@ -89,6 +89,14 @@ def helper_env(engine, monkeypatch):
     return engine
 
 
+def _removed(volume):
+    """Remove the test's ``volume`` and the containers using it; say whether it is gone."""
+    for container in testkit.docker("ps", "-aq", "--filter", "volume=" + volume).split():
+        subprocess.run(["docker", "rm", "-f", container], capture_output=True)
+    subprocess.run(["docker", "volume", "rm", "-f", volume], capture_output=True)
+    return not testkit.volume_exists(volume)
+
+
 @pytest.fixture
 def make_volume(engine):
     """Factory for uniquely named volumes (``create=False`` only reserves a name); removes them."""
@@ -102,9 +110,10 @@ def make_volume(engine):
         return name
     yield make
     for name in names:
-        for container in testkit.docker("ps", "-aq", "--filter", "volume=" + name).split():
-            subprocess.run(["docker", "rm", "-f", container], capture_output=True)
-        subprocess.run(["docker", "volume", "rm", "-f", name], capture_output=True)
+        # A killed tool's helper may still be going away (its --rm removal in progress), and
+        # the volume cannot go before it: try again until it is gone.
+        testkit.wait_for(lambda name=name: _removed(name), "volume %s to be removed" % name,
+                         ceiling=120)
         # A backup or restore the test killed outright leaves the volume's host-wide lock file.
         locks.remove_unheld(locks.host_lock_path(name))
 
