@@ -275,6 +275,37 @@ def test_restore_streams_twice_when_the_disk_cannot_stage_it(helper_env, make_vo
     assert without_locks(os.listdir(small_disk)) == []
 
 
+def test_stdin_into_a_new_volume_is_read_once_and_never_kept(helper_env, make_volume, small_disk,
+                                                             tmp_path):
+    """The new-host path (`age -d … | restore … -`): a volume that does not exist is filled as
+    the stream comes, so the work folder needs no room for the archive (3 MiB here, for a
+    larger one), and a hostile stream still changes nothing."""
+    source = make_volume()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "blob").write_bytes(os.urandom(5 * 1024 * 1024))
+    testkit.fill_volume(source, tmp_path / "data")
+    archive = backup_of(source, tmp_path / "archives")
+    script = os.path.join(SCRIPTS, "restore_docker_volume.py")
+    environment = dict(os.environ, BACKUP_DIR=small_disk)
+    target = make_volume(create=False)
+    with open(archive, "rb") as stream:
+        result = subprocess.run([sys.executable, script, target, "-", "--force", "--quiet"],
+                                stdin=stream, capture_output=True, env=environment)
+    assert result.returncode == 0, result.stderr
+    assert testkit.volume_state(target) == testkit.volume_state(source)
+    assert without_locks(os.listdir(small_disk)) == []
+    hostile = write(tmp_path / "hostile.tar.gz", gz(raw_tar(
+        [entry("./", tarfile.DIRTYPE), entry("./fine", data=b"x")] + HOSTILE["dot-dot"],
+        tarfile.GNU_FORMAT)))
+    refused = make_volume(create=False)
+    with open(hostile, "rb") as stream:
+        result = subprocess.run([sys.executable, script, refused, "-", "--force"],
+                                stdin=stream, capture_output=True, env=environment)
+    assert result.returncode == 1
+    assert b"is refused [%s]" % HOSTILE_RULES["dot-dot"].encode() in result.stderr
+    assert not testkit.volume_exists(refused)
+
+
 # --- safety backup and rollback ------------------------------------------------------
 
 def backup_of(volume, folder):

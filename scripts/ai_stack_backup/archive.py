@@ -182,16 +182,25 @@ class ArchiveInput:
         self.file = file
         self.name = name
         self._stamp = self._current_stamp()
-        self.size = self._stamp[0]
+        self.size = self._stamp[0]  # 0 for a pipe: no percentage then
         self.first_summary = None
+        self._passes = 0
 
     def _current_stamp(self):
         status = os.fstat(self.file.fileno())
         return status.st_size, status.st_mtime_ns
 
     def check(self, progress=None, shape=None):
-        """A fresh pass from the start; ``shape`` (VolumeShape, PathShape) judges the whole."""
-        self.file.seek(0)
+        """A fresh pass from the start; ``shape`` (VolumeShape, PathShape) judges the whole.
+
+        A stream that cannot seek (stdin read once, for a volume with nothing to
+        lose) gives one pass only.
+        """
+        if self.file.seekable():
+            self.file.seek(0)
+        elif self._passes:
+            raise BackupError("%s can be read only once, and was read already" % self.name)
+        self._passes += 1
         return CheckPass(self, progress, shape)
 
     def unchanged(self, summary):

@@ -240,6 +240,7 @@ class PathTarget:
     first as an ordinary archive, unless ``safety_copy`` is off."""
 
     kind = "path"
+    reads_once = False  # the archive is checked completely before the swap
 
     def __init__(self, target, config, safety_copy=True):
         self.name = self.description = target.rstrip("/") or "/"

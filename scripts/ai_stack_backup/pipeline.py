@@ -15,6 +15,7 @@ is handed the capture and the listed stream (state travels as arguments, never
 parked on the source between calls). A restore target
 (``volume.VolumeTarget``, ``hostpath.PathTarget``) supplies ``kind``,
 ``name``, ``description``, ``check(archive_path)``, ``prepare(reporter)``,
+``reads_once`` (after ``prepare``: stdin is read as it comes, not kept first),
 ``staged(archive, work_folder, progress, reporter)`` — a context manager that reads
 and checks the whole archive once, raising ArchiveError before anything
 changed (a volume with nothing to lose is checked in ``apply``'s one pass
@@ -214,10 +215,13 @@ def _write_unless_unchanged(source, folder, config, reporter, work_folder, times
 
 
 @contextlib.contextmanager
-def _opened_archive(archive_path, work_folder, stdin):
+def _opened_archive(archive_path, work_folder, stdin, once):
     if archive_path != "-":
         with open(archive_path, "rb") as file:
             yield ArchiveInput(file, archive_path)
+        return
+    if once:  # a target with nothing to lose reads it in one pass, as it comes
+        yield ArchiveInput(stdin or sys.stdin.buffer, "-")
         return
     # It must be read completely before anything changes, and may be read again.
     with spooled(stdin or sys.stdin.buffer, work_folder) as file:
@@ -238,7 +242,7 @@ def restore(target, archive_path, config, reporter, stdin=None):
     reporter.status("Restoring %s: %s" % (target.kind, target.name))
     reporter.status("From: %s" % archive_path)
     work_folder = work_folder_for(config, reporter)
-    with _opened_archive(archive_path, work_folder, stdin) as archive, \
+    with _opened_archive(archive_path, work_folder, stdin, target.reads_once) as archive, \
             contextlib.ExitStack() as stack:
         with reporter.progress("Checking archive", total=archive.size) as progress:
             try:

@@ -195,6 +195,11 @@ class VolumeTarget:
     def _nothing_to_lose(self):
         return not self.existed or self.probe.empty
 
+    @property
+    def reads_once(self):
+        """A volume that does not exist yet is filled in one pass: stdin need not be kept."""
+        return not self.existed
+
     @contextlib.contextmanager
     def staged(self, archive, work_folder, progress, reporter):
         """Check the archive into a transfer folder, holding the volume's lock until the end;
