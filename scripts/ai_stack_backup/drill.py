@@ -18,10 +18,9 @@ import time
 from . import docker, pipeline, transfer
 from .archive import ArchiveInput
 from .databases import DatabaseCheck
-from .errors import ArchiveError, BackupError
-from .errors import Locked
-from .locks import volume_lock
 from .catalog import newest_archive
+from .errors import ArchiveError, BackupError, Locked
+from .locks import volume_lock
 from .tarstream import FILE, HARDLINK, ArchiveRules, TarReader
 from .volume import VolumeTarget
 
@@ -118,8 +117,14 @@ def _difference(expected, found):
 
 
 def remove_abandoned_scratch_volumes(reporter):
-    """Remove the scratch volumes of drills that are gone (their lock is free); say so."""
-    for name, pid in sorted(docker.volumes_labelled(OWNER_LABEL).items()):
+    """Remove the scratch volumes of drills that are gone (their lock is free); say so.
+    Never raises: what cannot be looked at or removed is a warning."""
+    try:
+        found = docker.volumes_labelled(OWNER_LABEL)
+    except BackupError as error:
+        reporter.warn("could not look for scratch volumes left by killed drills: %s" % error)
+        return
+    for name, pid in sorted(found.items()):
         if not name.startswith(SCRATCH_PREFIX):
             continue
         try:
@@ -140,10 +145,7 @@ def drill(volume, config, reporter):
 
     Never raises BackupError: a failure is the result's ``problem``.
     """
-    try:
-        remove_abandoned_scratch_volumes(reporter)
-    except BackupError as error:
-        reporter.warn("could not look for scratch volumes left by killed drills: %s" % error)
+    remove_abandoned_scratch_volumes(reporter)
     archive = newest_archive(config.backup_dir, volume) if os.path.isdir(config.backup_dir) \
         else None
     if archive is None:

@@ -159,10 +159,10 @@ def _publish_by_link(temp_path, final_path):
         os.rename(temp_path, final_path)
 
 
-def publish_text(path, text):
+def publish_text(path, text, replace=False):
     """Publish a small file (0600) the way archives are: a temp file in the same folder,
-    fsync, link to ``path`` (never overwriting), temp removed. Raises ArchiveExists when
-    ``path`` is taken, BackupError otherwise."""
+    fsync, link to ``path`` (never overwriting; with ``replace``, renamed over it), temp
+    removed. Raises ArchiveExists when ``path`` is taken, BackupError otherwise."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         descriptor, temp = tempfile.mkstemp(prefix=WORK_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
@@ -173,30 +173,15 @@ def publish_text(path, text):
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
-        _publish_by_link(temp, path)
+        if replace:
+            os.replace(temp, path)
+        else:
+            _publish_by_link(temp, path)
     except OSError as error:
         raise BackupError("cannot write %s: %s" % (path, describe_os_error(error)))
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
-
-
-def replace_text(path, text):
-    """Replace the small file ``path`` (0600) by one holding ``text``, atomically: a temp file
-    in the same folder, fsync, rename over it. Raises OSError."""
-    folder = os.path.dirname(os.path.abspath(path))
-    descriptor, temp = tempfile.mkstemp(prefix=WORK_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-        temp = None
-    finally:
-        if temp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
 
 
 class AtomicArchive:

@@ -16,7 +16,7 @@ import time
 
 from . import metrics, notify
 from .errors import BackupError
-from .files import replace_text
+from .files import publish_text
 
 NOTIFIED_NAME = ".ai_stack_backup-notified"
 
@@ -74,9 +74,9 @@ class Watch:
             return
         self.reporter.log("failure message sent to %s" % notify.mask(config.notify_url))
         if config.invocation_id:
-            with contextlib.suppress(OSError):  # without it, OnFailure= only says it twice
-                replace_text(os.path.join(config.backup_dir, NOTIFIED_NAME),
-                             config.invocation_id + "\n")
+            with contextlib.suppress(BackupError):  # without it, OnFailure= says it twice
+                publish_text(os.path.join(config.backup_dir, NOTIFIED_NAME),
+                             config.invocation_id + "\n", replace=True)
 
 
 def already_notified(config, invocation):

@@ -98,7 +98,6 @@ class VolumeSource:
         self.name = self.archive_source = volume
         self.exclusions = exclusions
         self.image = config.helper_image
-        self.backup_dir = config.backup_dir
         self.consistency = consistency
 
     def check(self):
@@ -244,11 +243,9 @@ class VolumeTarget:
                 if staged.one_pass and isinstance(error, ArchiveError):
                     outcome = self._roll_back(staged.work_folder, None, reporter)
                     reporter.log(outcome)
-                    raise ArchiveRefused(
-                        "the archive %s is refused [%s]: %s; %s" % (
-                            archive.name, error.rule, error,
-                            outcome if self.existed else "volume %s was not created"
-                            % self.name), error.rule)
+                    raise ArchiveRefused("the archive %s is refused [%s]: %s; %s"
+                                         % (archive.name, error.rule, error, outcome),
+                                         error.rule)
                 if not self._nothing_to_lose and not self.safety_copy:
                     outcome = ("no safety backup was taken (--no-safety-backup), so volume %s "
                                "may hold a partial restore" % self.name)
