@@ -142,6 +142,17 @@ def test_hostile_or_broken_archive_changes_nothing(helper_env, small_volume, tmp
     assert testkit.archives_in(own_backup_dir) == []
 
 
+def empty_volume_with_odd_root(make_volume):
+    """An empty volume whose root folder has another owner, mode and mtime than a new one's:
+    a rollback that only empties it would show."""
+    volume = make_volume()
+    root = testkit.mountpoint(volume)
+    os.chown(root, 1234, 5678)
+    os.chmod(root, 0o750)
+    os.utime(root, (1_500_000_000, 1_500_000_000))
+    return volume
+
+
 @pytest.mark.parametrize("case", ["dot-dot", "absolute name", "character device",
                                   "through a symlink", "flipped byte", "truncated"])
 def test_one_pass_into_a_volume_with_nothing_to_lose_refuses_and_leaves_it(
@@ -164,11 +175,7 @@ def test_one_pass_into_a_volume_with_nothing_to_lose_refuses_and_leaves_it(
             data = data[:len(data) * 2 // 3]
             rule = "truncated"
     archive = write(tmp_path / "case.tar.gz", bytes(data))
-    empty = make_volume()
-    root = testkit.mountpoint(empty)
-    os.chown(root, 1234, 5678)
-    os.chmod(root, 0o750)
-    os.utime(root, (1_500_000_000, 1_500_000_000))
+    empty = empty_volume_with_odd_root(make_volume)
     before = testkit.volume_state(empty)
     assert cli.restore_docker_volume_main([empty, archive, "--force"]) == 1
     error = capsys.readouterr().err

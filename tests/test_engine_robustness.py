@@ -15,8 +15,8 @@ import pytest
 import testkit
 from ai_stack_backup import cli, drill, files, locks
 from conftest import SCRIPTS
-from test_engine_hardening import backup_of, gz, slow_image, small_volume, \
-    start_slow_restore, wait_for  # noqa: F401
+from test_engine_hardening import backup_of, empty_volume_with_odd_root, gz, slow_image, \
+    small_volume, start_slow_restore, wait_for  # noqa: F401
 from test_tarstream import entry, raw_tar
 
 pytestmark = pytest.mark.engine
@@ -210,11 +210,7 @@ def test_a_path_archive_is_not_restored_into_a_volume(helper_env, small_volume, 
 
 def test_a_failed_restore_into_an_empty_volume_puts_its_root_back(helper_env, make_volume,
                                                                   tmp_path, slow_image):
-    volume = make_volume()
-    root = testkit.mountpoint(volume)
-    os.chown(root, 1234, 5678)
-    os.chmod(root, 0o750)
-    os.utime(root, (1_500_000_000, 1_500_000_000))
+    volume = empty_volume_with_odd_root(make_volume)
     empty = testkit.volume_state(volume)
     other = make_volume()
     testkit.fill_volume(other, testkit.make_tricky_tree(tmp_path / "tricky").decode())
