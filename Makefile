@@ -12,7 +12,7 @@ SERVICE_GROUP ?= $(shell id -gn $(SERVICE_USER))
 UNIT_DIR ?= /etc/systemd/system
 BACKUP_DIR ?= /srv/ai-stack/backups
 
-.PHONY: prepare demo test bench install-systemd lint
+.PHONY: prepare demo test bench bench-peers install-systemd lint
 
 prepare:
 	@PYTHONS="$(PYTHON) $(OTHER_PYTHONS)" sh dev/prepare-machine.sh
@@ -32,7 +32,14 @@ test: prepare
 	done
 
 bench: prepare
+	@PYTHONS="$(PYTHON) $(OTHER_PYTHONS)" sh dev/prepare-machine.sh bench
 	$(PYTHON) bench/bench.py
+	$(PYTHON) bench/peers.py
+
+# The peers part alone: ours against restic and borg, nightly and hourly (a few minutes).
+bench-peers: prepare
+	@PYTHONS="$(PYTHON) $(OTHER_PYTHONS)" sh dev/prepare-machine.sh bench
+	$(PYTHON) bench/peers.py
 
 # Renders the unit templates for this checkout (paths, user, backup folder) and installs them.
 RENDER = sed -e 's\#/home/wasti/ai_stack/\#$(CHECKOUT)/\#g' \

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Installs and starts what the demo, the tests and the benchmarks need, on a fresh
-# Debian machine: a Docker engine, static busybox (the tests' helper image), age and gpg, the
+# Debian machine: a Docker engine, static busybox (the tests' helper image), age and gpg, xfsprogs, the
 # root filesystems of the tests' images (dev/build-rootfs.sh) and pytest for every
 # interpreter in $PYTHONS. Does nothing that is already done.
 set -eu
@@ -11,6 +11,13 @@ dpkg -s busybox-static >/dev/null 2>&1 || missing="$missing busybox-static"
 # age and gpg: encrypted off-host copies (tests, demo)
 command -v age >/dev/null 2>&1 || missing="$missing age"
 command -v gpg >/dev/null 2>&1 || missing="$missing gnupg"
+# mkfs.xfs: the tests' and the bench's XFS folder, where copied archive members share blocks
+command -v mkfs.xfs >/dev/null 2>&1 || missing="$missing xfsprogs"
+# `prepare-machine.sh bench`: the peers make bench compares with (bench only; never the scripts)
+if [ "${1:-}" = bench ]; then
+    command -v restic >/dev/null 2>&1 || missing="$missing restic"
+    command -v borg >/dev/null 2>&1 || missing="$missing borgbackup"
+fi
 if [ -n "$missing" ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "prepare-machine: installing$missing needs root" >&2

@@ -72,10 +72,13 @@ def build_variant_image(name, tar_function):
     Built once per content (a label holds its hash); a replaced image is removed.
     """
     image = "%s%s:%s" % (IMAGE_PREFIX, name, IMAGE_TAG)
+    # Called as ``sh -c SCRIPT`` by the tool, and as ``sh -c SCRIPT sh NAME...`` by its xargs:
+    # the script's own arguments are what follows its $0.
     wrapper = (b"#!/bin/busybox ash\n"
                b"tar() { %s; }\n"
                b"set -eu\n"
-               b'eval "$2"\n') % tar_function
+               b'script="$2"; shift 2; if [ $# -gt 0 ]; then shift; fi\n'
+               b'eval "$script"\n') % tar_function
     digest = hashlib.sha256(wrapper).hexdigest()[:16]
     found = subprocess.run(["docker", "image", "inspect", "--format",
                             '{{.Id}} {{index .Config.Labels "ai-stack-backup.variant"}}', image],

@@ -148,3 +148,23 @@ def operator(public_tmp):
         yield entry
     finally:
         subprocess.run(["userdel", name], capture_output=True)
+
+
+@pytest.fixture
+def xfs_folder(engine, tmp_path):
+    """A fresh XFS filesystem (a sparse file, loop-mounted) under the test's own folder, where
+    ``copy_file_range`` shares blocks; unmounted and removed afterwards. Needs root."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting an XFS filesystem needs root")
+    image = tmp_path / "xfs.img"
+    with open(str(image), "wb") as file:
+        file.truncate(700 << 20)
+    subprocess.run(["mkfs.xfs", "-q", str(image)], check=True)
+    mountpoint = tmp_path / "xfs"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+        os.unlink(str(image))

@@ -284,7 +284,8 @@ def test_non_root_operator_owns_the_archive(helper_env, operator, make_volume, t
     assert stat.S_IMODE(status.st_mode) == 0o600
     assert stat.S_IMODE(os.stat(os.path.join(home, "backups")).st_mode) == 0o700
     assert sorted(os.listdir(os.path.join(home, "backups"))) == [
-        os.path.basename(archive), os.path.basename(archive) + ".sha256"]
+        os.path.basename(archive), os.path.basename(archive) + ".listing",
+        os.path.basename(archive) + ".sha256"]  # its member record, its checksum
     # The operator's archive restores exactly.
     target = make_volume(create=False)
     assert cli.restore_docker_volume_main([target, archive, "--force"]) == 0

@@ -62,7 +62,7 @@ def test_a_non_root_operator_with_roots_backup_folder_present(helper_env, operat
     assert result.stdout.decode().splitlines()[-1] == "left:"  # nothing written into root's
     assert testkit.volume_state(target) == original
     names = sorted(os.listdir(folder))
-    assert len(names) == 2 and names[1] == names[0] + ".sha256"
+    assert len(names) == 3 and names[1:] == [names[0] + ".listing", names[0] + ".sha256"]
 
 
 def test_two_restores_of_one_volume_from_two_folders_by_two_users(helper_env, operator,
@@ -156,7 +156,9 @@ def test_no_command_creates_a_folder_it_was_not_given(helper_env, small_volume, 
     names = sorted(os.listdir(str(folder)))
     archives = [name for name in names if name.endswith(".tar.gz")]
     assert len(archives) == 2
-    assert names == sorted(archives + [name + ".sha256" for name in archives])
+    # Each archive with its checksum and its member record.
+    assert names == sorted(archives + [name + suffix for name in archives
+                                       for suffix in (".listing", ".sha256")])
     assert testkit.volume_state(target) == original
     assert testkit.tree_state(str(restored_path)) == testkit.tree_state(
         str(source_tree / "data"))

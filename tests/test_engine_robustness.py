@@ -69,7 +69,8 @@ def test_work_files_never_go_to_a_folder_others_can_write(helper_env, small_volu
         thief.stop()
     assert thief.seen == [] and os.listdir(loot) == []  # nothing of the volume leaked
     assert sorted(name for name in os.listdir(shared) if not name.startswith(files.LOCK_NAME)) \
-        == [os.path.basename(archive), os.path.basename(archive) + ".sha256"]
+        == [os.path.basename(archive), os.path.basename(archive) + ".listing",
+            os.path.basename(archive) + ".sha256"]
     assert testkit.volume_state(volume) == testkit.volume_state(other)
     safety = [path for path in testkit.archives_in(own_backup_dir)
               if os.path.basename(path).startswith(volume)]

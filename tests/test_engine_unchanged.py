@@ -16,7 +16,7 @@ import tarfile
 import pytest
 
 import testkit
-from ai_stack_backup import unchanged
+from ai_stack_backup import blocked
 from ai_stack_backup.cli import backup_all_main, backup_docker_volume_main, list_backups_main, \
     restore_docker_volume_main, verify_backup_main
 from ai_stack_backup.names import parse_archive_name
@@ -231,8 +231,9 @@ def test_a_volume_written_while_it_is_backed_up_is_not_recorded(helper_env, quie
     try:
         folder = tmp_path / "backups"
         first = backup(quiet_volume, folder)
-        assert not os.path.exists(first + ".listing")
-        assert "entries changed while the volume was backed up; the next backup will not be " \
+        with open(first + ".listing") as file:
+            assert json.load(file)["listing"] is None  # recorded as never the same
+        assert "entries changed while the volume was listed; the next backup will not be " \
             "skipped" in capsys.readouterr().err
     finally:
         subprocess.run(["docker", "rm", "-f", writer], capture_output=True)
@@ -241,15 +242,21 @@ def test_a_volume_written_while_it_is_backed_up_is_not_recorded(helper_env, quie
     assert os.stat(second).st_ino != os.stat(first).st_ino
 
 
-def test_a_listing_is_racy_when_a_ctime_is_as_new_as_its_start():
-    old = b"999 5 1 6 644 0 0 999 regular file './a'\n"
-    future_mtime = b"999 7 1 6 644 0 0 4000000000 regular file './m'\n"
-    new = b"1000 6 1 6 644 0 0 1 regular file './b\n1000 looks like a line'\n"
-    assert unchanged.parse_listing(b"1000", old + future_mtime, b"", now=1001).problem is None
-    assert unchanged.parse_listing(b"1000", old + new, b"", now=1001).problem == \
-        "entries changed while the volume was backed up"
-    assert unchanged.parse_listing(b"1000", new + old, b"", now=1001).problem is not None
-    assert unchanged.parse_listing(b"1000", old, b"stat: can't stat './x'\n").digest is None
+def test_a_listing_is_racy_when_a_ctime_is_as_new_as_its_start(tmp_path):
+    def listing(text, errors=b"", odd=b""):
+        path = tmp_path / "listing"
+        path.write_bytes(text)
+        return blocked.read_listing(b"1000", str(path), errors, odd)
+    old = b"999 5 1 6 81a4 0 0 999 ./a\n"
+    future_mtime = b"999 7 1 6 81a4 0 0 4000000000 ./m\n"
+    new = b"1000 6 1 6 81a4 0 0 1 ./b\n"
+    assert not listing(old + future_mtime).racy and listing(old).problem is None
+    assert listing(old + new).racy and listing(new + old).racy
+    gone = b"stat: can't stat './x': No such file or directory\n"
+    assert listing(old, gone).problem is None and listing(old, gone).racy
+    assert listing(old, b"find: ./y: Permission denied\n").problem.startswith(
+        "the listing failed")
+    assert listing(old, odd=b"./with\nbreak\n").problem == "some names hold a line break"
 
 
 def test_skip_unchanged_needs_a_folder(capsys):

@@ -415,3 +415,40 @@ def test_sparse_files_come_back_sparse(tmp_path):
     assert restored.st_size == 100 * 1024 * 1024
     assert restored.st_blocks * 512 < 10 * 1024 * 1024  # not inflated to 100 MiB
     assert testkit.tree_state(str(target)) == testkit.tree_state(str(source))
+
+
+def test_a_path_backup_copies_what_did_not_change_from_the_previous_archive(tmp_path, capsys):
+    """OUTPUT_ROOT grows by new transcripts each day: the next archive copies the rest from
+    the previous one (listed by the tool itself) and is still complete and exact."""
+    source = str(tmp_path / "src" / "output")
+    os.makedirs(os.path.join(source, "sub"))
+    os.symlink("day1-000.txt", os.path.join(source, "sub", "link"))
+    testkit._write(os.path.join(source, "sub", "big.bin"), os.urandom(3 << 20))
+    for index in range(900):  # four run members of transcripts
+        testkit._write(os.path.join(source, "day1-%03d.txt" % index),
+                       b"transcript %d " % index * 400)
+    testkit.next_second()
+    folder = tmp_path / "backups"
+    assert cli.backup_path_main([source, str(folder), "--quiet"]) == 0
+    first = testkit.archives_in(folder)[-1]
+    testkit._write(os.path.join(source, "day2-new.txt"), b"a new transcript\n" * 100)
+    testkit.next_second()
+    capsys.readouterr()
+    assert cli.backup_path_main([source, str(folder), "--quiet"]) == 0
+    second = testkit.archives_in(folder)[-1]
+    log = capsys.readouterr().err
+    found = re.search(r"path %s: ([0-9.]+) MiB copied from %s, ([0-9.]+) MiB read"
+                      % (re.escape(source), re.escape(first)), log)
+    # Read again: the run with the root folder's line, and the one the new name joined; the
+    # other two runs and the 3 MiB file were copied.
+    copied, written = float(found.group(1)), float(found.group(2))
+    assert copied >= 4.5 and written <= 2.5, log
+    with tarfile.open(first) as old, tarfile.open(second) as new:
+        before = {member.name: (member.mode, member.mtime, member.size) for member in old}
+        after = {member.name: (member.mode, member.mtime, member.size) for member in new}
+    assert {name for name in set(before) | set(after)
+            if before.get(name) != after.get(name)} == {"output", "output/day2-new.txt"}
+    target = tmp_path / "restored" / "output"
+    target.parent.mkdir()
+    assert cli.restore_path_main([second, str(target), "--force"]) == 0
+    assert testkit.tree_state(str(target)) == testkit.tree_state(source)

@@ -121,3 +121,32 @@ def test_calendar_settings_are_whole_numbers(monkeypatch, capsys):
     monkeypatch.setenv("RETENTION_WEEKLY", "four")
     assert backup_all_main(["--dry-run"]) == 1
     assert "RETENTION_WEEKLY must be a whole number" in capsys.readouterr().err
+
+
+def test_hourly_keeps_the_newest_of_each_recent_hour_that_has_archives(tmp_path):
+    """Archives every 20 minutes on 1 Dec from 09:00 to 14:40, none in the 12:00 hour."""
+    stamps = ["20261201T%02d%02d00Z" % (hour, minute) for hour in (9, 10, 11, 13, 14)
+              for minute in (0, 20, 40)]
+    for stamp in stamps:
+        (tmp_path / archive_name("owui-data", stamp)).write_bytes(b"x")
+    kept = _kept(tmp_path, retention.Policy(0, 1, hourly=4))
+    # 14:40 (also the newest), 13:40, then 11:40 and 10:40: the empty 12:00 hour is skipped.
+    assert sorted(kept) == ["20261201T104000Z", "20261201T114000Z", "20261201T134000Z",
+                            "20261201T144000Z"]
+    assert kept["20261201T134000Z"] == ["hourly 4"]
+    assert kept["20261201T144000Z"] == ["newest 1", "hourly 4"]
+    both = _kept(tmp_path, retention.Policy(0, 1, hourly=2, daily=1))
+    assert sorted(both) == ["20261201T134000Z", "20261201T144000Z"]
+
+
+def test_backup_all_reads_retention_hourly(monkeypatch):
+    from ai_stack_backup.backupall import retention_policy
+    from ai_stack_backup.config import Config
+    from ai_stack_backup.errors import ConfigError
+    monkeypatch.setenv("RETENTION_HOURLY", "24")
+    config = Config.from_environment(os.environ, backup_all=True)
+    assert retention_policy(config).counts["hourly"] == 24
+    monkeypatch.setenv("RETENTION_HOURLY", "-1")
+    with pytest.raises(ConfigError) as refused:
+        Config.from_environment(os.environ, backup_all=True)
+    assert "RETENTION_HOURLY" in str(refused.value)

@@ -5,8 +5,8 @@ cli (argv, environ) → pipeline.backup|restore → volume|hostpath → capture,
 Standard library only (Python 3.8 to 3.13). Every module, each importing only
 modules before it: errors, names, report, exclusions, notify, locks, files,
 catalog, offsite, config, databases, docker, gzipstream, metrics, monitor, retention,
-tarstream, archive, hosttree, hostpath, transfer, capture, unchanged, pipeline, volume,
-drill, backupall, cli. The README's Development section has one line per module.
+tarstream, archive, hosttree, transfer, capture, unchanged, blocked, pipeline, hostpath,
+volume, drill, backupall, cli. The README's Development section has one line per module.
 """
 
 __version__ = "1.0.0"

@@ -41,7 +41,8 @@ def configured_sources(config):
 
 def retention_policy(config):
     return retention.Policy(config.retention_days, config.min_keep, config.retention_daily,
-                            config.retention_weekly, config.retention_monthly)
+                            config.retention_weekly, config.retention_monthly,
+                            config.retention_hourly)
 
 
 def backup_all_lock(folder):

@@ -346,12 +346,14 @@ def backup_all_main(argv=None):
                          "VOLUMES='owui-data tm-data' BACKUP_CONSISTENCY=live backup_all.py",
                          "RETENTION_DAILY=7 RETENTION_WEEKLY=4 RETENTION_MONTHLY=12 "
                          "backup_all.py --dry-run   # which rule keeps what",
+                         "RETENTION_HOURLY=24 RETENTION_DAILY=14 backup_all.py   # run hourly",
                          "BACKUP_EXCLUDE='owui-data:cache/ tm-data:*.tmp' backup_all.py",
                          "OFFSITE_ENCRYPT=age:age1… OFFSITE_COMMAND='rclone copyto \"$1\" "
                          "b2:bucket/ai-stack/\"$(basename \"$1\")\"' backup_all.py",
                          "environment: BACKUP_DIR, OUTPUT_ROOT, RETENTION_DAYS (14), "
                          "RETENTION_MIN_KEEP (3),",
-                         "  RETENTION_DAILY, RETENTION_WEEKLY, RETENTION_MONTHLY (0: off), "
+                         "  RETENTION_HOURLY, RETENTION_DAILY, RETENTION_WEEKLY, "
+                         "RETENTION_MONTHLY (0: off), "
                          "RETENTION_SHRINK_GUARD (50 percent; 0: off),",
                          "  BACKUP_EXCLUDE (SOURCE:PATTERN entries),",
                          "  VOLUMES (default: $OPEN_WEBUI_VOLUME $TOOL_TM_VOLUME context6-data "

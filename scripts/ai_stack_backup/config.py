@@ -163,7 +163,7 @@ class Config:
                  helper_image=DEFAULT_HELPER_IMAGE, gzip_level=DEFAULT_GZIP_LEVEL, threads=None,
                  volumes=None, output_root=None, retention_days=None, min_keep=None,
                  consistency="live", consistency_by_volume=None,
-                 retention_daily=0, retention_weekly=0, retention_monthly=0,
+                 retention_daily=0, retention_weekly=0, retention_monthly=0, retention_hourly=0,
                  shrink_guard=DEFAULT_SHRINK_GUARD, exclusions=None, metrics_file="",
                  healthcheck_url="", notify_url="", notify_headers=(), invocation_id="",
                  skip_unchanged=False, offsite=None):
@@ -181,6 +181,7 @@ class Config:
         self.retention_daily = retention_daily
         self.retention_weekly = retention_weekly
         self.retention_monthly = retention_monthly
+        self.retention_hourly = retention_hourly
         self.shrink_guard = shrink_guard
         # {volume or OUTPUT_ROOT path: Exclusions}
         self.exclusions = exclusions or {}
@@ -235,6 +236,7 @@ class Config:
                 retention_daily=_whole_number(environ, "RETENTION_DAILY", 0, 0),
                 retention_weekly=_whole_number(environ, "RETENTION_WEEKLY", 0, 0),
                 retention_monthly=_whole_number(environ, "RETENTION_MONTHLY", 0, 0),
+                retention_hourly=_whole_number(environ, "RETENTION_HOURLY", 0, 0),
                 shrink_guard=_whole_number(environ, "RETENTION_SHRINK_GUARD",
                                            DEFAULT_SHRINK_GUARD, 0, 100),
                 exclusions=_exclusions(environ, sources),

@@ -143,6 +143,23 @@ class _HashingWriter:
         self.digest.update(memoryview(data)[:written])
         return written
 
+    def copy(self, source, offset, data):
+        """Append ``data``, which are the bytes of the file ``source`` (a descriptor) at
+        ``offset``: by ``copy_file_range``, so that filesystems that can (XFS, btrfs) share
+        the blocks instead of writing them again; by ``write`` where the kernel cannot."""
+        self.digest.update(data)
+        target = self.file.fileno()
+        done = 0
+        with contextlib.suppress(OSError, AttributeError):  # AttributeError: no such call
+            while done < len(data):
+                copied = os.copy_file_range(source, target, len(data) - done, offset + done)
+                if not copied:
+                    break
+                done += copied
+        view = memoryview(data)[done:]
+        while view:
+            view = view[self.file.write(view):]
+
 
 def _publish_by_link(temp_path, final_path):
     """Link ``temp_path`` to ``final_path``, never overwriting; raises ArchiveExists."""

@@ -11,14 +11,20 @@ import errno
 import os
 import secrets
 import stat
+import tempfile
+import threading
+import time
 
+from . import blocked
 from .archive import PathShape
 from .errors import BackupError, NotFound, describe_os_error
 from .exclusions import NONE
-from .files import WORK_PREFIX
-from .hosttree import TreeWriter
+from .files import WORK_PREFIX, BatchedWriter
+from .gzipstream import MemberWriter, ParallelGzipWriter
+from .hosttree import TreeWriter, listing_line, walk
 from .names import safe_name
-from .tarstream import DIRECTORY, FIFO, FILE, HARDLINK, SYMLINK
+from .tarstream import DIRECTORY, FIFO, FILE, HARDLINK, SYMLINK, ArchiveRules
+from .transfer import stream_chunks
 
 
 class _LiveCopy:
@@ -30,11 +36,82 @@ class _LiveCopy:
         return "consistency live"
 
 
+class _TreePlan:
+    """A host tree's listing, taken by the tool itself, and then the tar of the entries the
+    plan names, written by a thread into a pipe: what ``transfer.PlannedStream`` is for a
+    volume (``wait_for_listing``, ``send``, ``opened``)."""
+
+    def __init__(self, top, exclusions, reporter, work_folder):
+        self.top, self.exclusions, self.reporter = top, exclusions, reporter
+        self.parent = os.fsencode(os.path.dirname(top) or ".")
+        self.arcname = os.fsencode(os.path.basename(top))
+        descriptor, self.listing = tempfile.mkstemp(prefix=WORK_PREFIX + "listing-",
+                                                    dir=work_folder)
+        os.close(descriptor)
+        self.names = []
+
+    def close(self):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.listing)
+
+    def wait_for_listing(self):
+        started = int(time.time())
+        odd = b""
+        with open(self.listing, "wb") as file:
+            writer = BatchedWriter(file.write)
+            itself = os.fstat(file.fileno())  # the tree may hold the backup folder
+            for _, arcname, status in walk(self.top, self.arcname, self.reporter.warn,
+                                           self.exclusions, {(itself.st_dev, itself.st_ino)}):
+                if b"\n" in arcname:
+                    odd = arcname
+                writer.write(listing_line(arcname, status))
+            writer.flush()
+        return b"%d" % started, self.listing, b"", odd
+
+    def send(self, mode, names=()):
+        self.names = list(names) if mode == "plan" else []
+
+    @contextlib.contextmanager
+    def opened(self):
+        """Give the reading end of a pipe into which a thread writes the tar of the planned
+        names, in order; an error of that thread is raised here."""
+        reading, writing = os.pipe()
+        failure = []
+
+        def produce():
+            try:
+                with os.fdopen(writing, "wb") as output:
+                    tree = TreeWriter(output, self.reporter)
+                    for name in self.names:
+                        path = os.path.join(self.parent, name)
+                        try:
+                            status = os.stat(path) if name == self.arcname else os.lstat(path)
+                        except FileNotFoundError:
+                            self.reporter.warn("%s vanished while it was backed up; skipped"
+                                               % os.fsdecode(path))
+                            continue
+                        tree.add(path, name, status)
+                    tree.finish()
+            except BrokenPipeError:
+                pass  # the reader stopped: its own error is the one to tell
+            except BaseException as error:  # handed to the reader, who raises it
+                failure.append(error)
+        thread = threading.Thread(target=produce, name="tree-tar", daemon=True)
+        thread.start()
+        try:
+            yield reading
+        finally:
+            os.close(reading)
+            thread.join()
+        if failure:
+            raise failure[0]
+
+
 class PathSource:
     """A host folder or file to back up; the archive holds one entry, its basename."""
 
     kind = "path"
-    uses_work_folder = False
+    uses_work_folder = True  # the listing goes to the private work folder
 
     def __init__(self, path, exclusions=NONE):
         self.name = path
@@ -55,12 +132,50 @@ class PathSource:
         """A host path is always copied as it is; give what says so."""
         return contextlib.nullcontext(_LiveCopy())
 
-    def listed(self, reporter, work_folder=None):
-        """A host path is never skipped as unchanged: give no listed stream."""
-        return contextlib.nullcontext(None)
+    @contextlib.contextmanager
+    def planned(self, reporter, work_folder):
+        """Give the tool's own counterpart of the volume helper (``_TreePlan``): it lists the
+        tree into the private ``work_folder``, then writes the tar of what the plan names."""
+        plan = _TreePlan(self.name.rstrip("/"), self.exclusions, reporter, work_folder)
+        try:
+            yield plan
+        finally:
+            plan.close()
 
-    def write_tar(self, output, progress, reporter, work_folder=None, exclude=(), held=None,
-                  listed=None):
+    def write_planned(self, output, config, progress, reporter, planned, listing, previous,
+                      held):
+        """Write the archive into ``output`` from the ``listing``, copying what ``previous``
+        proves unchanged; give ``(members, blocks)`` (see ``volume.VolumeSource``)."""
+        if listing.problem is not None:
+            planned.send("full")
+            writer = ParallelGzipWriter(output, config.gzip_level, config.threads)
+            try:
+                members = self.write_tar(writer, progress, reporter)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            return members, None
+
+        def items(previous):
+            return blocked.plan(blocked.entries(listing, NONE, ()), previous, {})
+        what = "path %s" % self.name
+        previous = blocked.send_plan(planned, items, previous, reporter, what)
+        writer = MemberWriter(output, config.gzip_level, config.threads)
+        try:
+            with planned.opened() as descriptor:
+                made = blocked.assemble(items(previous), stream_chunks(descriptor), writer,
+                                        previous, {}, listing.started, ArchiveRules().check,
+                                        progress)
+        except BaseException:
+            writer.abort()
+            raise
+        line = blocked.describe(made, previous, what)
+        if line:
+            reporter.log(line)
+        return made.members, made.blocks
+
+    def write_tar(self, output, progress, reporter, work_folder=None, exclude=(), held=None):
         """Write the tree as tar into ``output``; give the member count. Raises BackupError."""
         top = self.name.rstrip("/")
         tree = TreeWriter(output, reporter, exclude, progress, self.exclusions)

@@ -25,6 +25,64 @@ READ_SIZE = 1 << 20
 RECORD_SIZE = 20 * BLOCK_SIZE  # tar and tarfile pad archives to whole 10 KiB records
 
 
+def _names(folder):
+    try:
+        return sorted(os.listdir(folder))
+    except OSError as error:
+        raise BackupError("cannot list folder %s: %s"
+                          % (os.fsdecode(folder), describe_os_error(error)))
+
+
+def walk(path, arcname, warn, exclusions=NONE, exclude=()):
+    """Yield ``(path, arcname, status)`` for ``path`` (followed if a symlink) and everything
+    below it, each folder before its content and names sorted: the order of the archive.
+
+    Excluded entries (and everything below an excluded folder), and the
+    ``(st_dev, st_ino)`` pairs in ``exclude``, are left out; an entry gone
+    before its ``lstat`` is a warning. Raises BackupError.
+    """
+    path, arcname = os.fsencode(path), os.fsencode(arcname)
+    try:
+        status = os.stat(path)
+    except OSError as error:
+        raise BackupError("cannot read %s: %s" % (os.fsdecode(path), describe_os_error(error)))
+    yield path, arcname, status
+    if not stat.S_ISDIR(status.st_mode):
+        return
+    stack = [(path, arcname, b"", iter(_names(path)))]
+    while stack:
+        folder, folder_arcname, relative, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            continue
+        child = os.path.join(folder, name)
+        try:
+            status = os.lstat(child)
+        except FileNotFoundError:
+            warn("%s vanished while it was backed up; skipped" % os.fsdecode(child))
+            continue
+        if (status.st_dev, status.st_ino) in exclude:
+            continue
+        child_relative = relative + b"/" + name if relative else name
+        # What is above was matched already: an excluded folder is never entered.
+        if exclusions and exclusions.matches(child_relative, stat.S_ISDIR(status.st_mode)):
+            continue
+        child_arcname = folder_arcname + b"/" + name
+        yield child, child_arcname, status
+        if stat.S_ISDIR(status.st_mode):
+            stack.append((child, child_arcname, child_relative, iter(_names(child))))
+
+
+def listing_line(arcname, status):
+    """Give the entry's line as the helper's ``stat`` writes it (``transfer.LISTING_FORMAT``):
+    ctime, inode, links, size, raw mode in hex, owner, mtime, name."""
+    return b"%d %d %d %d %x %d %d %d %s\n" % (
+        status.st_ctime_ns // 1000000000, status.st_ino, status.st_nlink, status.st_size,
+        status.st_mode, status.st_uid, status.st_gid, status.st_mtime_ns // 1000000000,
+        arcname)
+
+
 class TreeWriter:
     """Writes tar members for a file tree into ``output`` (anything with ``write``).
 
@@ -136,46 +194,11 @@ class TreeWriter:
                  % os.fsdecode(path))
         return False
 
-    def _names(self, folder):
-        try:
-            return sorted(os.listdir(folder))
-        except OSError as error:
-            raise BackupError("cannot list folder %s: %s"
-                              % (os.fsdecode(folder), describe_os_error(error)))
-
     def add_tree(self, path, arcname):
         """Archive ``path`` (followed if a symlink) and everything below it, as ``arcname``."""
-        path, arcname = os.fsencode(path), os.fsencode(arcname)
-        try:
-            status = os.stat(path)
-        except OSError as error:
-            raise BackupError("cannot read %s: %s" % (os.fsdecode(path), describe_os_error(error)))
-        if not self.add(path, arcname, status):
-            return
-        stack = [(path, arcname, b"", iter(self._names(path)))]
-        while stack:
-            folder, folder_arcname, relative, names = stack[-1]
-            name = next(names, None)
-            if name is None:
-                stack.pop()
-                continue
-            child = os.path.join(folder, name)
-            try:
-                status = os.lstat(child)
-            except FileNotFoundError:
-                self.warn("%s vanished while it was backed up; skipped" % os.fsdecode(child))
-                continue
-            if (status.st_dev, status.st_ino) in self.exclude:
-                continue
-            child_relative = relative + b"/" + name if relative else name
-            # What is above was matched already: an excluded folder is never entered.
-            if self.exclusions and self.exclusions.matches(child_relative,
-                                                           stat.S_ISDIR(status.st_mode)):
-                continue
-            child_arcname = folder_arcname + b"/" + name
-            if self.add(child, child_arcname, status):
-                stack.append((child, child_arcname, child_relative,
-                              iter(self._names(child))))
+        for child, child_arcname, status in walk(path, arcname, self.warn, self.exclusions,
+                                                 self.exclude):
+            self.add(child, child_arcname, status)
 
     def finish(self):
         """Write the end-of-archive marker, padded to a whole record like tar does."""

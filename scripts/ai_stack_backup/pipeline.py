@@ -1,18 +1,19 @@
 """The backup pipeline and the restore pipeline, written once for every kind of source.
 
-backup:  check → prepare → status → captured([listed → unchanged: link]
-                                           write_tar → parallel gzip → atomic file | stdout)
+backup:  check → prepare → status → captured(planned → listing → [unchanged: link]
+                                   | copy from the newest archive ‖ tar the rest → gzip → file)
 restore: check → prepare → status → archive | stdin spool → staged (one checked pass) → apply
 
 A source (``volume.VolumeSource``, ``hostpath.PathSource``) supplies only what
 differs: ``kind``, ``name``, ``archive_source``, ``check()``,
 ``prepare(reporter)``, ``captured(reporter, work_folder)`` (a context manager
 giving an object whose ``describe()`` says how the copy was made consistent),
-``listed(reporter, work_folder)`` (a context manager giving a
-``transfer.ListedStream``, or None where a source cannot be listed) and
-``write_tar(output, progress, reporter, work_folder, exclude, held, listed)``, which
-is handed the capture and the listed stream (state travels as arguments, never
-parked on the source between calls). A restore target
+``planned(reporter, work_folder)`` (a context manager giving a
+``transfer.PlannedStream``, or None where a source is always written in full),
+``write_planned(output, config, progress, reporter, planned, listing, previous,
+held)`` for a planned source, and ``write_tar(output, progress, reporter,
+work_folder, exclude, held)``, which is handed the capture (state travels as
+arguments, never parked on the source between calls). A restore target
 (``volume.VolumeTarget``, ``hostpath.PathTarget``) supplies ``kind``,
 ``name``, ``description``, ``check(archive_path)``, ``prepare(reporter)``,
 ``reads_once`` (after ``prepare``: stdin is read as it comes, not kept first),
@@ -29,11 +30,12 @@ import os
 import sys
 import time
 
-from . import unchanged
+from . import blocked, unchanged
 from .archive import ArchiveInput
 from .errors import ArchiveError, ArchiveExists, ArchiveRefused, BackupError, NotFound, \
     describe_os_error
 from .files import AtomicArchive, ensure_backup_dir, private_work_folder, spooled
+from .catalog import newest_archive
 from .gzipstream import ParallelGzipWriter
 from .names import archive_name, utc_timestamp
 
@@ -51,19 +53,17 @@ class BackupResult:
         self.linked_to = None  # skip-if-unchanged: the archive this one is a hard link to
 
 
-def _write_gzip_tar(source, output, config, reporter, work_folder=None, exclude=(), held=None,
-                    listed=None):
+def _write_gzip_tar(source, output, config, reporter, work_folder=None, exclude=(), held=None):
     """Let ``source`` write its tar stream through the parallel gzip into ``output``.
 
-    ``held`` (the source's capture) and ``listed`` (its listed stream) go to
-    ``write_tar``. Gives the member count. The gzip stream is finished only on
-    success, so a failed stream never looks complete.
+    ``held`` (the source's capture) goes to ``write_tar``. Gives the member count. The
+    gzip stream is finished only on success, so a failed stream never looks complete.
     """
     gzip_writer = ParallelGzipWriter(output, config.gzip_level, config.threads)
     try:
         with reporter.progress("Backing up %s" % source.name) as progress:
             members = source.write_tar(gzip_writer, progress, reporter, work_folder, exclude,
-                                       held, listed)
+                                       held)
         gzip_writer.close()
     except BaseException:
         gzip_writer.abort()
@@ -71,25 +71,27 @@ def _write_gzip_tar(source, output, config, reporter, work_folder=None, exclude=
     return members
 
 
-def write_archive(source, folder, config, reporter, work_folder, timestamp=None,
-                  publish_if=None, held=None, listed=None):
+def write_archive(source, folder, config, reporter, work_folder, timestamp=None, held=None,
+                  produce=None):
     """Write ``folder/<source>__<timestamp>.tar.gz`` atomically; give a BackupResult.
 
     No status lines: ``backup`` frames this, and a safety copy uses it as is.
-    ``work_folder`` (private) holds the transfer folder. ``publish_if()`` is
-    asked once the archive is complete: False drops it, and None is given.
-    Raises ArchiveExists when the name is taken, BackupError otherwise.
+    ``work_folder`` (private) holds the transfer folder. ``produce(output)``,
+    if given, writes the gzip stream and gives the member count, instead of
+    the source's tar through the parallel gzip. Raises ArchiveExists when
+    the name is taken, BackupError otherwise.
     """
     started = time.monotonic()
     path = os.path.join(folder, archive_name(source.archive_source, timestamp or utc_timestamp()))
     with AtomicArchive(path) as archive:
         try:
-            members = _write_gzip_tar(source, archive.output, config, reporter, work_folder,
-                                      {archive.identity()}, held, listed)
+            if produce is not None:
+                members = produce(archive.output)
+            else:
+                members = _write_gzip_tar(source, archive.output, config, reporter, work_folder,
+                                          {archive.identity()}, held)
         except OSError as error:
             raise BackupError("cannot write %s: %s" % (path, describe_os_error(error)))
-        if publish_if is not None and not publish_if():
-            return None
         size = archive.publish(checksum=True)
         if archive.checksum_problem:
             reporter.warn(archive.checksum_problem)
@@ -158,59 +160,75 @@ def backup(source, destination, config, reporter, stdout=None, skip_unchanged=Fa
                                   % (source.kind, source.name))
             result = BackupResult(source.archive_source, "-", None, members,
                                   time.monotonic() - started)
-        elif skip_unchanged:
-            result = _write_unless_unchanged(source, folder, config, reporter, work_folder,
-                                             timestamp, capture)
         else:
-            result = write_archive(source, folder, config, reporter, work_folder, timestamp,
-                                   held=capture)
+            result = _write_planned(source, folder, config, reporter, work_folder, timestamp,
+                                    capture, skip_unchanged)
     result.consistency = capture.describe()
     result.capture = capture
     reporter.status("OK")
     return result
 
 
-def _write_unless_unchanged(source, folder, config, reporter, work_folder, timestamp, held):
-    """Back up ``source`` while its listing and recipe (``unchanged.recipe``) are held against
-    its newest archive's record; if nothing changed, the backup is cut short and the new
-    name linked to that archive instead. One archive is written at most: a source that
-    cannot be listed, or whose newest archive cannot be linked to after all, gets it."""
+def _write_planned(source, folder, config, reporter, work_folder, timestamp, held,
+                   skip_unchanged):
+    """Back up ``source`` from its listing (``blocked``): what its newest archive's record
+    proves unchanged is copied from that archive, the rest is read. With ``skip_unchanged``,
+    a source whose whole listing and recipe (``unchanged.recipe``) match that record gets
+    a hard link to that archive instead. A source that cannot be listed (a host path) is
+    written in full."""
     started = time.monotonic()
-    made_by = unchanged.recipe(source.exclusions, held)
-    result = decision = None
-    with source.listed(reporter, work_folder) as listed:
-        if listed is not None:
-            decision = unchanged.Decision(folder, source.archive_source, listed, made_by)
-            decision.start()
-            try:
-                # A small volume's tar may be done before the decision: it is waited for.
-                result = write_archive(source, folder, config, reporter, work_folder,
-                                       timestamp, decision.changed, held, listed)
-            except BackupError:
-                if not decision.stopped_the_helper():
-                    raise
-            except BaseException:  # a signal: the listing need not be waited for
-                listed.stop()
-                decision.join()
-                raise
-            decision.join()
-            for note in decision.notes:
-                reporter.log(note)
-    if result is not None:
-        unchanged.record(result.path, decision.listing, result.members, made_by, reporter)
-        return result
-    linked = None
-    if decision is not None and decision.unchanged is not None:
-        linked = unchanged.link(folder, source.archive_source, timestamp, decision.unchanged,
-                                reporter)
-    if linked is None:
-        return write_archive(source, folder, config, reporter, work_folder, timestamp,
-                             held=held)
-    result = BackupResult(source.archive_source, linked.path, linked.size, linked.members,
-                          time.monotonic() - started)
-    result.linked_to = linked.target
-    reporter.log("%s %s is unchanged since %s: published as a hard link to it"
-                 % (source.kind, source.name, linked.target))
+    with source.planned(reporter, work_folder) as planned:
+        if planned is None:
+            return write_archive(source, folder, config, reporter, work_folder, timestamp,
+                                 held)
+        listing = blocked.read_listing(*planned.wait_for_listing())
+        made_by = unchanged.recipe(source.exclusions, held)
+        newest = newest_archive(folder, source.archive_source)
+        saved = unchanged.read_record(newest) if newest else None
+        if listing.problem is not None:
+            reporter.log("%s %s: %s; reading all of it" % (source.kind, source.name,
+                                                          listing.problem))
+        elif listing.racy and skip_unchanged:
+            reporter.log("%s %s: entries changed while the volume was listed; the next backup "
+                         "will not be skipped" % (source.kind, source.name))
+        same = saved is not None and listing.digest is not None and not listing.racy and \
+            saved["listing"] == listing.digest and saved.get("recipe") == made_by
+        if same and skip_unchanged and not unchanged.archive_intact(newest, saved):
+            reporter.log("%s is not the file it was when written; backing up %s in full"
+                         % (newest, source.name))
+            same, saved = False, None  # nor is any of its members to be copied
+        if same and skip_unchanged:
+            linked = unchanged.link(folder, source.archive_source, timestamp, (newest, saved),
+                                    reporter)
+            if linked is not None:
+                planned.send("stop")
+                result = BackupResult(source.archive_source, linked.path, linked.size,
+                                      linked.members, time.monotonic() - started)
+                result.linked_to = linked.target
+                reporter.log("%s %s is unchanged since %s: published as a hard link to it"
+                             % (source.kind, source.name, linked.target))
+                return result
+        previous = None
+        if saved is not None and listing.problem is None:
+            previous = blocked.open_previous(newest, saved, made_by)
+            if isinstance(previous, str):
+                reporter.log("%s; reading all of %s %s" % (previous, source.kind, source.name))
+                previous = None
+        made = []
+
+        def produce(output):
+            with reporter.progress("Backing up %s" % source.name) as progress:
+                members, blocks = source.write_planned(output, config, progress, reporter,
+                                                       planned, listing, previous, held)
+            made.append(blocks)
+            return members
+        try:
+            result = write_archive(source, folder, config, reporter, work_folder, timestamp,
+                                   held, produce)
+        finally:
+            if previous is not None:
+                previous.close()
+    blocked.record(result.path, listing, result.members, made_by, made[0], reporter)
     return result
 
 

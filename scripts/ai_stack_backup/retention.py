@@ -6,11 +6,12 @@ the UTC timestamp in the archive's name (never the file's mtime):
 
     newest    the RETENTION_MIN_KEEP newest archives (at least 1)
     within    archives less than RETENTION_DAYS days old
+    hourly    the newest archive of each of the RETENTION_HOURLY most recent hours
     daily     the newest archive of each of the RETENTION_DAILY most recent days
     weekly    … of each of the RETENTION_WEEKLY most recent ISO weeks
     monthly   … of each of the RETENTION_MONTHLY most recent months
 
-Only days, weeks and months that have archives count: a month without
+Only hours, days, weeks and months that have archives count: a month without
 backups does not use up one of the RETENTION_MONTHLY. Only regular files
 directly in the folder whose whole name is ``<source>__<timestamp>.tar.gz``
 for one of the given sources are ever considered.
@@ -27,6 +28,7 @@ DAY = 86400
 
 # (rule, period of a UTC time.struct_time); the period's identity is all that matters.
 CALENDAR_RULES = (
+    ("hourly", lambda moment: (moment.tm_year, moment.tm_yday, moment.tm_hour)),
     ("daily", lambda moment: (moment.tm_year, moment.tm_yday)),
     ("weekly", lambda moment: _iso_week(moment)),
     ("monthly", lambda moment: (moment.tm_year, moment.tm_mon)),
@@ -40,9 +42,9 @@ def _iso_week(moment):
 class Policy:
     """The retention settings: ``days``, ``min_keep`` and the calendar counts (0 = off)."""
 
-    def __init__(self, days, min_keep, daily=0, weekly=0, monthly=0):
+    def __init__(self, days, min_keep, daily=0, weekly=0, monthly=0, hourly=0):
         self.days, self.min_keep = days, min_keep
-        self.counts = {"daily": daily, "weekly": weekly, "monthly": monthly}
+        self.counts = {"hourly": hourly, "daily": daily, "weekly": weekly, "monthly": monthly}
 
     def describe(self, rule):
         if rule == "newest":

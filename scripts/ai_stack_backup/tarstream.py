@@ -101,6 +101,10 @@ class _ChunkStream:
         self.offset += len(data)
         return data
 
+    def read_ahead_ends(self):
+        """Say whether the stream has ended (nothing more to read)."""
+        return self._position >= len(self._buffer) and not self._refill()
+
     def pieces(self, size):
         """Yield memoryviews that together are the next ``size`` bytes; raises ArchiveError."""
         while size:
@@ -236,12 +240,18 @@ class TarReader:
     proper end-of-archive (two zero blocks) followed by nothing but zeros up to
     the end of the input. Raises ArchiveError for anything else: a bad header
     checksum, truncation (also exactly at a member boundary), unsupported
-    member types, malformed extended headers, trailing data.
+    member types, malformed extended headers, trailing data. With
+    ``concatenated``, several tar streams follow each other and the input may
+    end after any of their end-of-archive markers.
     """
 
-    def __init__(self, chunks, light=False):
+    def __init__(self, chunks, light=False, concatenated=False):
         self._stream = _ChunkStream(chunks)
         self._light = light
+        # Several tar streams one after another (one per ``xargs`` batch): zero blocks
+        # between members are skipped and the input may end after any of them.
+        self._concatenated = concatenated
+        self._between = concatenated
         self._unread = 0
         self._padding = 0
         self._global = {}
@@ -308,7 +318,14 @@ class TarReader:
         long_name = long_link = None
         local = {}
         while True:
+            if self._between and self._stream.read_ahead_ends():
+                return None
             offset, block = self._read_header()
+            if block == ZERO_BLOCK and self._concatenated and long_name is None and \
+                    long_link is None and not local:
+                self._between = True
+                continue
+            self._between = False
             if block == ZERO_BLOCK:
                 if long_name is not None or long_link is not None or local:
                     raise ArchiveError("an extended header at byte %d has no member" % offset,

@@ -60,23 +60,34 @@ SPOOL_RESERVE_SHARE = 0.05  # ...or than this share of the filesystem
 ENDED_EARLY = 4  # the restore script's exit code when ``complete`` is missing
 
 BACKUP_SCRIPT = "tar -C /volume -cf /transfer/stream ."
-# Enough of every entry that any write changes its line (ctime, first: it cannot be set
-# back), in readdir order. It runs beside the tar, not before it: a change while both run
-# shows as a ctime as new as listing-started, and such a listing is never trusted
-# (unchanged.py). The tar's own exit status stays the script's.
-LISTING, LISTING_STARTED, LISTING_ERRORS = "listing", "listing-started", "listing-errors"
-LISTED_BACKUP_SCRIPT = """cd /volume
-date +%s > /transfer/listing-started
-(
-  find . -exec stat -c '%Z %i %h %s %a %u %g %Y %F %N' {} + \
-    > /transfer/listing.part 2> /transfer/listing-errors \
-    || echo "find failed" >> /transfer/listing-errors
-  mv /transfer/listing.part /transfer/listing
-) &
+# The planned backup (``blocked``): first a listing with enough of every entry that any write
+# changes its line (ctime first: it cannot be set back), then, once the plan is in, a tar of
+# exactly the entries the plan names, in its order. busybox tar has no ``-T`` (Debian's build),
+# so the names go as arguments through ``xargs -0``: one tar stream per batch, read as one
+# (``TarReader(concatenated=True)``); xargs says 123 when a tar ended with 1 (a file gone).
+# ``/bin/sh`` by path: busybox xargs runs a bare ``sh`` as its own applet, past any wrapper.
+# Names with a line break cannot be told apart in the listing: the plan is then a full tar.
+LISTING, LISTING_STARTED, LISTING_ERRORS, ODD_NAMES, GO, PLAN = \
+    "listing", "listing-started", "listing-errors", "odd-names", "go", "plan"
+LISTING_FORMAT = "%Z %i %h %s %f %u %g %Y %n"
+PLANNED_BACKUP_SCRIPT = """cd /volume
+date +%%s > /transfer/listing-started
+find . -name '*
+*' > /transfer/odd-names 2>/dev/null
+find . -exec stat -c '%s' {} + > /transfer/listing.part 2> /transfer/listing-errors \\
+  || echo "find failed" >> /transfer/listing-errors
+mv /transfer/listing.part /transfer/listing
+read mode < /transfer/go
+[ "$mode" = stop ] && exit 0
+exec 3> /transfer/stream
 status=0
-tar -C /volume -cf /transfer/stream . || status=$?
-wait
-exit $status"""
+if [ "$mode" = full ]; then
+  tar -cf - . >&3 || status=$?
+else
+  xargs -0 -r /bin/sh -c 'tar -cf - --no-recursion "$@"' sh < /transfer/plan >&3 || status=$?
+  [ $status = 123 ] && status=1
+fi
+exit $status""" % LISTING_FORMAT
 LISTING_POLL = 0.01
 BACKUP_TO_STDOUT_SCRIPT = "tar -C /volume -cf - ."
 WIPE_SCRIPT = "rm -rf /volume/..?* /volume/.[!.]* /volume/*"  # hidden entries too
@@ -197,16 +208,49 @@ def volume_tar_stream(image, volume, work_folder, what):
             os.close(descriptor)
 
 
-class ListedStream:
-    """A helper that writes the volume's tar while it lists it (``listed_tar_stream``).
+class PlannedStream:
+    """A helper that lists the volume, waits for a plan, then writes the tar the plan asks
+    for (``planned_tar_stream``).
 
-    ``opened()`` gives ``(descriptor, helper)`` like ``volume_tar_stream``;
-    ``wait_for_listing()`` (from any thread) gives what the listing left;
-    ``stop()`` (from any thread) kills the helper, which ends the tar stream.
+    ``wait_for_listing()`` gives what the listing left; ``send(mode, names)``
+    hands the helper the plan (``plan``: the NUL-separated ``names``;
+    ``full``: the whole volume; ``stop``: nothing); ``opened()`` then gives
+    ``(descriptor, helper)`` of the tar stream.
     """
 
     def __init__(self, folder, helper, what):
         self.folder, self.helper, self.what = folder, helper, what
+
+    def wait_for_listing(self):
+        """Give ``(started, listing path, errors, odd names)`` once the listing is complete
+        (``errors`` or ``odd names`` non-empty: unusable); raises DockerError if the helper
+        ended without one."""
+        while not os.path.exists(self.folder.file(LISTING)):
+            if not self.helper.running():
+                if os.path.exists(self.folder.file(LISTING)):
+                    break
+                raise DockerError(self.what, "the helper container ended before listing the "
+                                  "volume (exit %d): %s" % (self.helper.wait(),
+                                                            self.helper.error_output()))
+            time.sleep(LISTING_POLL)
+        found = []
+        for name in (LISTING_STARTED, LISTING_ERRORS, ODD_NAMES):
+            with open(self.folder.file(name), "rb") as file:
+                found.append(file.read())
+        return found[0].strip(), self.folder.file(LISTING), found[1], found[2]
+
+    def send(self, mode, names=()):
+        if mode == "plan":
+            with open(self.folder.file(PLAN), "wb") as file:
+                writer = BatchedWriter(file.write)
+                for name in names:
+                    writer.write(name + b"\0")
+                writer.flush()
+        descriptor = _open_fifo_for_writing(self.folder.file(GO), self.helper, self.what)
+        try:
+            os.write(descriptor, mode.encode() + b"\n")
+        finally:
+            os.close(descriptor)
 
     @contextlib.contextmanager
     def opened(self):
@@ -216,33 +260,16 @@ class ListedStream:
         finally:
             os.close(descriptor)
 
-    def wait_for_listing(self):
-        """Give ``(started, text, errors)`` once the listing is complete (``errors``
-        non-empty: unusable), or None if the helper ended without one."""
-        while not os.path.exists(self.folder.file(LISTING)):
-            if not self.helper.running():
-                if os.path.exists(self.folder.file(LISTING)):
-                    break
-                return None
-            time.sleep(LISTING_POLL)
-        found = []
-        for name in (LISTING_STARTED, LISTING, LISTING_ERRORS):
-            with open(self.folder.file(name), "rb") as file:
-                found.append(file.read())
-        return found[0].strip(), found[1], found[2]
-
-    def stop(self):
-        self.helper.kill()
-
 
 @contextlib.contextmanager
-def listed_tar_stream(image, volume, work_folder, what):
-    """Start a helper that writes the volume as tar and lists it meanwhile; give a
-    ListedStream."""
-    with TransferFolder(work_folder) as folder, \
-            Helper(image, volume, LISTED_BACKUP_SCRIPT, read_only=True,
-                   transfer_path=folder.path) as helper:
-        yield ListedStream(folder, helper, what)
+def planned_tar_stream(image, volume, work_folder, what):
+    """Start a helper that lists the volume, then tars what it is told; give a
+    PlannedStream."""
+    with TransferFolder(work_folder) as folder:
+        os.mkfifo(folder.file(GO), 0o600)
+        with Helper(image, volume, PLANNED_BACKUP_SCRIPT, read_only=True,
+                    transfer_path=folder.path) as helper:
+            yield PlannedStream(folder, helper, what)
 
 
 # Free and used space, whether anything is in the volume, and its root folder's owner, mode

@@ -15,12 +15,12 @@ removes it), which leaves it exactly as it was.
 import contextlib
 import os
 
-from . import capture, docker, transfer
+from . import blocked, capture, docker, transfer
 from .archive import ArchiveInput, VolumeShape
 from .errors import ArchiveError, ArchiveRefused, BackupError, RolledBack, Unrestorable, \
     VolumeInUse
 from .exclusions import NONE
-from .gzipstream import CHUNK_SIZE
+from .gzipstream import CHUNK_SIZE, MemberWriter, ParallelGzipWriter
 from .locks import volume_lock
 from .tarstream import ArchiveRules, TarReader
 
@@ -119,20 +119,70 @@ class VolumeSource:
             yield held
 
     @contextlib.contextmanager
-    def listed(self, reporter, work_folder):
-        """Start the helper that writes the tar and lists the volume meanwhile (for
-        skip-if-unchanged); give its ``transfer.ListedStream``, for ``write_tar``'s
-        ``listed``."""
+    def planned(self, reporter, work_folder):
+        """Start the helper that lists the volume and then tars what the plan names; give its
+        ``transfer.PlannedStream``, for ``write_planned``."""
         what = "backing up volume %s" % self.name
-        with transfer.listed_tar_stream(self.image, self.name, work_folder, what) as stream:
+        with transfer.planned_tar_stream(self.image, self.name, work_folder, what) as stream:
             yield stream
+
+    def write_planned(self, output, config, progress, reporter, planned, listing, previous,
+                      held):
+        """Write the archive into ``output`` from the ``listing`` (a ``blocked.Listing``),
+        copying what ``previous`` (a ``blocked.Previous``, or None) proves unchanged and
+        having the helper tar the rest; give ``(members, blocks)`` (``blocks``: the record's
+        list, None where the listing could not be planned from and the whole volume was
+        tarred)."""
+        if listing.problem is not None:
+            planned.send("full")
+            writer = ParallelGzipWriter(output, config.gzip_level, config.threads)
+            try:
+                members = self.write_tar(writer, progress, reporter, held=held,
+                                         listed=planned)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            return members, None
+        snapshots = held.snapshots if held else {}
+        left_out = {path + suffix for path in snapshots for suffix in capture.COMPANION_SUFFIXES}
+
+        def items(previous):
+            return blocked.plan(blocked.entries(listing, self.exclusions, left_out), previous,
+                                snapshots)
+        previous = blocked.send_plan(planned, items, previous, reporter,
+                                     "volume %s" % self.name)
+        what = "backing up volume %s" % self.name
+        writer = MemberWriter(output, config.gzip_level, config.threads)
+        with planned.opened() as (descriptor, helper):
+            rules = _RulesOfRestore(self.name)
+            try:
+                made = blocked.assemble(items(previous), transfer.stream_chunks(descriptor),
+                                        writer, previous, snapshots, listing.started,
+                                        rules.check, progress)
+            except ArchiveError as error:
+                writer.abort()
+                returncode = helper.wait(timeout=docker.HELPER_EXIT_GRACE)
+                if returncode:
+                    raise helper.failed(what, returncode)
+                raise BackupError("%s failed: the tar stream from the helper is incomplete (%s)"
+                                  % (what, error))
+            except BaseException:
+                writer.abort()
+                raise
+            _finish_tar(helper, what, reporter, capture.left_out(snapshots), self.exclusions)
+        line = blocked.describe(made, previous, "volume %s" % self.name)
+        if line:
+            reporter.log(line)
+        return made.members, made.blocks
 
     def write_tar(self, output, progress, reporter, work_folder=None, exclude=(), held=None,
                   listed=None):
         """Pass the helper's tar of the volume into ``output``, checking it; give the members.
 
         ``held`` is the Capture of ``captured`` (its database snapshots go in),
-        ``listed`` the stream of ``listed`` (else a helper of its own is started).
+        ``listed`` a ``transfer.PlannedStream`` told to tar it all (else a helper of its own
+        is started).
         With database snapshots or exclusions the stream is re-emitted, with the
         snapshots put in and the excluded paths left out.
         Raises DockerError unless the stream is a complete tar (end-of-archive

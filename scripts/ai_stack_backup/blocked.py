@@ -1,0 +1,514 @@
+"""Blocked archives built mostly from the previous one's bytes (a volume's nightly backup).
+
+listing → plan (the record proves what is unchanged) → helper tars the rest →
+  assemble: members copied from the previous archive ‖ new members (parallel gzip) → record
+
+An archive is a complete ``.tar.gz`` whose gzip stream is a sequence of
+members (``gzipstream``). Each member holds whole tar members: a *run* of
+consecutive small entries (up to RUN_SIZE of tar), or, for a file of
+LARGE_FILE bytes or more (and every SQLite snapshot), a *head* member with
+its tar header and one *piece* member per PIECE_SIZE of its data. The end
+of the archive is its own member. The record (``<archive>.listing``) keeps,
+for every member, where it lies and what it holds: a run by the SHA-256 of
+the listing lines of its entries, a head by its entry's line, a piece by
+the SHA-256 of its bytes.
+
+The next backup lists the volume first. A run whose entries' lines are all
+still the same (same names in the same order, each line with the same
+ctime, inode, size, mode, owner and mtime) is copied, not read; so is a
+large file whose line is the same. A large file that changed is read
+whole, but only its changed pieces are compressed. Everything else is
+tarred by the helper and compressed. An entry whose ctime is as new as the
+listing's start, or a file with more than one name (tar keeps a hard
+link's data once per run), is never recorded as reusable: it is read
+every time. The previous archive is trusted only while it is the file its
+record names (inode, size, mtime, ``.sha256``); each member copied must
+match the CRC-32 of its bytes in the record.
+"""
+
+import collections
+import hashlib
+import json
+import os
+import stat
+import zlib
+
+from .errors import ArchiveError, BackupError
+from .files import CHECKSUM_SUFFIX, LISTING_SUFFIX, publish_text
+from .gzipstream import member_length
+from .tarstream import END_OF_ARCHIVE, FILE, HARDLINK, Member, TarReader, encode_header, \
+    normalize, padding
+from .unchanged import FORMAT as RECORD_FORMAT
+
+RUN_SIZE = 1 << 20  # a run member closes once it holds this much tar
+LARGE_FILE = 1 << 20  # a file this large gets its own members, one per piece
+PIECE_SIZE = 1 << 20
+RECORD_SIZE = 20 * 512
+FORMAT = "ai_stack_backup blocked 1"
+
+
+def _sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+class Entry:
+    """One line of the helper's listing (``transfer.LISTING_FORMAT``)."""
+
+    __slots__ = ("line", "name", "path", "ctime", "inode", "links", "size", "mode", "uid",
+                 "gid", "mtime")
+
+    def __init__(self, line):
+        fields = line.split(b" ", 8)
+        if len(fields) != 9:
+            raise ValueError("a listing line has %d fields" % len(fields))
+        self.line = line
+        self.ctime, self.inode, self.links, self.size = (int(field) for field in fields[:4])
+        self.mode = int(fields[4], 16)
+        self.uid, self.gid, self.mtime = (int(field) for field in fields[5:8])
+        self.name = fields[8]
+        self.path = normalize(self.name)
+
+    @property
+    def folder(self):
+        return stat.S_ISDIR(self.mode)
+
+    def large(self):
+        return stat.S_ISREG(self.mode) and self.size >= LARGE_FILE
+
+    def trusted(self, started):
+        """Whether the line proves the content: no change in the listing's own second or
+        later, and one name only (tar writes a hard link's data once per run)."""
+        return self.ctime < started and (self.folder or self.links == 1)
+
+
+class Listing:
+    """The helper's listing: ``path`` of the file, ``started`` (the helper's second),
+    ``digest`` of the whole text, ``racy`` (some entry changed from ``started`` on),
+    ``problem`` (why it cannot be planned from: the whole volume is then tarred)."""
+
+    def __init__(self, path, started, digest, racy, problem=None):
+        self.path, self.started, self.digest, self.racy = path, started, digest, racy
+        self.problem = problem
+
+
+def _harmless(errors):
+    """Whether the listing's errors are only entries gone between readdir and stat."""
+    lines = errors.decode("utf-8", "replace").strip().splitlines()
+    return all(line.startswith("stat: can't stat") and line.endswith("No such file or directory")
+               for line in lines)
+
+
+def read_listing(started, path, errors, odd_names):
+    """Give the Listing of what ``transfer.PlannedStream.wait_for_listing`` found."""
+    try:
+        started = int(started)
+    except ValueError:
+        return Listing(path, 0, None, True, "the helper gave no start time")
+    if odd_names.strip():
+        return Listing(path, started, None, True, "some names hold a line break")
+    if errors.strip() and not _harmless(errors):
+        return Listing(path, started, None, True, "the listing failed: %s" % errors.decode(
+            "utf-8", "replace").strip().splitlines()[-1])
+    digest = hashlib.sha256()
+    racy = bool(errors.strip())
+    try:
+        with open(path, "rb") as file:
+            for line in file:
+                digest.update(line)
+                if not racy and int(line[:line.index(b" ")]) >= started:  # the ctime
+                    racy = True
+    except ValueError as error:
+        return Listing(path, started, None, True, "the listing cannot be read (%s)" % error)
+    return Listing(path, started, digest.hexdigest(), racy)
+
+
+def entries(listing, exclusions, left_out):
+    """Yield the listing's Entries in order, without the excluded ones and ``left_out``
+    (normalised paths: the companions of snapshotted databases)."""
+    with open(listing.path, "rb") as file:
+        for line in file:
+            entry = Entry(line.rstrip(b"\n"))
+            if exclusions and entry.path and exclusions.excludes(entry.path, entry.folder):
+                continue
+            if entry.path in left_out:
+                continue
+            yield entry
+
+
+# --- the previous archive ---------------------------------------------------------------
+
+class Block:
+    """One gzip member of an archive as the record keeps it: ``kind`` (run, head, piece,
+    end), ``offset``, ``length``, ``crc`` and ``size`` (its trailer), ``bytes_crc`` (CRC-32
+    of its compressed bytes) and ``key`` (run: [first path, count, digest]; head: [path,
+    line digest]; piece: [path, index, digest]; a digest of None: never reusable)."""
+
+    __slots__ = ("kind", "offset", "length", "crc", "size", "bytes_crc", "key")
+
+    def __init__(self, kind, offset, length, crc, size, bytes_crc, key):
+        self.kind, self.offset, self.length, self.crc, self.size = kind, offset, length, crc, size
+        self.bytes_crc, self.key = bytes_crc, key
+
+    def saved(self):
+        return [self.kind, self.offset, self.length, self.crc, self.size, self.bytes_crc,
+                self.key]
+
+
+class Previous:
+    """The newest archive of a source as a source of members: ``path``, its open
+    ``descriptor``, and its Blocks indexed for the plan."""
+
+    def __init__(self, path, descriptor, blocks):
+        self.path, self.descriptor = path, descriptor
+        self.runs = collections.defaultdict(list)  # first path -> run Blocks
+        self.heads = {}  # path -> (head Block, [piece Blocks])
+        self.pieces = {}  # path -> {index: piece Block}
+        for block in blocks:
+            if block.kind == "run" and block.key[2] is not None:
+                self.runs[bytes.fromhex(block.key[0])].append(block)
+            elif block.kind == "head":
+                path_ = bytes.fromhex(block.key[0])
+                self.heads[path_] = (block, [])
+                self.pieces[path_] = {}
+            elif block.kind == "piece":
+                path_ = bytes.fromhex(block.key[0])
+                if path_ in self.heads:
+                    self.heads[path_][1].append(block)
+                    self.pieces[path_][block.key[1]] = block
+
+    def member(self, block):
+        """Give the member ``block`` names, read and checked; raises ArchiveError."""
+        data = os.pread(self.descriptor, block.length, block.offset)
+        if len(data) != block.length or zlib.crc32(data) != block.bytes_crc or \
+                member_length(data[:24]) != block.length:
+            raise ArchiveError("%s is not the file it was when written: its member at byte %d "
+                               "does not match its record" % (self.path, block.offset),
+                               "gzip-crc")
+        return data
+
+    def close(self):
+        os.close(self.descriptor)
+
+
+def open_previous(path, record, made_by):
+    """Give a Previous for the archive at ``path`` with its ``record`` (from
+    ``unchanged.read_record``), or a sentence saying why it cannot give members."""
+    blocks = record.get("blocks")
+    if record.get("blocked") != FORMAT or not isinstance(blocks, list):
+        return "%s was written without a record of its members" % path
+    if record.get("recipe") != made_by:
+        return "%s was made with other settings (exclusions, consistency, snapshotted " \
+               "databases or format)" % path
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as error:
+        return "%s cannot be opened (%s)" % (path, error.strerror)
+    try:
+        status = os.fstat(descriptor)
+        with open(path + CHECKSUM_SUFFIX) as file:
+            words = file.read().split()
+        if [status.st_ino, status.st_size, status.st_mtime_ns] != record["archive"] or \
+                words != [record["sha256"], os.path.basename(path)]:
+            raise ValueError
+        parsed = [Block(*item) for item in blocks]
+    except (OSError, ValueError, TypeError):
+        os.close(descriptor)
+        return "%s is not the file it was when written" % path
+    return Previous(path, descriptor, parsed)
+
+
+# --- the plan ---------------------------------------------------------------------------
+
+REUSE, FRESH, SNAPSHOT = "reuse", "fresh", "snapshot"
+
+
+def plan(listed, previous, snapshots):
+    """Yield ``(REUSE, [Block, …])``, ``(FRESH, Entry)`` or ``(SNAPSHOT, Entry)`` for the
+    listed entries, in order; the same every time for the same input."""
+    window = collections.deque()
+    source = iter(listed)
+
+    def fill(count):
+        while len(window) < count:
+            entry = next(source, None)
+            if entry is None:
+                return False
+            window.append(entry)
+        return True
+
+    while fill(1):
+        entry = window[0]
+        if entry.path in snapshots:
+            window.popleft()
+            yield SNAPSHOT, entry
+            continue
+        if entry.large():
+            window.popleft()
+            found = previous.heads.get(entry.path) if previous else None
+            if found and found[0].key[1] == _sha(entry.line) and \
+                    len(found[1]) == -(-entry.size // PIECE_SIZE):
+                yield REUSE, [found[0]] + found[1]
+            else:
+                yield FRESH, entry
+            continue
+        for block in previous.runs.get(entry.path, ()) if previous else ():
+            count = block.key[1]
+            if fill(count):
+                digest = hashlib.sha256()
+                for index in range(count):
+                    digest.update(window[index].line + b"\n")
+                if digest.hexdigest() == block.key[2]:
+                    for _ in range(count):
+                        window.popleft()
+                    yield REUSE, [block]
+                    break
+        else:
+            window.popleft()
+            yield FRESH, entry
+
+
+# --- the assembly -----------------------------------------------------------------------
+
+class Assembly:
+    """What ``assemble`` made: ``members`` (tar members), ``blocks`` (the record's list),
+    ``reused`` and ``written`` (uncompressed bytes copied and compressed)."""
+
+    def __init__(self):
+        self.members = 0
+        self.blocks = []
+        self.reused = 0
+        self.written = 0
+
+
+class _Run:
+    """The small entries gathered for the next run member."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.first = None
+        self.count = 0
+        self.digest = hashlib.sha256()
+        self.trusted = True
+
+    def add(self, entry, member_bytes, trusted):
+        if self.first is None:
+            self.first = entry.path
+        self.data += member_bytes
+        self.count += 1
+        self.digest.update(entry.line + b"\n")
+        self.trusted = self.trusted and trusted
+
+
+def assemble(items, stream_chunks, writer, previous, snapshots, started, check, progress):
+    """Write the archive the plan's ``items`` describe through ``writer`` (a MemberWriter);
+    give an Assembly.
+
+    ``stream_chunks`` is the helper's tar of the FRESH entries, in plan order;
+    ``check(member)`` applies the restore's rules to every member written;
+    ``snapshots`` maps paths to their ``capture.Snapshot``. Raises
+    ArchiveError (from the stream or a previous member that no longer
+    matches) and BackupError.
+    """
+    result = Assembly()
+    reader = TarReader(stream_chunks, concatenated=True)
+    upcoming = [None]
+    first_name_of = {}  # inode -> name, for files with more than one name
+    run = [_Run()]
+    position = [0]  # the tar offset of what comes next
+
+    def placed_as(kind, key):
+        def placed(offset, length, crc, size, bytes_crc):
+            result.blocks.append(Block(kind, offset, length, crc, size, bytes_crc, key).saved())
+        return placed
+
+    def close_run():
+        current = run[0]
+        if current.count:
+            key = [current.first.hex(), current.count,
+                   current.digest.hexdigest() if current.trusted else None]
+            writer.compress(bytes(current.data), placed_as("run", key))
+            result.written += len(current.data)
+            position[0] += len(current.data)
+            progress.advance(len(current.data))
+        run[0] = _Run()
+
+    def next_member(entry):
+        """Give the stream's member for ``entry``, or None if tar did not find it (gone)."""
+        if upcoming[0] is None:
+            upcoming[0] = reader.next() or False
+        member = upcoming[0]
+        if member is False or normalize(member.name) != entry.path:
+            return None
+        upcoming[0] = None
+        return member
+
+    def header_of(entry, member):
+        check(member)
+        if member.kind == FILE and entry.links > 1 and not entry.folder:
+            first = first_name_of.setdefault(entry.inode, member.name)
+            if first != member.name:  # tar's batches: its data went with the first name
+                member.kind, member.linkname, member.size = HARDLINK, first, 0
+                return encode_header(member.name, HARDLINK, member.mode, member.uid,
+                                     member.gid, member.mtime, 0, first, member.uname,
+                                     member.gname), False
+        return encode_header(member.name, member.kind, member.mode, member.uid, member.gid,
+                             member.mtime, member.size if member.kind == FILE else 0,
+                             member.linkname, member.uname, member.gname), True
+
+    def pieces_of(entry, header, size, data, trusted):
+        """Write a large file as a head member and piece members, reusing equal pieces."""
+        close_run()
+        writer.compress(header, placed_as("head", [entry.path.hex(),
+                                                   _sha(entry.line) if trusted else None]))
+        position[0] += len(header)
+        result.written += len(header)
+        old = previous.pieces.get(entry.path, {}) if previous else {}
+        index = 0
+        buffer = bytearray()
+        total = 0
+        for chunk in data:
+            buffer += chunk
+            total += len(chunk)
+            while len(buffer) >= PIECE_SIZE:
+                put_piece(entry, index, bytes(buffer[:PIECE_SIZE]), old)
+                del buffer[:PIECE_SIZE]
+                index += 1
+        if total != size:
+            raise BackupError("%s changed size while it was read" % entry.name.decode(
+                "utf-8", "replace"))
+        buffer += padding(size)
+        if buffer:
+            put_piece(entry, index, bytes(buffer), old)
+        result.members += 1
+
+    def put_piece(entry, index, piece, old):
+        digest = _sha(piece)
+        block = old.get(index)
+        key = [entry.path.hex(), index, digest]
+        if block is not None and block.key[2] == digest and block.size == len(piece):
+            writer.copy(previous.descriptor, block.offset, previous.member(block),
+                        placed_as("piece", key))
+            result.reused += len(piece)
+        else:
+            writer.compress(piece, placed_as("piece", key))
+            result.written += len(piece)
+        position[0] += len(piece)
+        progress.advance(len(piece))
+
+    for kind, value in items:
+        if kind == REUSE:
+            close_run()
+            for block in value:
+                writer.copy(previous.descriptor, block.offset, previous.member(block),
+                            placed_as(block.kind, block.key))
+                result.reused += block.size
+                position[0] += block.size
+                progress.advance(block.size)
+                if block.kind == "run":
+                    result.members += block.key[1]
+                elif block.kind == "head":
+                    result.members += 1
+            continue
+        entry = value
+        trusted = entry.trusted(started)
+        if kind == SNAPSHOT:
+            snapshot = snapshots[entry.path]
+            size = os.path.getsize(snapshot.file)
+            member = Member(entry.name, FILE, mode=entry.mode & 0o7777, uid=entry.uid,
+                            gid=entry.gid, mtime=entry.mtime, size=size)
+            check(member)
+            header = encode_header(entry.name, FILE, member.mode, entry.uid, entry.gid,
+                                   entry.mtime, size)
+            with open(snapshot.file, "rb") as file:
+                pieces_of(entry, header, size, iter(lambda: file.read(PIECE_SIZE), b""), False)
+            continue
+        member = next_member(entry)
+        if member is None:
+            run[0].trusted = False  # the run is not what its lines say
+            continue
+        header, whole = header_of(entry, member)
+        if member.kind == FILE and whole and (entry.large() or member.size >= LARGE_FILE):
+            pieces_of(entry, header, member.size, reader.data(), trusted)
+            continue
+        data = bytearray(header)
+        if member.kind == FILE:
+            for chunk in reader.data():
+                if whole:
+                    data += chunk
+            if whole:
+                data += padding(member.size)
+        if not (trusted and whole):
+            close_run()  # its own member: it is read every time, its neighbours need not be
+        run[0].add(entry, data, trusted and whole)
+        result.members += 1
+        if len(run[0].data) >= RUN_SIZE or not (trusted and whole):
+            close_run()
+    close_run()
+    if upcoming[0] is None:
+        upcoming[0] = reader.next() or False
+    if upcoming[0] is not False:
+        raise BackupError("the helper's tar holds %s, which the plan does not name there"
+                          % upcoming[0].name.decode("utf-8", "replace"))
+    end = END_OF_ARCHIVE + bytes(-(position[0] + len(END_OF_ARCHIVE)) % RECORD_SIZE)
+    writer.compress(end, placed_as("end", []))
+    writer.close()
+    return result
+
+
+def names_to_tar(items, check=None):
+    """Give the names the helper is to tar: the FRESH entries', in order. With ``check`` (the
+    Previous), every member to be copied is read and checked on the way (ArchiveError)."""
+    for kind, value in items:
+        if kind == FRESH:
+            yield value.name
+        elif kind == REUSE and check is not None:
+            for block in value:
+                check.member(block)
+
+
+def send_plan(planned, items_of, previous, reporter, what):
+    """Tell the tar writer (``planned.send``) which entries to write, the FRESH ones of
+    ``items_of(previous)``, checking on the way every member to be copied; give the Previous
+    to copy from: None once one of its members did not match (everything is then written,
+    and the log says why)."""
+    if previous is not None:
+        try:
+            planned.send("plan", names_to_tar(items_of(previous), check=previous))
+            return previous
+        except ArchiveError as error:
+            reporter.log("%s; backing up %s in full" % (error, what))
+    planned.send("plan", names_to_tar(items_of(None)))
+    return None
+
+
+def describe(made, previous, what):
+    """Give the log line of what ``assemble`` copied and wrote, or None with nothing copied."""
+    if previous is None:
+        return None
+    return "%s: %.1f MiB copied from %s, %.1f MiB read and compressed" % (
+        what, made.reused / (1 << 20), previous.path, made.written / (1 << 20))
+
+
+def record(archive_path, listing, members, made_by, blocks, reporter):
+    """Write ``<archive>.listing``: what skip-if-unchanged needs, and the member record
+    (``blocks``: None for an archive not made from a plan)."""
+    try:
+        with open(archive_path + CHECKSUM_SUFFIX) as file:
+            digest = file.read().split()[0]
+    except (OSError, IndexError):
+        return  # without a checksum nothing could later prove the archive unchanged
+    try:
+        identity = os.stat(archive_path)
+    except OSError:
+        return
+    text = json.dumps({
+        "format": RECORD_FORMAT, "blocked": FORMAT if blocks is not None else None,
+        "listing": listing.digest if listing.problem is None and not listing.racy else None,
+        "archive": [identity.st_ino, identity.st_size, identity.st_mtime_ns],
+        "sha256": digest, "members": members, "recipe": made_by, "blocks": blocks},
+        separators=(",", ":"))
+    try:
+        publish_text(archive_path + LISTING_SUFFIX, text + "\n")
+    except BackupError as error:
+        reporter.warn("%s; the next backup of it will be a full one" % error)
+
