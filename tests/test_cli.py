@@ -252,8 +252,8 @@ def test_every_archive_has_a_checksum_that_standard_tools_check(tmp_path, capsys
         assert cli.backup_path_main([str(source), str(folder), "--quiet"]) == 0
         time.sleep(1.05)
     archives = [os.path.basename(path) for path in testkit.archives_in(folder)]
-    assert sorted(os.listdir(str(folder))) == sorted(archives + [name + ".sha256"
-                                                                 for name in archives])
+    assert sorted(os.listdir(str(folder))) == sorted(
+        archives + [name + suffix for name in archives for suffix in (".sha256", ".listing")])
     check = subprocess.run("sha256sum -c *.sha256", shell=True, cwd=str(folder),
                            capture_output=True)
     assert check.returncode == 0 and check.stdout.count(b": OK") == 2, check.stdout

@@ -261,7 +261,8 @@ def test_large_members_sit_on_block_boundaries_and_small_ones_pack_tight():
     blocks = [b"tiny", os.urandom(300000), b"small" * 10, text_like(900000), os.urandom(70000)]
     stream, placements = blocked_stream(blocks)
     assert len(placements) == len(blocks)
-    for (offset, length, crc, size, bytes_crc), block in zip(placements, blocks):
+    for (offset, length, crc, size, bytes_crc, digest, copied), block in zip(placements, blocks):
+        assert digest is None and not copied
         member = stream[offset:offset + length]
         assert gzip.decompress(member) == block
         assert (crc, size, bytes_crc) == (zlib.crc32(block), len(block), zlib.crc32(member))

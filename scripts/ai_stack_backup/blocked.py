@@ -160,6 +160,7 @@ class Previous:
 
     def __init__(self, path, descriptor, blocks):
         self.path, self.descriptor = path, descriptor
+        self._all = blocks
         self.runs = collections.defaultdict(list)  # first path -> run Blocks
         self.heads = {}  # path -> (head Block, [piece Blocks])
         self.pieces = {}  # path -> {index: piece Block}
@@ -185,6 +186,12 @@ class Previous:
                                "does not match its record" % (self.path, block.offset),
                                "gzip-crc")
         return data
+
+    def check(self):
+        """Read and check every member the record names; raises ArchiveError at the first
+        that does not match."""
+        for index in self._all:
+            self.member(index)
 
     def close(self):
         os.close(self.descriptor)
@@ -317,8 +324,15 @@ def assemble(items, stream_chunks, writer, previous, snapshots, started, check, 
     position = [0]  # the tar offset of what comes next
 
     def placed_as(kind, key):
-        def placed(offset, length, crc, size, bytes_crc):
-            result.blocks.append(Block(kind, offset, length, crc, size, bytes_crc, key).saved())
+        """Give the ``placed`` that records a member (``key(digest)`` for a piece's)."""
+        def placed(offset, length, crc, size, bytes_crc, digest, copied):
+            saved_key = key(digest) if callable(key) else key
+            result.blocks.append(Block(kind, offset, length, crc, size, bytes_crc,
+                                       saved_key).saved())
+            if copied:
+                result.reused += size
+            else:
+                result.written += size
         return placed
 
     def close_run():
@@ -327,7 +341,6 @@ def assemble(items, stream_chunks, writer, previous, snapshots, started, check, 
             key = [current.first.hex(), current.count,
                    current.digest.hexdigest() if current.trusted else None]
             writer.compress(bytes(current.data), placed_as("run", key))
-            result.written += len(current.data)
             position[0] += len(current.data)
             progress.advance(len(current.data))
         run[0] = _Run()
@@ -361,7 +374,6 @@ def assemble(items, stream_chunks, writer, previous, snapshots, started, check, 
         writer.compress(header, placed_as("head", [entry.path.hex(),
                                                    _sha(entry.line) if trusted else None]))
         position[0] += len(header)
-        result.written += len(header)
         old = previous.pieces.get(entry.path, {}) if previous else {}
         index = 0
         buffer = bytearray()
@@ -382,16 +394,15 @@ def assemble(items, stream_chunks, writer, previous, snapshots, started, check, 
         result.members += 1
 
     def put_piece(entry, index, piece, old):
-        digest = _sha(piece)
+        """Write one piece; a worker hashes it and copies the previous archive's equal one."""
         block = old.get(index)
-        key = [entry.path.hex(), index, digest]
-        if block is not None and block.key[2] == digest and block.size == len(piece):
-            writer.copy(previous.descriptor, block.offset, previous.member(block),
-                        placed_as("piece", key))
-            result.reused += len(piece)
-        else:
-            writer.compress(piece, placed_as("piece", key))
-            result.written += len(piece)
+
+        def reuse(digest):
+            if block is not None and block.key[2] == digest and block.size == len(piece):
+                return previous.descriptor, block.offset, previous.member(block)
+            return None
+        writer.compress(piece, placed_as("piece", lambda digest: [entry.path.hex(), index,
+                                                                  digest]), reuse)
         position[0] += len(piece)
         progress.advance(len(piece))
 
@@ -401,7 +412,6 @@ def assemble(items, stream_chunks, writer, previous, snapshots, started, check, 
             for block in value:
                 writer.copy(previous.descriptor, block.offset, previous.member(block),
                             placed_as(block.kind, block.key))
-                result.reused += block.size
                 position[0] += block.size
                 progress.advance(block.size)
                 if block.kind == "run":
@@ -455,30 +465,13 @@ def assemble(items, stream_chunks, writer, previous, snapshots, started, check, 
     return result
 
 
-def names_to_tar(items, check=None):
-    """Give the names the helper is to tar: the FRESH entries', in order. With ``check`` (the
-    Previous), every member to be copied is read and checked on the way (ArchiveError)."""
+def names_to_tar(items):
+    """Give the names the helper is to tar: the FRESH entries', in order."""
     for kind, value in items:
         if kind == FRESH:
             yield value.name
-        elif kind == REUSE and check is not None:
-            for block in value:
-                check.member(block)
 
 
-def send_plan(planned, items_of, previous, reporter, what):
-    """Tell the tar writer (``planned.send``) which entries to write, the FRESH ones of
-    ``items_of(previous)``, checking on the way every member to be copied; give the Previous
-    to copy from: None once one of its members did not match (everything is then written,
-    and the log says why)."""
-    if previous is not None:
-        try:
-            planned.send("plan", names_to_tar(items_of(previous), check=previous))
-            return previous
-        except ArchiveError as error:
-            reporter.log("%s; backing up %s in full" % (error, what))
-    planned.send("plan", names_to_tar(items_of(None)))
-    return None
 
 
 def describe(made, previous, what):

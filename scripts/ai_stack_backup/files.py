@@ -12,9 +12,11 @@ import errno
 import fcntl
 import hashlib
 import os
+import queue
 import shutil
 import stat
 import tempfile
+import threading
 
 from .errors import ArchiveExists, BackupError, describe_os_error
 from .locks import remove_unheld
@@ -132,22 +134,35 @@ def file_sha256(path):
 
 
 class _HashingWriter:
-    """Passes writes on to ``file`` and keeps the SHA-256 of what was written."""
+    """Passes writes on to ``file`` and keeps the SHA-256 of what was written, taken by a
+    thread of its own (hashlib lets go of the GIL), in order; ``hexdigest()`` waits for it."""
 
     def __init__(self, file):
         self.file = file
-        self.digest = hashlib.sha256()
+        self._digest = hashlib.sha256()
+        self._pending = queue.Queue(32)  # bounds the bytes held for hashing
+        self._thread = threading.Thread(target=self._hash, name="sha256", daemon=True)
+        self._thread.start()
+
+    def _hash(self):
+        while True:
+            data = self._pending.get()
+            if data is None:
+                return
+            self._digest.update(data)
 
     def write(self, data):
         written = self.file.write(data)
-        self.digest.update(memoryview(data)[:written])
+        # Kept as it is when it cannot change any more; a view of a buffer is copied.
+        whole = isinstance(data, bytes) and written == len(data)
+        self._pending.put(data if whole else bytes(memoryview(data)[:written]))
         return written
 
     def copy(self, source, offset, data):
         """Append ``data``, which are the bytes of the file ``source`` (a descriptor) at
         ``offset``: by ``copy_file_range``, so that filesystems that can (XFS, btrfs) share
         the blocks instead of writing them again; by ``write`` where the kernel cannot."""
-        self.digest.update(data)
+        self._pending.put(data)
         target = self.file.fileno()
         done = 0
         with contextlib.suppress(OSError, AttributeError):  # AttributeError: no such call
@@ -159,6 +174,15 @@ class _HashingWriter:
         view = memoryview(data)[done:]
         while view:
             view = view[self.file.write(view):]
+
+    def hexdigest(self):
+        self.close()
+        return self._digest.hexdigest()
+
+    def close(self):
+        if self._thread.is_alive():
+            self._pending.put(None)
+            self._thread.join()
 
 
 def _publish_by_link(temp_path, final_path):
@@ -264,9 +288,10 @@ class AtomicArchive:
     def _publish_checksum(self):
         """Publish ``<archive>.sha256`` (``sha256sum`` format) the way the archive was."""
         publish_text(self.final_path + CHECKSUM_SUFFIX, "%s  %s\n" % (
-            self.output.digest.hexdigest(), os.path.basename(self.final_path)))
+            self.output.hexdigest(), os.path.basename(self.final_path)))
 
     def close(self):
+        self.output.close()
         self.file.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.temp_path)

@@ -18,8 +18,9 @@ concatenated members and trailing zero padding, and refuses everything else.
 """
 
 import collections
-import contextlib
 import concurrent.futures
+import contextlib
+import hashlib
 import os
 import queue
 import struct
@@ -255,10 +256,10 @@ class MemberWriter:
 
     A member of ALIGN_FROM bytes or more starts on a block boundary (an empty
     ``filler`` member goes first where needed). Every member's place is
-    handed, in order, to the ``placed(offset, length, crc, size, bytes_crc)`` given
-    with it. ``output`` has ``write(data)`` and ``copy(source, offset, data)``
-    (writes ``data``, which are ``source``'s bytes at ``offset``, sharing
-    them where the filesystem can).
+    handed, in order, to the ``placed(offset, length, crc, size, bytes_crc,
+    digest, copied)`` given with it. ``output`` has ``write(data)`` and
+    ``copy(source, offset, data)`` (writes ``data``, which are ``source``'s
+    bytes at ``offset``, sharing them where the filesystem can).
     """
 
     def __init__(self, output, level=DEFAULT_LEVEL, threads=1):
@@ -272,30 +273,41 @@ class MemberWriter:
             gap = -self.offset % BLOCK_ALIGNMENT
             if gap < SMALLEST_MEMBER:
                 gap += BLOCK_ALIGNMENT
-            self._write(filler(gap))
+            put_all(self.output, filler(gap))
+            self.offset += gap
 
-    def _write(self, data):
-        put_all(self.output, data)
-        self.offset += len(data)
+    def _put(self, placed, digest, copied, member):
+        """Write a finished (or copied) member at the next place; say where it went."""
+        self._aligned(len(member))
+        at = self.offset
+        if copied is None:
+            put_all(self.output, member)
+        else:
+            self.output.copy(copied[0], copied[1], member)
+        self.offset += len(member)
+        placed(at, len(member), *member_trailer(member), zlib.crc32(member), digest,
+               copied is not None)
 
-    def compress(self, block, placed):
-        """Compress ``block`` (whole tar members, or a piece of one file) into one member."""
-        def put(member):
-            self._aligned(len(member))
-            offset = self.offset
-            self._write(member)
-            placed(offset, len(member), *member_trailer(member), zlib.crc32(member))
-        self._work.submit(compress_member, self.level, block, then=put)
+    def compress(self, block, placed, reuse=None):
+        """Compress ``block`` (whole tar members, or a piece of one file) into one member.
+
+        With ``reuse``, a worker first takes the block's SHA-256 (``placed``
+        gets it as ``digest``) and asks ``reuse(digest)`` for an equal member:
+        ``(source, offset, member)`` to copy instead, or None.
+        """
+        def work():
+            digest = None
+            if reuse is not None:
+                digest = hashlib.sha256(block).hexdigest()
+                found = reuse(digest)
+                if found is not None:
+                    return digest, found[:2], found[2]
+            return digest, None, compress_member(self.level, block)
+        self._work.submit(work, then=lambda done: self._put(placed, *done))
 
     def copy(self, source, offset, member, placed):
         """Put ``member``, read (and checked) from ``source`` at ``offset``, as it is."""
-        def put(_):
-            self._aligned(len(member))
-            at = self.offset
-            self.output.copy(source, offset, member)
-            self.offset += len(member)
-            placed(at, len(member), *member_trailer(member), zlib.crc32(member))
-        self._work.submit(None, then=put)
+        self._work.submit(None, then=lambda _: self._put(placed, None, (source, offset), member))
 
     def close(self):
         try:

@@ -143,28 +143,28 @@ class PathSource:
             plan.close()
 
     def write_planned(self, output, config, progress, reporter, planned, listing, previous,
-                      held):
+                      held, exclude=()):
         """Write the archive into ``output`` from the ``listing``, copying what ``previous``
         proves unchanged; give ``(members, blocks)`` (see ``volume.VolumeSource``)."""
         if listing.problem is not None:
             planned.send("full")
             writer = ParallelGzipWriter(output, config.gzip_level, config.threads)
             try:
-                members = self.write_tar(writer, progress, reporter)
+                members = self.write_tar(writer, progress, reporter, exclude=exclude)
                 writer.close()
             except BaseException:
                 writer.abort()
                 raise
             return members, None
 
-        def items(previous):
+        def items():
             return blocked.plan(blocked.entries(listing, NONE, ()), previous, {})
         what = "path %s" % self.name
-        previous = blocked.send_plan(planned, items, previous, reporter, what)
+        planned.send("plan", blocked.names_to_tar(items()))
         writer = MemberWriter(output, config.gzip_level, config.threads)
         try:
             with planned.opened() as descriptor:
-                made = blocked.assemble(items(previous), stream_chunks(descriptor), writer,
+                made = blocked.assemble(items(), stream_chunks(descriptor), writer,
                                         previous, {}, listing.started, ArchiveRules().check,
                                         progress)
         except BaseException:

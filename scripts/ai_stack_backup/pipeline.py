@@ -9,11 +9,11 @@ differs: ``kind``, ``name``, ``archive_source``, ``check()``,
 ``prepare(reporter)``, ``captured(reporter, work_folder)`` (a context manager
 giving an object whose ``describe()`` says how the copy was made consistent),
 ``planned(reporter, work_folder)`` (a context manager giving a
-``transfer.PlannedStream``, or None where a source is always written in full),
-``write_planned(output, config, progress, reporter, planned, listing, previous,
-held)`` for a planned source, and ``write_tar(output, progress, reporter,
-work_folder, exclude, held)``, which is handed the capture (state travels as
-arguments, never parked on the source between calls). A restore target
+``transfer.PlannedStream`` or its like), ``write_planned(output, config,
+progress, reporter, planned, listing, previous, held, exclude)`` and
+``write_tar(output, progress, reporter, work_folder, exclude, held)``, which
+are handed the capture (state travels as arguments, never parked on the
+source between calls). A restore target
 (``volume.VolumeTarget``, ``hostpath.PathTarget``) supplies ``kind``,
 ``name``, ``description``, ``check(archive_path)``, ``prepare(reporter)``,
 ``reads_once`` (after ``prepare``: stdin is read as it comes, not kept first),
@@ -28,6 +28,7 @@ back itself on failure) and gives the status lines for after ``OK``.
 import contextlib
 import os
 import sys
+import threading
 import time
 
 from . import blocked, unchanged
@@ -76,8 +77,9 @@ def write_archive(source, folder, config, reporter, work_folder, timestamp=None,
     """Write ``folder/<source>__<timestamp>.tar.gz`` atomically; give a BackupResult.
 
     No status lines: ``backup`` frames this, and a safety copy uses it as is.
-    ``work_folder`` (private) holds the transfer folder. ``produce(output)``,
-    if given, writes the gzip stream and gives the member count, instead of
+    ``work_folder`` (private) holds the transfer folder. ``produce(output,
+    exclude)``, if given, writes the gzip stream (never archiving the files
+    ``exclude`` names, the archive itself) and gives the member count, instead of
     the source's tar through the parallel gzip. Raises ArchiveExists when
     the name is taken, BackupError otherwise.
     """
@@ -86,7 +88,7 @@ def write_archive(source, folder, config, reporter, work_folder, timestamp=None,
     with AtomicArchive(path) as archive:
         try:
             if produce is not None:
-                members = produce(archive.output)
+                members = produce(archive.output, {archive.identity()})
             else:
                 members = _write_gzip_tar(source, archive.output, config, reporter, work_folder,
                                           {archive.identity()}, held)
@@ -174,61 +176,100 @@ def _write_planned(source, folder, config, reporter, work_folder, timestamp, hel
     """Back up ``source`` from its listing (``blocked``): what its newest archive's record
     proves unchanged is copied from that archive, the rest is read. With ``skip_unchanged``,
     a source whose whole listing and recipe (``unchanged.recipe``) match that record gets
-    a hard link to that archive instead. A source that cannot be listed (a host path) is
-    written in full."""
+    a hard link to that archive instead."""
     started = time.monotonic()
-    with source.planned(reporter, work_folder) as planned:
-        if planned is None:
-            return write_archive(source, folder, config, reporter, work_folder, timestamp,
-                                 held)
-        listing = blocked.read_listing(*planned.wait_for_listing())
-        made_by = unchanged.recipe(source.exclusions, held)
-        newest = newest_archive(folder, source.archive_source)
-        saved = unchanged.read_record(newest) if newest else None
-        if listing.problem is not None:
-            reporter.log("%s %s: %s; reading all of it" % (source.kind, source.name,
-                                                          listing.problem))
-        elif listing.racy and skip_unchanged:
-            reporter.log("%s %s: entries changed while the volume was listed; the next backup "
-                         "will not be skipped" % (source.kind, source.name))
-        same = saved is not None and listing.digest is not None and not listing.racy and \
-            saved["listing"] == listing.digest and saved.get("recipe") == made_by
-        if same and skip_unchanged and not unchanged.archive_intact(newest, saved):
-            reporter.log("%s is not the file it was when written; backing up %s in full"
-                         % (newest, source.name))
-            same, saved = False, None  # nor is any of its members to be copied
-        if same and skip_unchanged:
-            linked = unchanged.link(folder, source.archive_source, timestamp, (newest, saved),
-                                    reporter)
-            if linked is not None:
-                planned.send("stop")
-                result = BackupResult(source.archive_source, linked.path, linked.size,
-                                      linked.members, time.monotonic() - started)
-                result.linked_to = linked.target
-                reporter.log("%s %s is unchanged since %s: published as a hard link to it"
-                             % (source.kind, source.name, linked.target))
-                return result
+    made_by = unchanged.recipe(source.exclusions, held)
+    newest = newest_archive(folder, source.archive_source)
+    saved = unchanged.read_record(newest) if newest else None
+    previous = blocked.open_previous(newest, saved, made_by) if saved is not None else None
+    if isinstance(previous, str):
+        reporter.log("%s; reading all of %s %s" % (previous, source.kind, source.name))
         previous = None
-        if saved is not None and listing.problem is None:
-            previous = blocked.open_previous(newest, saved, made_by)
-            if isinstance(previous, str):
-                reporter.log("%s; reading all of %s %s" % (previous, source.kind, source.name))
+    # Its members are read and checked while the helper starts and lists.
+    checked = _Checked(previous) if previous is not None else None
+    try:
+        with source.planned(reporter, work_folder) as planned:
+            listing = blocked.read_listing(*planned.wait_for_listing())
+            if listing.problem is not None:
+                reporter.log("%s %s: %s; reading all of it" % (source.kind, source.name,
+                                                              listing.problem))
+            elif listing.racy and skip_unchanged:
+                reporter.log("%s %s: entries changed while the volume was listed; the next "
+                             "backup will not be skipped" % (source.kind, source.name))
+            if skip_unchanged and saved is not None:
+                result = _linked_if_unchanged(source, folder, timestamp, listing,
+                                              (newest, saved), made_by, reporter)
+                if result is not None:
+                    planned.send("stop")
+                    result.seconds = time.monotonic() - started
+                    return result
+            problem = checked.problem() if checked is not None else None
+            if problem is not None or listing.problem is not None:
+                if problem is not None:
+                    reporter.log("%s; backing up %s %s in full" % (problem, source.kind,
+                                                                   source.name))
                 previous = None
-        made = []
+            made = []
 
-        def produce(output):
-            with reporter.progress("Backing up %s" % source.name) as progress:
-                members, blocks = source.write_planned(output, config, progress, reporter,
-                                                       planned, listing, previous, held)
-            made.append(blocks)
-            return members
-        try:
+            def produce(output, exclude):
+                with reporter.progress("Backing up %s" % source.name) as progress:
+                    members, blocks = source.write_planned(output, config, progress, reporter,
+                                                           planned, listing, previous, held,
+                                                           exclude)
+                made.append(blocks)
+                return members
             result = write_archive(source, folder, config, reporter, work_folder, timestamp,
                                    held, produce)
-        finally:
-            if previous is not None:
-                previous.close()
+    finally:
+        if checked is not None:
+            checked.finish()
     blocked.record(result.path, listing, result.members, made_by, made[0], reporter)
+    return result
+
+
+class _Checked(threading.Thread):
+    """Reads and checks every member of a ``blocked.Previous`` in the background; owns it."""
+
+    def __init__(self, previous):
+        super().__init__(name="previous-archive", daemon=True)
+        self.previous = previous
+        self._problem = None
+        self.start()
+
+    def run(self):
+        try:
+            self.previous.check()
+        except ArchiveError as error:
+            self._problem = str(error)
+
+    def problem(self):
+        """Wait for the check; give what did not match, or None."""
+        self.join()
+        return self._problem
+
+    def finish(self):
+        self.join()
+        self.previous.close()
+
+
+def _linked_if_unchanged(source, folder, timestamp, listing, newest, made_by, reporter):
+    """Give the BackupResult of a hard link to the newest archive (``(path, record)``) if the
+    whole listing and the recipe are those of its record and it is intact; else None."""
+    path, saved = newest
+    if listing.digest is None or listing.racy or saved["listing"] != listing.digest or \
+            saved.get("recipe") != made_by:
+        return None
+    if not unchanged.archive_intact(path, saved):
+        reporter.log("%s is not the file it was when written; backing up %s in full"
+                     % (path, source.name))
+        return None
+    linked = unchanged.link(folder, source.archive_source, timestamp, newest, reporter)
+    if linked is None:
+        return None
+    result = BackupResult(source.archive_source, linked.path, linked.size, linked.members, 0)
+    result.linked_to = linked.target
+    reporter.log("%s %s is unchanged since %s: published as a hard link to it"
+                 % (source.kind, source.name, linked.target))
     return result
 
 

@@ -127,7 +127,7 @@ class VolumeSource:
             yield stream
 
     def write_planned(self, output, config, progress, reporter, planned, listing, previous,
-                      held):
+                      held, exclude=()):
         """Write the archive into ``output`` from the ``listing`` (a ``blocked.Listing``),
         copying what ``previous`` (a ``blocked.Previous``, or None) proves unchanged and
         having the helper tar the rest; give ``(members, blocks)`` (``blocks``: the record's
@@ -147,17 +147,16 @@ class VolumeSource:
         snapshots = held.snapshots if held else {}
         left_out = {path + suffix for path in snapshots for suffix in capture.COMPANION_SUFFIXES}
 
-        def items(previous):
+        def items():
             return blocked.plan(blocked.entries(listing, self.exclusions, left_out), previous,
                                 snapshots)
-        previous = blocked.send_plan(planned, items, previous, reporter,
-                                     "volume %s" % self.name)
+        planned.send("plan", blocked.names_to_tar(items()))
         what = "backing up volume %s" % self.name
         writer = MemberWriter(output, config.gzip_level, config.threads)
         with planned.opened() as (descriptor, helper):
             rules = _RulesOfRestore(self.name)
             try:
-                made = blocked.assemble(items(previous), transfer.stream_chunks(descriptor),
+                made = blocked.assemble(items(), transfer.stream_chunks(descriptor),
                                         writer, previous, snapshots, listing.started,
                                         rules.check, progress)
             except ArchiveError as error:
