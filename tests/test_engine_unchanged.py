@@ -252,10 +252,12 @@ def test_a_listing_is_racy_when_a_ctime_is_as_new_as_its_start(tmp_path):
     new = b"1000 6 1 6 81a4 0 0 1 ./b\n"
     assert not listing(old + future_mtime).racy and listing(old).problem is None
     assert listing(old + new).racy and listing(new + old).racy
-    gone = b"stat: can't stat './x': No such file or directory\n"
+    gone = b"stat: can't stat './x': No such file or directory\n" \
+        b"find: ./tmp/y: No such file or directory\n"  # a busy volume
     assert listing(old, gone).problem is None and listing(old, gone).racy
     assert listing(old, b"find: ./y: Permission denied\n").problem.startswith(
         "the listing failed")
+    assert listing(old, gone + b"find failed\n").problem == "the listing failed: find failed"
     assert listing(old, odd=b"./with\nbreak\n").problem == "some names hold a line break"
 
 

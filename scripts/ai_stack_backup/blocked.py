@@ -62,11 +62,17 @@ class Entry:
         if len(fields) != 9:
             raise ValueError("a listing line has %d fields" % len(fields))
         self.line = line
-        self.ctime, self.inode, self.links, self.size = (int(field) for field in fields[:4])
-        self.mode = int(fields[4], 16)
-        self.uid, self.gid, self.mtime = (int(field) for field in fields[5:8])
-        self.name = fields[8]
-        self.path = normalize(self.name)
+        ctime, inode, links, size, mode, uid, gid, mtime, name = fields
+        self.ctime, self.inode, self.links, self.size = int(ctime), int(inode), int(links), \
+            int(size)
+        self.mode, self.uid, self.gid, self.mtime = int(mode, 16), int(uid), int(gid), int(mtime)
+        self.name = name
+        # The helper's names are "./a/b": cut the "./" unless normalising has more to do.
+        if name.startswith(b"./") and b"/." not in name and b"//" not in name and \
+                not name.endswith(b"/"):
+            self.path = name[2:]
+        else:
+            self.path = normalize(name)
 
     @property
     def folder(self):
@@ -94,8 +100,8 @@ class Listing:
 def _harmless(errors):
     """Whether the listing's errors are only entries gone between readdir and stat."""
     lines = errors.decode("utf-8", "replace").strip().splitlines()
-    return all(line.startswith("stat: can't stat") and line.endswith("No such file or directory")
-               for line in lines)
+    return all(line.startswith(("stat: ", "find: ")) and
+               line.endswith("No such file or directory") for line in lines)
 
 
 def read_listing(started, path, errors, odd_names):
@@ -317,7 +323,7 @@ def assemble(items, stream_chunks, writer, previous, snapshots, started, check, 
     matches) and BackupError.
     """
     result = Assembly()
-    reader = TarReader(stream_chunks, concatenated=True)
+    reader = TarReader(stream_chunks, concatenated=True, keep_headers=True)
     upcoming = [None]
     first_name_of = {}  # inode -> name, for files with more than one name
     run = [_Run()]
@@ -350,7 +356,8 @@ def assemble(items, stream_chunks, writer, previous, snapshots, started, check, 
         if upcoming[0] is None:
             upcoming[0] = reader.next() or False
         member = upcoming[0]
-        if member is False or normalize(member.name) != entry.path:
+        if member is False or (member.name != entry.name and
+                               normalize(member.name) != entry.path):
             return None
         upcoming[0] = None
         return member
@@ -364,9 +371,7 @@ def assemble(items, stream_chunks, writer, previous, snapshots, started, check, 
                 return encode_header(member.name, HARDLINK, member.mode, member.uid,
                                      member.gid, member.mtime, 0, first, member.uname,
                                      member.gname), False
-        return encode_header(member.name, member.kind, member.mode, member.uid, member.gid,
-                             member.mtime, member.size if member.kind == FILE else 0,
-                             member.linkname, member.uname, member.gname), True
+        return reader.header_bytes, True  # as tar wrote it
 
     def pieces_of(entry, header, size, data, trusted):
         """Write a large file as a head member and piece members, reusing equal pieces."""
@@ -470,6 +475,14 @@ def names_to_tar(items):
     for kind, value in items:
         if kind == FRESH:
             yield value.name
+
+
+def every_name(listing):
+    """Give every name of the listing, in order: what ``names_to_tar`` gives when nothing is
+    copied, excluded or snapshotted, without taking each line apart."""
+    with open(listing.path, "rb") as file:
+        for line in file:
+            yield line.rstrip(b"\n").split(b" ", 8)[8]
 
 
 

@@ -160,7 +160,8 @@ class PathSource:
         def items():
             return blocked.plan(blocked.entries(listing, NONE, ()), previous, {})
         what = "path %s" % self.name
-        planned.send("plan", blocked.names_to_tar(items()))
+        planned.send("plan", blocked.every_name(listing) if previous is None
+                     else blocked.names_to_tar(items()))
         writer = MemberWriter(output, config.gzip_level, config.threads)
         try:
             with planned.opened() as descriptor:

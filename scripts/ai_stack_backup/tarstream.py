@@ -245,9 +245,13 @@ class TarReader:
     end after any of their end-of-archive markers.
     """
 
-    def __init__(self, chunks, light=False, concatenated=False):
+    def __init__(self, chunks, light=False, concatenated=False, keep_headers=False):
         self._stream = _ChunkStream(chunks)
         self._light = light
+        # The header blocks of the last member as they came (extended headers included),
+        # for a writer that passes members on unchanged.
+        self._keep_headers = keep_headers
+        self.header_bytes = b""
         # Several tar streams one after another (one per ``xargs`` batch): zero blocks
         # between members are skipped and the input may end after any of them.
         self._concatenated = concatenated
@@ -317,6 +321,7 @@ class TarReader:
         self._skip_rest()
         long_name = long_link = None
         local = {}
+        raw = [] if self._keep_headers else None
         while True:
             if self._between and self._stream.read_ahead_ends():
                 return None
@@ -325,6 +330,8 @@ class TarReader:
                     long_link is None and not local:
                 self._between = True
                 continue
+            if raw is not None:
+                raw.append(block)
             self._between = False
             if block == ZERO_BLOCK:
                 if long_name is not None or long_link is not None or local:
@@ -337,7 +344,7 @@ class TarReader:
             size = _number(block[124:136], "size", offset)
             if typeflag not in (b"L", b"K", b"x", b"g"):
                 break
-            payload = self._extended_payload(size, offset)
+            payload = self._extended_payload(size, offset, raw)
             if typeflag == b"L":
                 long_name = payload.rstrip(b"\0")
             elif typeflag == b"K":
@@ -345,11 +352,13 @@ class TarReader:
             else:
                 _merge_pax(self._global if typeflag == b"g" else local, payload, offset)
         records = {**self._global, **local} if self._global else local
+        if raw is not None:
+            self.header_bytes = b"".join(raw)
         if self._light:
             return self._walk_member(typeflag, size, offset, records)
         return self._member(block, typeflag, size, offset, long_name, long_link, records)
 
-    def _extended_payload(self, size, offset):
+    def _extended_payload(self, size, offset, raw=None):
         if not 0 <= size <= EXTENDED_HEADER_LIMIT:
             raise ArchiveError("an extended header at byte %d is too large (%d bytes)"
                                % (offset, size), "extended-header-too-large")
@@ -357,7 +366,9 @@ class TarReader:
         if len(payload) < size:
             raise ArchiveError("the archive is truncated inside an extended header",
                                "truncated")
-        self._stream.read(-size % BLOCK_SIZE)
+        filling = self._stream.read(-size % BLOCK_SIZE)
+        if raw is not None:
+            raw += (payload, filling)
         return payload
 
     def _walk_member(self, typeflag, size, offset, records):

@@ -70,12 +70,15 @@ BACKUP_SCRIPT = "tar -C /volume -cf /transfer/stream ."
 LISTING, LISTING_STARTED, LISTING_ERRORS, ODD_NAMES, GO, PLAN = \
     "listing", "listing-started", "listing-errors", "odd-names", "go", "plan"
 LISTING_FORMAT = "%Z %i %h %s %f %u %g %Y %n"
+# An entry gone between readdir and stat is only a line on stderr (and exit 1), as on any
+# busy volume; a failure that says nothing is written down, so it is never taken for one.
 PLANNED_BACKUP_SCRIPT = """cd /volume
 date +%%s > /transfer/listing-started
+errors=/transfer/listing-errors
+find . -exec stat -c '%s' {} + > /transfer/listing.part 2> $errors \\
+  || [ -s $errors ] || echo "find failed" >> $errors
 find . -name '*
-*' > /transfer/odd-names 2>/dev/null
-find . -exec stat -c '%s' {} + > /transfer/listing.part 2> /transfer/listing-errors \\
-  || echo "find failed" >> /transfer/listing-errors
+*' > /transfer/odd-names 2>> $errors || [ -s $errors ] || echo "find failed" >> $errors
 mv /transfer/listing.part /transfer/listing
 read mode < /transfer/go
 [ "$mode" = stop ] && exit 0

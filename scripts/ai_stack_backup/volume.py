@@ -150,7 +150,9 @@ class VolumeSource:
         def items():
             return blocked.plan(blocked.entries(listing, self.exclusions, left_out), previous,
                                 snapshots)
-        planned.send("plan", blocked.names_to_tar(items()))
+        everything = previous is None and not snapshots and not self.exclusions
+        planned.send("plan", blocked.every_name(listing) if everything
+                     else blocked.names_to_tar(items()))
         what = "backing up volume %s" % self.name
         writer = MemberWriter(output, config.gzip_level, config.threads)
         with planned.opened() as (descriptor, helper):
