@@ -54,19 +54,17 @@ def _sha(data):
 class Entry:
     """One line of the helper's listing (``transfer.LISTING_FORMAT``)."""
 
-    __slots__ = ("line", "name", "path", "ctime", "inode", "links", "size", "mode", "uid",
-                 "gid", "mtime")
+    __slots__ = ("line", "name", "path", "ctime", "links", "size", "mode", "_fields")
 
     def __init__(self, line):
         fields = line.split(b" ", 8)
         if len(fields) != 9:
             raise ValueError("a listing line has %d fields" % len(fields))
         self.line = line
-        ctime, inode, links, size, mode, uid, gid, mtime, name = fields
-        self.ctime, self.inode, self.links, self.size = int(ctime), int(inode), int(links), \
-            int(size)
-        self.mode, self.uid, self.gid, self.mtime = int(mode, 16), int(uid), int(gid), int(mtime)
-        self.name = name
+        self._fields = fields  # inode, owner and mtime are read only where needed
+        self.ctime, self.links, self.size = int(fields[0]), int(fields[2]), int(fields[3])
+        self.mode = int(fields[4], 16)
+        self.name = name = fields[8]
         # The helper's names are "./a/b": cut the "./" unless normalising has more to do.
         if name.startswith(b"./") and b"/." not in name and b"//" not in name and \
                 not name.endswith(b"/"):
@@ -77,6 +75,22 @@ class Entry:
     @property
     def folder(self):
         return stat.S_ISDIR(self.mode)
+
+    @property
+    def inode(self):
+        return int(self._fields[1])
+
+    @property
+    def uid(self):
+        return int(self._fields[5])
+
+    @property
+    def gid(self):
+        return int(self._fields[6])
+
+    @property
+    def mtime(self):
+        return int(self._fields[7])
 
     def large(self):
         return stat.S_ISREG(self.mode) and self.size >= LARGE_FILE
@@ -445,18 +459,16 @@ def assemble(items, stream_chunks, writer, previous, snapshots, started, check, 
         if member.kind == FILE and whole and (entry.large() or member.size >= LARGE_FILE):
             pieces_of(entry, header, member.size, reader.data(), trusted)
             continue
-        data = bytearray(header)
-        if member.kind == FILE:
-            for chunk in reader.data():
-                if whole:
-                    data += chunk
-            if whole:
-                data += padding(member.size)
-        if not (trusted and whole):
+        alone = not (trusted and whole)
+        if alone:
             close_run()  # its own member: it is read every time, its neighbours need not be
-        run[0].add(entry, data, trusted and whole)
+        current = run[0]
+        current.add(entry, header, not alone)
+        if member.kind == FILE and whole:
+            current.data += reader.read_data()
+            current.data += padding(member.size)
         result.members += 1
-        if len(run[0].data) >= RUN_SIZE or not (trusted and whole):
+        if alone or len(current.data) >= RUN_SIZE:
             close_run()
     close_run()
     if upcoming[0] is None:

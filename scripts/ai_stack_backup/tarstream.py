@@ -280,6 +280,14 @@ class TarReader:
             # Counted once the taker is back, so a taker that stops early leaves it unread.
             self._unread -= len(piece)
 
+    def read_data(self):
+        """Give the current member's whole data as bytes (for members known to be small)."""
+        data = self._stream.read(self._unread)
+        if len(data) < self._unread:
+            raise ArchiveError("the archive is truncated inside a member's data", "truncated")
+        self._unread = 0
+        return data
+
     def _skip_rest(self):
         if self._unread or self._padding:
             self._stream.skip(self._unread + self._padding)
