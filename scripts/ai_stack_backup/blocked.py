@@ -66,9 +66,11 @@ class Entry:
         self.mode = int(fields[4], 16)
         self.name = name = fields[8]
         # The helper's names are "./a/b": cut the "./" unless normalising has more to do.
-        if name.startswith(b"./") and b"/." not in name and b"//" not in name and \
-                not name.endswith(b"/"):
+        plain = b"/." not in name and b"//" not in name and not name.endswith(b"/")
+        if plain and name.startswith(b"./"):
             self.path = name[2:]
+        elif plain and not name.startswith((b".", b"/")) and name:  # a path's "output/a"
+            self.path = name
         else:
             self.path = normalize(name)
 
@@ -326,6 +328,118 @@ class _Run:
         self.trusted = self.trusted and trusted
 
 
+class Assembler:
+    """Puts one archive's members through a MemberWriter in order: blocks copied from the
+    previous archive, runs of small entries, large files as a head and pieces, the end;
+    ``finish()`` gives the Assembly (what was made, and the record's list)."""
+
+    def __init__(self, writer, previous, progress):
+        self.writer, self.previous, self.progress = writer, previous, progress
+        self.result = Assembly()
+        self._run = _Run()
+        self._position = 0  # the tar offset of what comes next
+
+    def _placed(self, kind, key):
+        """Give the ``placed`` that records a member (``key(digest)`` for a piece's)."""
+        def placed(offset, length, crc, size, bytes_crc, digest, copied):
+            saved_key = key(digest) if callable(key) else key
+            self.result.blocks.append(Block(kind, offset, length, crc, size, bytes_crc,
+                                            saved_key).saved())
+            if copied:
+                self.result.reused += size
+            else:
+                self.result.written += size
+        return placed
+
+    def _close_run(self):
+        current = self._run
+        if current.count:
+            key = [current.first.hex(), current.count,
+                   current.digest.hexdigest() if current.trusted else None]
+            self.writer.compress(bytes(current.data), self._placed("run", key))
+            self._position += len(current.data)
+            self.progress.advance(len(current.data))
+        self._run = _Run()
+
+    def copy(self, blocks):
+        """Copy the previous archive's members ``blocks`` (a REUSE item) as they are."""
+        self._close_run()
+        for block in blocks:
+            self.writer.copy(self.previous.descriptor, block.offset, self.previous.member(block),
+                             self._placed(block.kind, block.key))
+            self._position += block.size
+            self.progress.advance(block.size)
+            if block.kind == "run":
+                self.result.members += block.key[1]
+            elif block.kind == "head":
+                self.result.members += 1
+
+    def small(self, entry, header, data, trusted):
+        """Add one small entry (its header, and its data with tar's padding) to the run; one
+        that is not ``trusted`` gets a member of its own."""
+        if not trusted:
+            self._close_run()  # read every time: its neighbours need not be
+        current = self._run
+        current.add(entry, header, trusted)
+        current.data += data
+        self.result.members += 1
+        if not trusted or len(current.data) >= RUN_SIZE:
+            self._close_run()
+
+    def gone(self):
+        """An entry of the plan that was not found: the run is not what its lines say."""
+        self._run.trusted = False
+
+    def large(self, entry, header, size, chunks, trusted):
+        """Add a large file (or a snapshot) as a head member and piece members, copying the
+        previous archive's equal pieces. Raises BackupError if ``chunks`` do not hold
+        ``size`` bytes."""
+        self._close_run()
+        self.writer.compress(header, self._placed("head", [
+            entry.path.hex(), _sha(entry.line) if trusted else None]))
+        self._position += len(header)
+        old = self.previous.pieces.get(entry.path, {}) if self.previous else {}
+        index = 0
+        buffer = bytearray()
+        total = 0
+        for chunk in chunks:
+            buffer += chunk
+            total += len(chunk)
+            while len(buffer) >= PIECE_SIZE:
+                self._piece(entry, index, bytes(buffer[:PIECE_SIZE]), old)
+                del buffer[:PIECE_SIZE]
+                index += 1
+        if total != size:
+            raise BackupError("%s changed size while it was read" % entry.name.decode(
+                "utf-8", "replace"))
+        buffer += padding(size)
+        if buffer:
+            self._piece(entry, index, bytes(buffer), old)
+        self.result.members += 1
+
+    def _piece(self, entry, index, piece, old):
+        """Write one piece; a worker hashes it and copies the previous archive's equal one."""
+        block = old.get(index)
+        previous = self.previous
+
+        def reuse(digest):
+            if block is not None and block.key[2] == digest and block.size == len(piece):
+                return previous.descriptor, block.offset, previous.member(block)
+            return None
+        self.writer.compress(piece, self._placed("piece", lambda digest: [
+            entry.path.hex(), index, digest]), reuse)
+        self._position += len(piece)
+        self.progress.advance(len(piece))
+
+    def finish(self):
+        """Write the end of the archive; wait for every member; give the Assembly."""
+        self._close_run()
+        end = END_OF_ARCHIVE + bytes(-(self._position + len(END_OF_ARCHIVE)) % RECORD_SIZE)
+        self.writer.compress(end, self._placed("end", []))
+        self.writer.close()
+        return self.result
+
+
 def assemble(items, stream_chunks, writer, previous, snapshots, started, check, progress):
     """Write the archive the plan's ``items`` describe through ``writer`` (a MemberWriter);
     give an Assembly.
@@ -336,34 +450,10 @@ def assemble(items, stream_chunks, writer, previous, snapshots, started, check, 
     ArchiveError (from the stream or a previous member that no longer
     matches) and BackupError.
     """
-    result = Assembly()
+    made = Assembler(writer, previous, progress)
     reader = TarReader(stream_chunks, concatenated=True, keep_headers=True)
     upcoming = [None]
     first_name_of = {}  # inode -> name, for files with more than one name
-    run = [_Run()]
-    position = [0]  # the tar offset of what comes next
-
-    def placed_as(kind, key):
-        """Give the ``placed`` that records a member (``key(digest)`` for a piece's)."""
-        def placed(offset, length, crc, size, bytes_crc, digest, copied):
-            saved_key = key(digest) if callable(key) else key
-            result.blocks.append(Block(kind, offset, length, crc, size, bytes_crc,
-                                       saved_key).saved())
-            if copied:
-                result.reused += size
-            else:
-                result.written += size
-        return placed
-
-    def close_run():
-        current = run[0]
-        if current.count:
-            key = [current.first.hex(), current.count,
-                   current.digest.hexdigest() if current.trusted else None]
-            writer.compress(bytes(current.data), placed_as("run", key))
-            position[0] += len(current.data)
-            progress.advance(len(current.data))
-        run[0] = _Run()
 
     def next_member(entry):
         """Give the stream's member for ``entry``, or None if tar did not find it (gone)."""
@@ -387,56 +477,9 @@ def assemble(items, stream_chunks, writer, previous, snapshots, started, check, 
                                      member.gname), False
         return reader.header_bytes, True  # as tar wrote it
 
-    def pieces_of(entry, header, size, data, trusted):
-        """Write a large file as a head member and piece members, reusing equal pieces."""
-        close_run()
-        writer.compress(header, placed_as("head", [entry.path.hex(),
-                                                   _sha(entry.line) if trusted else None]))
-        position[0] += len(header)
-        old = previous.pieces.get(entry.path, {}) if previous else {}
-        index = 0
-        buffer = bytearray()
-        total = 0
-        for chunk in data:
-            buffer += chunk
-            total += len(chunk)
-            while len(buffer) >= PIECE_SIZE:
-                put_piece(entry, index, bytes(buffer[:PIECE_SIZE]), old)
-                del buffer[:PIECE_SIZE]
-                index += 1
-        if total != size:
-            raise BackupError("%s changed size while it was read" % entry.name.decode(
-                "utf-8", "replace"))
-        buffer += padding(size)
-        if buffer:
-            put_piece(entry, index, bytes(buffer), old)
-        result.members += 1
-
-    def put_piece(entry, index, piece, old):
-        """Write one piece; a worker hashes it and copies the previous archive's equal one."""
-        block = old.get(index)
-
-        def reuse(digest):
-            if block is not None and block.key[2] == digest and block.size == len(piece):
-                return previous.descriptor, block.offset, previous.member(block)
-            return None
-        writer.compress(piece, placed_as("piece", lambda digest: [entry.path.hex(), index,
-                                                                  digest]), reuse)
-        position[0] += len(piece)
-        progress.advance(len(piece))
-
     for kind, value in items:
         if kind == REUSE:
-            close_run()
-            for block in value:
-                writer.copy(previous.descriptor, block.offset, previous.member(block),
-                            placed_as(block.kind, block.key))
-                position[0] += block.size
-                progress.advance(block.size)
-                if block.kind == "run":
-                    result.members += block.key[1]
-                elif block.kind == "head":
-                    result.members += 1
+            made.copy(value)
             continue
         entry = value
         trusted = entry.trusted(started)
@@ -449,37 +492,26 @@ def assemble(items, stream_chunks, writer, previous, snapshots, started, check, 
             header = encode_header(entry.name, FILE, member.mode, entry.uid, entry.gid,
                                    entry.mtime, size)
             with open(snapshot.file, "rb") as file:
-                pieces_of(entry, header, size, iter(lambda: file.read(PIECE_SIZE), b""), False)
+                made.large(entry, header, size, iter(lambda: file.read(PIECE_SIZE), b""),
+                           False)
             continue
         member = next_member(entry)
         if member is None:
-            run[0].trusted = False  # the run is not what its lines say
+            made.gone()
             continue
         header, whole = header_of(entry, member)
         if member.kind == FILE and whole and (entry.large() or member.size >= LARGE_FILE):
-            pieces_of(entry, header, member.size, reader.data(), trusted)
+            made.large(entry, header, member.size, reader.data(), trusted)
             continue
-        alone = not (trusted and whole)
-        if alone:
-            close_run()  # its own member: it is read every time, its neighbours need not be
-        current = run[0]
-        current.add(entry, header, not alone)
-        if member.kind == FILE and whole:
-            current.data += reader.read_data()
-            current.data += padding(member.size)
-        result.members += 1
-        if alone or len(current.data) >= RUN_SIZE:
-            close_run()
-    close_run()
+        data = reader.read_data() + padding(member.size) if member.kind == FILE and whole \
+            else b""
+        made.small(entry, header, data, trusted and whole)
     if upcoming[0] is None:
         upcoming[0] = reader.next() or False
     if upcoming[0] is not False:
         raise BackupError("the helper's tar holds %s, which the plan does not name there"
                           % upcoming[0].name.decode("utf-8", "replace"))
-    end = END_OF_ARCHIVE + bytes(-(position[0] + len(END_OF_ARCHIVE)) % RECORD_SIZE)
-    writer.compress(end, placed_as("end", []))
-    writer.close()
-    return result
+    return made.finish()
 
 
 def names_to_tar(items):

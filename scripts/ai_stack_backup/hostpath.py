@@ -12,7 +12,6 @@ import os
 import secrets
 import stat
 import tempfile
-import threading
 import time
 
 from . import blocked
@@ -23,8 +22,7 @@ from .files import WORK_PREFIX, BatchedWriter
 from .gzipstream import MemberWriter, ParallelGzipWriter
 from .hosttree import TreeWriter, listing_line, walk
 from .names import safe_name
-from .tarstream import DIRECTORY, FIFO, FILE, HARDLINK, SYMLINK, ArchiveRules
-from .transfer import stream_chunks
+from .tarstream import DIRECTORY, FIFO, FILE, HARDLINK, SYMLINK
 
 
 class _LiveCopy:
@@ -37,18 +35,18 @@ class _LiveCopy:
 
 
 class _TreePlan:
-    """A host tree's listing, taken by the tool itself, and then the tar of the entries the
-    plan names, written by a thread into a pipe: what ``transfer.PlannedStream`` is for a
-    volume (``wait_for_listing``, ``send``, ``opened``)."""
+    """A host tree's listing, taken by the tool itself into the private work folder: what
+    ``transfer.PlannedStream`` is for a volume (``wait_for_listing``, ``send``). The
+    archive is then written in one more walk (``PathSource.write_planned``), which plans
+    from what it finds."""
 
     def __init__(self, top, exclusions, reporter, work_folder):
         self.top, self.exclusions, self.reporter = top, exclusions, reporter
-        self.parent = os.fsencode(os.path.dirname(top) or ".")
-        self.arcname = os.fsencode(os.path.basename(top))
         descriptor, self.listing = tempfile.mkstemp(prefix=WORK_PREFIX + "listing-",
                                                     dir=work_folder)
+        status = os.fstat(descriptor)
+        self.identity = (status.st_dev, status.st_ino)  # the tree may hold the work folder
         os.close(descriptor)
-        self.names = []
 
     def close(self):
         with contextlib.suppress(FileNotFoundError):
@@ -59,9 +57,9 @@ class _TreePlan:
         odd = b""
         with open(self.listing, "wb") as file:
             writer = BatchedWriter(file.write)
-            itself = os.fstat(file.fileno())  # the tree may hold the backup folder
-            for _, arcname, status in walk(self.top, self.arcname, self.reporter.warn,
-                                           self.exclusions, {(itself.st_dev, itself.st_ino)}):
+            for _, arcname, status in walk(self.top, os.path.basename(self.top),
+                                           self.reporter.warn, self.exclusions,
+                                           {self.identity}):
                 if b"\n" in arcname:
                     odd = arcname
                 writer.write(listing_line(arcname, status))
@@ -69,42 +67,49 @@ class _TreePlan:
         return b"%d" % started, self.listing, b"", odd
 
     def send(self, mode, names=()):
-        self.names = list(names) if mode == "plan" else []
+        """Nothing to tell: the writing walk plans for itself."""
 
-    @contextlib.contextmanager
-    def opened(self):
-        """Give the reading end of a pipe into which a thread writes the tar of the planned
-        names, in order; an error of that thread is raised here."""
-        reading, writing = os.pipe()
-        failure = []
 
-        def produce():
-            try:
-                with os.fdopen(writing, "wb") as output:
-                    tree = TreeWriter(output, self.reporter)
-                    for name in self.names:
-                        path = os.path.join(self.parent, name)
-                        try:
-                            status = os.stat(path) if name == self.arcname else os.lstat(path)
-                        except FileNotFoundError:
-                            self.reporter.warn("%s vanished while it was backed up; skipped"
-                                               % os.fsdecode(path))
-                            continue
-                        tree.add(path, name, status)
-                    tree.finish()
-            except BrokenPipeError:
-                pass  # the reader stopped: its own error is the one to tell
-            except BaseException as error:  # handed to the reader, who raises it
-                failure.append(error)
-        thread = threading.Thread(target=produce, name="tree-tar", daemon=True)
-        thread.start()
+class _TreeEntry(blocked.Entry):
+    """A listing Entry made from the walk, with where it is (``source``) and its ``status``."""
+
+    __slots__ = ("source", "status")
+
+
+class _Captured:
+    """An output that keeps what is written, to be taken entry by entry."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, data):
+        self.data += data
+        return len(data)
+
+    def take(self):
+        taken, self.data = bytes(self.data), bytearray()
+        return taken
+
+
+def _file_chunks(descriptor, size, shown, warn):
+    """Yield ``size`` bytes of an open file in pieces; a file that shrank while it was read
+    is filled up with zeros, as tar does, and a warning says so."""
+    remaining = size
+    while remaining:
         try:
-            yield reading
-        finally:
-            os.close(reading)
-            thread.join()
-        if failure:
-            raise failure[0]
+            chunk = os.read(descriptor, min(remaining, blocked.PIECE_SIZE))
+        except OSError as error:
+            raise BackupError("cannot read %s: %s" % (shown, describe_os_error(error)))
+        if not chunk:
+            warn("%s shrank by %d bytes while it was read; the rest is zeros"
+                 % (shown, remaining))
+            while remaining:
+                filler = min(remaining, blocked.PIECE_SIZE)
+                yield bytes(filler)
+                remaining -= filler
+            return
+        remaining -= len(chunk)
+        yield chunk
 
 
 class PathSource:
@@ -157,24 +162,73 @@ class PathSource:
                 raise
             return members, None
 
-        def items():
-            return blocked.plan(blocked.entries(listing, NONE, ()), previous, {})
-        what = "path %s" % self.name
-        planned.send("plan", blocked.every_name(listing) if previous is None
-                     else blocked.names_to_tar(items()))
-        writer = MemberWriter(output, config.gzip_level, config.threads)
+        top = self.name.rstrip("/")
+        captured = _Captured()
+        tree = TreeWriter(captured, reporter)
+        assembler = blocked.Assembler(MemberWriter(output, config.gzip_level, config.threads),
+                                      previous, progress)
+
+        def walked():
+            for path, arcname, status in walk(top, os.path.basename(top), reporter.warn,
+                                              self.exclusions, set(exclude) | {planned.identity}):
+                entry = _TreeEntry(listing_line(arcname, status)[:-1])
+                entry.source, entry.status = path, status
+                yield entry
         try:
-            with planned.opened() as descriptor:
-                made = blocked.assemble(items(), stream_chunks(descriptor), writer,
-                                        previous, {}, listing.started, ArchiveRules().check,
-                                        progress)
+            for kind, value in blocked.plan(walked(), previous, {}):
+                if kind == blocked.REUSE:
+                    assembler.copy(value)
+                    continue
+                self._add(value, tree, captured, assembler, listing.started, reporter)
+            made = assembler.finish()
         except BaseException:
-            writer.abort()
+            assembler.writer.abort()
             raise
+        what = "path %s" % self.name
         line = blocked.describe(made, previous, what)
         if line:
             reporter.log(line)
         return made.members, made.blocks
+
+    @staticmethod
+    def _add(entry, tree, captured, made, started, reporter):
+        """Write one entry the plan did not copy: a large file in pieces (read as it goes),
+        anything else whole into the run."""
+        status, trusted = entry.status, entry.trusted(started)
+        large = stat.S_ISREG(status.st_mode) and status.st_size >= blocked.LARGE_FILE and \
+            (status.st_nlink == 1 or tree.seen_as(status) is None)
+        if not large:
+            tree.add(entry.source, entry.name, status)
+            tree.flush()
+            member = captured.take()
+            if member:
+                made.small(entry, member, b"", trusted)
+            else:
+                made.gone()  # vanished or skipped (a socket); tree said so
+            return
+        shown = os.fsdecode(entry.source)
+        try:
+            descriptor = os.open(entry.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK |
+                                 os.O_CLOEXEC)
+        except OSError as error:
+            if error.errno in (errno.ENOENT, errno.ELOOP):
+                reporter.warn("%s vanished while it was backed up; skipped" % shown)
+                made.gone()
+                return
+            raise BackupError("cannot read %s: %s" % (shown, describe_os_error(error)))
+        try:
+            opened = os.fstat(descriptor)
+            if not stat.S_ISREG(opened.st_mode):
+                reporter.warn("%s changed type while it was backed up; skipped" % shown)
+                made.gone()
+                return
+            if opened.st_nlink > 1:
+                tree.first_seen(opened, entry.name)
+            header = tree.header_bytes(entry.name, opened, FILE, size=opened.st_size)
+            made.large(entry, header, opened.st_size,
+                       _file_chunks(descriptor, opened.st_size, shown, reporter.warn), trusted)
+        finally:
+            os.close(descriptor)
 
     def write_tar(self, output, progress, reporter, work_folder=None, exclude=(), held=None):
         """Write the tree as tar into ``output``; give the member count. Raises BackupError."""

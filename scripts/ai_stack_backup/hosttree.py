@@ -123,11 +123,15 @@ class TreeWriter:
     def _group(self, gid):
         return self._cached_name(self._groups, grp.getgrgid, gid)
 
+    def header_bytes(self, arcname, status, kind, linkname=b"", size=0):
+        """Give the tar header of one entry as this writer writes it."""
+        return encode_header(arcname + b"/" if kind == DIRECTORY else arcname, kind,
+                             stat.S_IMODE(status.st_mode), status.st_uid, status.st_gid,
+                             status.st_mtime_ns // 1000000000, size, linkname,
+                             self._user(status.st_uid), self._group(status.st_gid))
+
     def _header(self, arcname, status, kind, linkname=b"", size=0):
-        self._emit(encode_header(arcname + b"/" if kind == DIRECTORY else arcname, kind,
-                                 stat.S_IMODE(status.st_mode), status.st_uid, status.st_gid,
-                                 status.st_mtime_ns // 1000000000, size, linkname,
-                                 self._user(status.st_uid), self._group(status.st_gid)))
+        self._emit(self.header_bytes(arcname, status, kind, linkname, size))
         self.members += 1
 
     def _copy_file(self, path, arcname, status):
@@ -199,6 +203,18 @@ class TreeWriter:
         for child, child_arcname, status in walk(path, arcname, self.warn, self.exclusions,
                                                  self.exclude):
             self.add(child, child_arcname, status)
+
+    def flush(self):
+        """Hand everything written so far to the output."""
+        self._output.flush()
+
+    def seen_as(self, status):
+        """Give the name a file with more than one link was first archived under, or None;
+        remember ``arcname`` when it is the first (see ``first_seen``)."""
+        return self._first_path.get((status.st_dev, status.st_ino))
+
+    def first_seen(self, status, arcname):
+        self._first_path[(status.st_dev, status.st_ino)] = arcname
 
     def finish(self):
         """Write the end-of-archive marker, padded to a whole record like tar does."""
