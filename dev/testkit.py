@@ -230,6 +230,20 @@ def tree_state(root):
     return entries
 
 
+def archive_manifest(path):
+    """Give ``{member name: (type, mode, uid, gid, mtime, size, link, SHA-256 of data)}`` of an
+    archive, as Python's tarfile reads it."""
+    import tarfile
+    entries = {}
+    with tarfile.open(path) as archive:
+        for member in archive:
+            data = archive.extractfile(member).read() if member.isfile() else b""
+            entries[member.name] = (member.type, member.mode, member.uid, member.gid,
+                                    member.mtime, member.size, member.linkname,
+                                    hashlib.sha256(data).hexdigest())
+    return entries
+
+
 def without_root_mtime(state):
     """The state without the root folder's mtime (``docker cp`` cannot set it)."""
     state = dict(state)

@@ -3,7 +3,6 @@ what did not change is copied, and every reader still reads it."""
 
 import glob
 import gzip
-import hashlib
 import json
 import os
 import random
@@ -80,17 +79,6 @@ def backup(volume, folder, *extra):
     return testkit.archives_in(folder)[-1]
 
 
-def manifest(path):
-    entries = {}
-    with tarfile.open(path) as archive:
-        for member in archive:
-            data = archive.extractfile(member).read() if member.isfile() else b""
-            entries[member.name] = (member.type, member.mode, member.uid, member.gid,
-                                    member.mtime, member.size, member.linkname,
-                                    hashlib.sha256(data).hexdigest())
-    return entries
-
-
 def record_of(path):
     with open(path + ".listing") as file:
         return json.load(file)
@@ -139,7 +127,7 @@ def test_a_change_shows_up_in_the_next_archive_and_nowhere_else(
     capsys.readouterr()
     second = backup(stocked_volume, folder)
     log = capsys.readouterr().err
-    before, after = manifest(first), manifest(second)
+    before, after = testkit.archive_manifest(first), testkit.archive_manifest(second)
     differing = {name for name in set(before) | set(after) if before.get(name) != after.get(name)}
     assert differing == changed
     assert restored_state(make_volume, second) == testkit.volume_state(stocked_volume)
@@ -223,6 +211,15 @@ def without_symlink_mtimes(state):
             for path, entry in state.items()}
 
 
+def new_file_and_backup(image, volume, folder, capsys):
+    """Add /new.txt to the volume and back it up into ``folder``; give (archive, log)."""
+    in_volume(image, volume, "echo new > /v/new.txt")
+    testkit.next_second()
+    capsys.readouterr()
+    archive = backup(volume, folder)
+    return archive, capsys.readouterr().err
+
+
 def as_the_old_procedure_keeps(state):
     return {path: entry[:4] + (None if entry[0] in ("dir", "symlink") else entry[4],) +
             entry[5:] for path, entry in state.items()}
@@ -241,11 +238,7 @@ def test_a_flipped_byte_in_the_previous_archive_is_never_copied(
         file.seek(-1, os.SEEK_CUR)
         file.write(bytes([byte[0] ^ 0x10]))
     os.utime(first, ns=(before.st_atime_ns, before.st_mtime_ns))
-    in_volume(helper_env, stocked_volume, "echo new > /v/new.txt")
-    testkit.next_second()
-    capsys.readouterr()
-    second = backup(stocked_volume, folder)
-    log = capsys.readouterr().err
+    second, log = new_file_and_backup(helper_env, stocked_volume, folder, capsys)
     assert "%s is not the file it was when written" % first in log
     assert "MiB copied" not in log
     assert verify_backup_main([second]) == 0
@@ -264,14 +257,11 @@ def test_an_archive_without_a_member_record_gives_nothing_to_reuse(
     os.chmod(first + ".listing", 0o600)
     with open(first + ".listing", "w") as file:
         json.dump(saved, file)
-    in_volume(helper_env, stocked_volume, "echo new > /v/new.txt")
-    testkit.next_second()
-    capsys.readouterr()
-    second = backup(stocked_volume, folder)
-    log = capsys.readouterr().err
+    second, log = new_file_and_backup(helper_env, stocked_volume, folder, capsys)
     assert "%s was written without a record of its members" % first in log
     assert "MiB copied" not in log
-    assert set(manifest(second)) == set(manifest(first)) | {"./new.txt"}
+    assert set(testkit.archive_manifest(second)) == \
+        set(testkit.archive_manifest(first)) | {"./new.txt"}
 
 
 def test_hard_links_split_over_tar_batches_stay_links(helper_env, make_volume, tmp_path):

@@ -2,7 +2,6 @@
 
 import errno
 import glob
-import hashlib
 import json
 import os
 import re
@@ -11,7 +10,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tarfile
 
 import pytest
 
@@ -46,17 +44,6 @@ def backup(volume, folder, *extra):
     assert backup_docker_volume_main([volume, str(folder), "--skip-unchanged", "--quiet"]
                                      + list(extra)) == 0
     return testkit.archives_in(folder)[-1]
-
-
-def manifest(path):
-    entries = {}
-    with tarfile.open(path) as archive:
-        for member in archive:
-            data = archive.extractfile(member).read() if member.isfile() else b""
-            entries[member.name] = (member.type, member.mode, member.uid, member.gid,
-                                    member.mtime, member.size, member.linkname,
-                                    hashlib.sha256(data).hexdigest())
-    return entries
 
 
 def test_an_unchanged_volume_is_linked_and_reads_as_an_ordinary_archive(
@@ -135,7 +122,7 @@ def test_any_change_makes_a_new_archive(helper_env, quiet_volume, tmp_path, chan
     second = backup(quiet_volume, folder)
     assert os.stat(second).st_ino != os.stat(first).st_ino
     assert os.stat(first).st_nlink == 1 and os.stat(second).st_nlink == 1
-    assert manifest(second) != manifest(first)
+    assert testkit.archive_manifest(second) != testkit.archive_manifest(first)
 
 
 def test_a_damaged_newest_archive_is_never_linked_to(helper_env, quiet_volume, tmp_path,
@@ -162,7 +149,7 @@ def test_an_archive_that_is_no_longer_its_record_is_never_linked_to(
         helper_env, quiet_volume, tmp_path, capsys, change):
     folder = tmp_path / "backups"
     first = backup(quiet_volume, folder)
-    expected = manifest(first)
+    expected = testkit.archive_manifest(first)
     before = os.stat(first)
     if change == "another inode":  # the same bytes, size and mtime, copied over it
         shutil.copy2(first, first + ".copy")
@@ -180,7 +167,7 @@ def test_an_archive_that_is_no_longer_its_record_is_never_linked_to(
     second = backup(quiet_volume, folder)
     assert os.stat(second).st_ino not in (before.st_ino, os.stat(first).st_ino)
     assert "%s is not the file it was when written" % first in capsys.readouterr().err
-    assert manifest(second) == expected
+    assert testkit.archive_manifest(second) == expected
     assert verify_backup_main([second]) == 0
 
 
