@@ -8,17 +8,17 @@ descriptors, then swaps it in by rename, so a failure leaves TARGET as it was.
 
 import contextlib
 import errno
+import hashlib
 import os
 import secrets
 import stat
-import tempfile
 import time
 
 from . import blocked
 from .archive import PathShape
 from .errors import BackupError, NotFound, describe_os_error
 from .exclusions import NONE
-from .files import WORK_PREFIX, BatchedWriter
+from .files import WORK_PREFIX
 from .gzipstream import MemberWriter, ParallelGzipWriter
 from .hosttree import TreeWriter, listing_line, walk
 from .names import safe_name
@@ -35,36 +35,25 @@ class _LiveCopy:
 
 
 class _TreePlan:
-    """A host tree's listing, taken by the tool itself into the private work folder: what
-    ``transfer.PlannedStream`` is for a volume (``wait_for_listing``, ``send``). The
-    archive is then written in one more walk (``PathSource.write_planned``), which plans
-    from what it finds."""
+    """A host tree's counterpart of ``transfer.PlannedStream``: ``listing()`` walks the tree
+    once for its listing's digest (held in memory, never written anywhere); the archive is
+    then written in one more walk (``PathSource.write_planned``), which plans from what it
+    finds."""
 
-    def __init__(self, top, exclusions, reporter, work_folder):
+    def __init__(self, top, exclusions, reporter):
         self.top, self.exclusions, self.reporter = top, exclusions, reporter
-        descriptor, self.listing = tempfile.mkstemp(prefix=WORK_PREFIX + "listing-",
-                                                    dir=work_folder)
-        status = os.fstat(descriptor)
-        self.identity = (status.st_dev, status.st_ino)  # the tree may hold the work folder
-        os.close(descriptor)
 
-    def close(self):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.listing)
-
-    def wait_for_listing(self):
+    def listing(self):
         started = int(time.time())
-        odd = b""
-        with open(self.listing, "wb") as file:
-            writer = BatchedWriter(file.write)
-            for _, arcname, status in walk(self.top, os.path.basename(self.top),
-                                           self.reporter.warn, self.exclusions,
-                                           {self.identity}):
-                if b"\n" in arcname:
-                    odd = arcname
-                writer.write(listing_line(arcname, status))
-            writer.flush()
-        return b"%d" % started, self.listing, b"", odd
+        digest = hashlib.sha256()
+        racy = False
+        for _, arcname, status in walk(self.top, os.path.basename(self.top),
+                                       self.reporter.warn, self.exclusions):
+            if b"\n" in arcname:
+                return blocked.Listing(None, started, None, True, "some names hold a line break")
+            digest.update(listing_line(arcname, status))
+            racy = racy or status.st_ctime_ns // 1000000000 >= started
+        return blocked.Listing(None, started, digest.hexdigest(), racy)
 
     def send(self, mode, names=()):
         """Nothing to tell: the writing walk plans for itself."""
@@ -116,7 +105,7 @@ class PathSource:
     """A host folder or file to back up; the archive holds one entry, its basename."""
 
     kind = "path"
-    uses_work_folder = True  # the listing goes to the private work folder
+    uses_work_folder = False
 
     def __init__(self, path, exclusions=NONE):
         self.name = path
@@ -137,15 +126,15 @@ class PathSource:
         """A host path is always copied as it is; give what says so."""
         return contextlib.nullcontext(_LiveCopy())
 
-    @contextlib.contextmanager
-    def planned(self, reporter, work_folder):
-        """Give the tool's own counterpart of the volume helper (``_TreePlan``): it lists the
-        tree into the private ``work_folder``, then writes the tar of what the plan names."""
-        plan = _TreePlan(self.name.rstrip("/"), self.exclusions, reporter, work_folder)
-        try:
-            yield plan
-        finally:
-            plan.close()
+    def planned(self, reporter, work_folder=None):
+        """Give the tool's own counterpart of the volume helper (``_TreePlan``)."""
+        return contextlib.nullcontext(_TreePlan(self.name.rstrip("/"), self.exclusions,
+                                                reporter))
+
+    @staticmethod
+    def listing(planned):
+        """Give the tree's ``blocked.Listing``, taken by the tool itself."""
+        return planned.listing()
 
     def write_planned(self, output, config, progress, reporter, planned, listing, previous,
                       held, exclude=()):
@@ -170,7 +159,7 @@ class PathSource:
 
         def walked():
             for path, arcname, status in walk(top, os.path.basename(top), reporter.warn,
-                                              self.exclusions, set(exclude) | {planned.identity}):
+                                              self.exclusions, exclude):
                 entry = _TreeEntry(listing_line(arcname, status)[:-1])
                 entry.source, entry.status = path, status
                 yield entry

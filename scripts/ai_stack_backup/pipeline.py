@@ -9,7 +9,8 @@ differs: ``kind``, ``name``, ``archive_source``, ``check()``,
 ``prepare(reporter)``, ``captured(reporter, work_folder)`` (a context manager
 giving an object whose ``describe()`` says how the copy was made consistent),
 ``planned(reporter, work_folder)`` (a context manager giving a
-``transfer.PlannedStream`` or its like), ``write_planned(output, config,
+``transfer.PlannedStream`` or its like), ``listing(planned)`` (the
+``blocked.Listing``, once complete), ``write_planned(output, config,
 progress, reporter, planned, listing, previous, held, exclude)`` and
 ``write_tar(output, progress, reporter, work_folder, exclude, held)``, which
 are handed the capture (state travels as arguments, never parked on the
@@ -189,7 +190,7 @@ def _write_planned(source, folder, config, reporter, work_folder, timestamp, hel
     checked = _Checked(previous) if previous is not None else None
     try:
         with source.planned(reporter, work_folder) as planned:
-            listing = blocked.read_listing(*planned.wait_for_listing())
+            listing = source.listing(planned)
             if listing.problem is not None:
                 reporter.log("%s %s: %s; reading all of it" % (source.kind, source.name,
                                                               listing.problem))

@@ -126,6 +126,11 @@ class VolumeSource:
         with transfer.planned_tar_stream(self.image, self.name, work_folder, what) as stream:
             yield stream
 
+    @staticmethod
+    def listing(planned):
+        """Give the helper's listing (a ``blocked.Listing``) once it is complete."""
+        return blocked.read_listing(*planned.wait_for_listing())
+
     def write_planned(self, output, config, progress, reporter, planned, listing, previous,
                       held, exclude=()):
         """Write the archive into ``output`` from the ``listing`` (a ``blocked.Listing``),
