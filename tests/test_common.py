@@ -241,16 +241,26 @@ def test_only_vanished_files_are_forgiven():
 
 
 def test_a_drill_names_what_differs():
-    from ai_stack_backup.drill import _difference
-    entry = ("file", 0o644, 0, 0, 1, 3, "abc")
-    expected = {b"": entry, b"a": entry, b"b": entry, b"c": entry}
-    assert _difference(expected, dict(expected)) is None
-    found = dict(expected)
-    del found[b"a"]
-    found[b"new"] = entry
-    found[b"b"] = entry[:4] + (2,) + entry[5:]  # another mtime
-    assert _difference(expected, found) == (
+    from ai_stack_backup.drill import _Comparison
+    one, other = b"\x01" * 16, b"\x02" * 16
+    paths = [b"", b"a", b"b", b"c"]
+
+    def compared(found):
+        comparison = _Comparison({path: one for path in paths})
+        for path, fingerprint in found:
+            comparison.take(path, fingerprint)
+        return comparison.difference()
+    assert compared([(path, one) for path in paths]) is None
+    # A hard link to a file already seen takes that file's restored fingerprint.
+    comparison = _Comparison({b"f": one, b"link": one})
+    comparison.take(b"f", one)
+    comparison.take(b"link", comparison.fingerprint_of(b"f"))
+    assert comparison.difference() is None
+    assert compared([(b"", one), (b"new", one), (b"b", other), (b"c", one)]) == (
         "the restored tree differs: 1 missing (a); 1 not in the archive (new); 1 different (b)")
+    many = [(b"x%d" % index, one) for index in range(5)]
+    assert compared([(path, one) for path in paths] + many).endswith(
+        "5 not in the archive (x0, x1, x2, …)")
 
 
 def test_skip_unchanged_is_backup_alls_default_only():

@@ -42,15 +42,14 @@ class DrillResult:
         return "DRILL FAILED %s %s: %s" % (self.volume, self.archive or "-", self.problem)
 
 
-def _manifest(members, data, databases=None):
-    """Give {path: fingerprint} of a tar pass: 16 bytes of BLAKE2 over (kind, mode, uid, gid,
-    mtime, size, SHA-256 of the content or the link target), so that two manifests of a
-    volume of 200,000 files fit in a few tens of MiB.
+def _fingerprints(members, data, link_fingerprint, databases=None):
+    """Yield ``(path, fingerprint)`` of a tar pass: 16 bytes of BLAKE2 over (kind, mode, uid,
+    gid, mtime, size, SHA-256 of the content or the link target).
 
-    A hard link is entered as the file it names (link structure follows from
-    busybox's own order, which a restore need not reproduce).
+    A hard link gets the fingerprint ``link_fingerprint(target)`` gives for the file it
+    names (link structure follows from busybox's own order, which a restore need not
+    reproduce).
     """
-    entries = {}
     for member in members:
         description = member.linkname
         if member.kind == FILE:
@@ -61,12 +60,11 @@ def _manifest(members, data, databases=None):
                 digest.update(piece)
             description = digest.hexdigest()
         elif member.kind == HARDLINK:
-            entries[member.path] = entries[member.link_path]
+            yield member.path, link_fingerprint(member.link_path)
             continue
-        entries[member.path] = hashlib.blake2b(repr((
+        yield member.path, hashlib.blake2b(repr((
             member.kind, member.mode, member.uid, member.gid, member.mtime, member.size,
             description)).encode(), digest_size=16).digest()
-    return entries
 
 
 def _digested(pieces, digest):
@@ -78,13 +76,67 @@ def _digested(pieces, digest):
 
 
 def _archive_manifest(path):
+    """Give {path: fingerprint} of the archive: the one manifest a drill keeps."""
     with open(path, "rb") as file:
         check = ArchiveInput(file, path).check()
-        return _manifest(check.members, check.data)
+        entries = {}
+        for member_path, fingerprint in _fingerprints(check.members, check.data, entries.get):
+            entries[member_path] = fingerprint
+        return entries
 
 
-def _volume_manifest(image, volume, work_folder, databases, reporter):
+SEEN = b"\x01"  # appended to a fingerprint once the restored tree's entry was held to it
+
+
+class _Comparison:
+    """The archive's manifest, against which the restored tree's entries are checked off one
+    by one as they stream past: an entry seen gets the restored fingerprint with a mark, in
+    place, so that a volume of any size is compared holding one manifest."""
+
+    def __init__(self, expected):
+        self.expected = expected
+        self.extra, self.changed = [], []  # the first few paths of each
+        self.extra_count = self.changed_count = 0
+
+    def fingerprint_of(self, path):
+        """The restored fingerprint of a path already seen (for a hard link to it), or None."""
+        value = self.expected.get(path)
+        return value[:-1] if value is not None and value.endswith(SEEN) and \
+            len(value) == 17 else None
+
+    def take(self, path, fingerprint):
+        wanted = self.expected.get(path)
+        if wanted is None or len(wanted) != 16:
+            self.extra_count += 1
+            if len(self.extra) < 3:
+                self.extra.append(path)
+            return
+        if fingerprint != wanted:
+            self.changed_count += 1
+            if len(self.changed) < 3:
+                self.changed.append(path)
+        self.expected[path] = (fingerprint or bytes(16)) + SEEN
+
+    def difference(self):
+        """Say in a few words how the restored tree differs from the archive, or give None."""
+        missing = [path for path, value in self.expected.items() if len(value) == 16]
+        if not (missing or self.extra_count or self.changed_count):
+            return None
+        words = []
+        for label, count, paths in (("missing", len(missing), sorted(missing)[:3]),
+                                    ("not in the archive", self.extra_count, sorted(self.extra)),
+                                    ("different", self.changed_count, sorted(self.changed))):
+            if count:
+                shown = ", ".join(path.decode("utf-8", "replace") or "." for path in paths)
+                words.append("%d %s (%s%s)" % (count, label, shown, ", …" if count > 3 else ""))
+        return "the restored tree differs: " + "; ".join(words)
+
+
+def _compare_with_volume(expected, image, volume, work_folder, databases, reporter):
+    """Read the restored volume back and hold each entry to ``expected``; give the
+    difference in words, or None."""
     what = "reading back the drill volume %s" % volume
+    comparison = _Comparison(expected)
     with transfer.volume_tar_stream(image, volume, work_folder, what) as (descriptor, helper):
         reader = TarReader(transfer.stream_chunks(descriptor))
         rules = ArchiveRules()
@@ -93,27 +145,11 @@ def _volume_manifest(image, volume, work_folder, databases, reporter):
             for member in reader:
                 rules.check(member)
                 yield member
-        entries = _manifest(members(), reader.data, databases)
+        for path, fingerprint in _fingerprints(members(), reader.data,
+                                               comparison.fingerprint_of, databases):
+            comparison.take(path, fingerprint)
         helper.finish(what, reporter)
-    return entries
-
-
-def _difference(expected, found):
-    """Say in a few words how the restored tree differs from the archive, or give None."""
-    missing = sorted(set(expected) - set(found))
-    extra = sorted(set(found) - set(expected))
-    changed = sorted(path for path in set(expected) & set(found)
-                     if expected[path] != found[path])
-    if not (missing or extra or changed):
-        return None
-    words = []
-    for label, paths in (("missing", missing), ("not in the archive", extra),
-                         ("different", changed)):
-        if paths:
-            shown = ", ".join(path.decode("utf-8", "replace") or "." for path in paths[:3])
-            words.append("%d %s (%s%s)" % (len(paths), label, shown,
-                                            ", …" if len(paths) > 3 else ""))
-    return "the restored tree differs: " + "; ".join(words)
+    return comparison.difference()
 
 
 def remove_abandoned_scratch_volumes(reporter):
@@ -175,12 +211,13 @@ def _drill_into(scratch, volume, archive, config, quiet, started):
                          archive, config, quiet.without_status())
         seconds = time.monotonic() - started
         expected = _archive_manifest(archive)
+        members = len(expected)
         work_folder = pipeline.work_folder_for(config, quiet)
         with DatabaseCheck(work_folder) as databases:
-            found = _volume_manifest(config.helper_image, scratch, work_folder, databases,
-                                     quiet)
+            difference = _compare_with_volume(expected, config.helper_image, scratch,
+                                              work_folder, databases, quiet)
             damaged = [result.describe() for result in databases.results() if result.problem]
-        problem = _difference(expected, found) or ("; ".join(damaged) if damaged else None)
-        return DrillResult(volume, archive, len(expected), seconds, problem)
+        problem = difference or ("; ".join(damaged) if damaged else None)
+        return DrillResult(volume, archive, members, seconds, problem)
     except (BackupError, ArchiveError) as error:
         return DrillResult(volume, archive, problem=str(error))
