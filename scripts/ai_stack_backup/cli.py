@@ -112,7 +112,9 @@ def _run(prog, parser, argv, operation, needs_force=False, backup_all=False, mon
 def backup_docker_volume_main(argv=None):
     prog = "backup_docker_volume.py"
     parser = _parser(prog, "Back up one Docker named volume to BACKUP_DIR/<volume>__<UTC "
-                     "timestamp>.tar.gz (mode 0600, owned by you).", [
+                     "timestamp>.tar.gz (mode 0600, owned by you). The archive is complete on "
+                     "its own; what the newest archive of the volume there proves unchanged is "
+                     "copied from it rather than read again.", [
                          "backup_docker_volume.sh owui-data /srv/ai-stack/backups",
                          "backup_docker_volume.py tm-data          # into /srv/ai-stack/backups",
                          "backup_docker_volume.py owui-data --consistency auto",
@@ -161,7 +163,8 @@ def backup_docker_volume_main(argv=None):
 def backup_path_main(argv=None):
     prog = "backup_path.py"
     parser = _parser(prog, "Back up a host folder or file to BACKUP_DIR/<safe name>__<UTC "
-                     "timestamp>.tar.gz; the archive holds one entry, the path's basename.", [
+                     "timestamp>.tar.gz; the archive holds one entry, the path's basename. What "
+                     "the newest archive of the path there proves unchanged is copied from it.", [
                          "backup_path.sh /home/wasti/ai_stack_data/transcript-miner/output "
                          "/srv/ai-stack/backups",
                          "backup_path.py /home/wasti/notes - | ssh newhost "
