@@ -170,7 +170,8 @@ def test_a_trickling_endpoint_cannot_hold_a_ping(trickling_url, monkeypatch):
     notify.ping(trickling_url, "start", "body", Reporter(log_stream=log))
     assert "health-check ping (start) not sent: could not send to http://127.0.0.1:" in \
         log.getvalue()
-    assert "no complete answer within" in log.getvalue()
+    # Whichever ends it first, the deadline or the socket's own timeout between two bytes.
+    assert "no complete answer within" in log.getvalue() or "timed out" in log.getvalue()
 
 
 def test_a_trickling_endpoint_delays_no_backup(trickling_url, tmp_path, output_root,
