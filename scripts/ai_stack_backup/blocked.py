@@ -34,11 +34,11 @@ import stat
 import zlib
 
 from .errors import ArchiveError, BackupError
-from .files import CHECKSUM_SUFFIX, LISTING_SUFFIX, publish_text
+from .files import LISTING_SUFFIX, publish_text
 from .gzipstream import member_length
 from .tarstream import END_OF_ARCHIVE, FILE, HARDLINK, Member, TarReader, encode_header, \
     normalize, padding
-from .unchanged import FORMAT as RECORD_FORMAT
+from .unchanged import FORMAT as RECORD_FORMAT, archive_identity, checksum_of
 
 RUN_SIZE = 1 << 20  # a run member closes once it holds this much tar
 LARGE_FILE = 1 << 20  # a file this large gets its own members, one per piece
@@ -212,8 +212,8 @@ class Previous:
     def check(self):
         """Read and check every member the record names; raises ArchiveError at the first
         that does not match."""
-        for index in self._all:
-            self.member(index)
+        for block in self._all:
+            self.member(block)
 
     def close(self):
         os.close(self.descriptor)
@@ -233,11 +233,8 @@ def open_previous(path, record, made_by):
     except OSError as error:
         return "%s cannot be opened (%s)" % (path, error.strerror)
     try:
-        status = os.fstat(descriptor)
-        with open(path + CHECKSUM_SUFFIX) as file:
-            words = file.read().split()
-        if [status.st_ino, status.st_size, status.st_mtime_ns] != record["archive"] or \
-                words != [record["sha256"], os.path.basename(path)]:
+        if archive_identity(os.fstat(descriptor)) != record["archive"] or \
+                checksum_of(path) != record["sha256"]:
             raise ValueError
         parsed = [Block(*item) for item in blocks]
     except (OSError, ValueError, TypeError):
@@ -542,19 +539,17 @@ def describe(made, previous, what):
 def record(archive_path, listing, members, made_by, blocks, reporter):
     """Write ``<archive>.listing``: what skip-if-unchanged needs, and the member record
     (``blocks``: None for an archive not made from a plan)."""
-    try:
-        with open(archive_path + CHECKSUM_SUFFIX) as file:
-            digest = file.read().split()[0]
-    except (OSError, IndexError):
+    digest = checksum_of(archive_path)
+    if digest is None:
         return  # without a checksum nothing could later prove the archive unchanged
     try:
-        identity = os.stat(archive_path)
+        identity = archive_identity(os.stat(archive_path))
     except OSError:
         return
     text = json.dumps({
         "format": RECORD_FORMAT, "blocked": FORMAT if blocks is not None else None,
         "listing": listing.digest if listing.problem is None and not listing.racy else None,
-        "archive": [identity.st_ino, identity.st_size, identity.st_mtime_ns],
+        "archive": identity,
         "sha256": digest, "members": members, "recipe": made_by, "blocks": blocks},
         separators=(",", ":"))
     try:

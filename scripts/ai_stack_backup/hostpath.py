@@ -19,7 +19,7 @@ from .archive import PathShape
 from .errors import BackupError, NotFound, describe_os_error
 from .exclusions import NONE
 from .files import WORK_PREFIX
-from .gzipstream import MemberWriter, ParallelGzipWriter
+from .gzipstream import MemberWriter
 from .hosttree import TreeWriter, listing_line, walk
 from .names import safe_name
 from .tarstream import DIRECTORY, FIFO, FILE, HARDLINK, SYMLINK
@@ -140,17 +140,6 @@ class PathSource:
                       held, exclude=()):
         """Write the archive into ``output`` from the ``listing``, copying what ``previous``
         proves unchanged; give ``(members, blocks)`` (see ``volume.VolumeSource``)."""
-        if listing.problem is not None:
-            planned.send("full")
-            writer = ParallelGzipWriter(output, config.gzip_level, config.threads)
-            try:
-                members = self.write_tar(writer, progress, reporter, exclude=exclude)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            return members, None
-
         top = self.name.rstrip("/")
         captured = _Captured()
         tree = TreeWriter(captured, reporter)
@@ -219,8 +208,10 @@ class PathSource:
         finally:
             os.close(descriptor)
 
-    def write_tar(self, output, progress, reporter, work_folder=None, exclude=(), held=None):
-        """Write the tree as tar into ``output``; give the member count. Raises BackupError."""
+    def write_tar(self, output, progress, reporter, work_folder=None, exclude=(), held=None,
+                  listed=None):
+        """Write the tree as tar into ``output``; give the member count (``listed`` is a
+        volume's; a path lists itself). Raises BackupError."""
         top = self.name.rstrip("/")
         tree = TreeWriter(output, reporter, exclude, progress, self.exclusions)
         tree.add_tree(top, os.path.basename(top))

@@ -12,7 +12,7 @@ giving an object whose ``describe()`` says how the copy was made consistent),
 ``transfer.PlannedStream`` or its like), ``listing(planned)`` (the
 ``blocked.Listing``, once complete), ``write_planned(output, config,
 progress, reporter, planned, listing, previous, held, exclude)`` and
-``write_tar(output, progress, reporter, work_folder, exclude, held)``, which
+``write_tar(output, progress, reporter, work_folder, exclude, held, listed)``, which
 are handed the capture (state travels as arguments, never parked on the
 source between calls). A restore target
 (``volume.VolumeTarget``, ``hostpath.PathTarget``) supplies ``kind``,
@@ -55,17 +55,19 @@ class BackupResult:
         self.linked_to = None  # skip-if-unchanged: the archive this one is a hard link to
 
 
-def _write_gzip_tar(source, output, config, reporter, work_folder=None, exclude=(), held=None):
+def _write_gzip_tar(source, output, config, reporter, work_folder=None, exclude=(), held=None,
+                    listed=None):
     """Let ``source`` write its tar stream through the parallel gzip into ``output``.
 
-    ``held`` (the source's capture) goes to ``write_tar``. Gives the member count. The
-    gzip stream is finished only on success, so a failed stream never looks complete.
+    ``held`` (the source's capture) and ``listed`` (a planned stream told to tar it all)
+    go to ``write_tar``. Gives the member count. The gzip stream is finished only on
+    success, so a failed stream never looks complete.
     """
     gzip_writer = ParallelGzipWriter(output, config.gzip_level, config.threads)
     try:
         with reporter.progress("Backing up %s" % source.name) as progress:
             members = source.write_tar(gzip_writer, progress, reporter, work_folder, exclude,
-                                       held)
+                                       held, listed)
         gzip_writer.close()
     except BaseException:
         gzip_writer.abort()
@@ -213,6 +215,11 @@ def _write_planned(source, folder, config, reporter, work_folder, timestamp, hel
             made = []
 
             def produce(output, exclude):
+                if listing.problem is not None:  # the whole source, as one tar
+                    planned.send("full")
+                    made.append(None)
+                    return _write_gzip_tar(source, output, config, reporter, work_folder,
+                                           exclude, held, planned)
                 with reporter.progress("Backing up %s" % source.name) as progress:
                     members, blocks = source.write_planned(output, config, progress, reporter,
                                                            planned, listing, previous, held,

@@ -49,7 +49,8 @@ def recipe(exclusions, capture):
         sort_keys=True).encode()).hexdigest()
 
 
-def _archive_identity(status):
+def archive_identity(status):
+    """Give what identifies an archive file as it was written: inode, size, mtime."""
     return [status.st_ino, status.st_size, status.st_mtime_ns]
 
 
@@ -67,7 +68,8 @@ def read_record(path):
         return None
 
 
-def _checksum_of(path):
+def checksum_of(path):
+    """Give the SHA-256 the archive's ``.sha256`` names for it, or None."""
     try:
         with open(path + CHECKSUM_SUFFIX) as file:
             words = file.read().split()
@@ -80,11 +82,11 @@ def archive_intact(path, saved):
     """Say whether the archive at ``path`` still has the SHA-256 its record ``saved`` names
     (read once more: nothing links to an archive damaged since it was written)."""
     try:
-        if _archive_identity(os.stat(path)) != saved["archive"]:
+        if archive_identity(os.stat(path)) != saved["archive"]:
             return False
     except OSError:
         return False
-    return _checksum_of(path) == saved["sha256"] and _hash_file(path) == saved["sha256"]
+    return checksum_of(path) == saved["sha256"] and _hash_file(path) == saved["sha256"]
 
 
 def _hash_file(path):

@@ -20,7 +20,7 @@ from .archive import ArchiveInput, VolumeShape
 from .errors import ArchiveError, ArchiveRefused, BackupError, RolledBack, Unrestorable, \
     VolumeInUse
 from .exclusions import NONE
-from .gzipstream import CHUNK_SIZE, MemberWriter, ParallelGzipWriter
+from .gzipstream import CHUNK_SIZE, MemberWriter
 from .locks import volume_lock
 from .tarstream import ArchiveRules, TarReader
 
@@ -136,19 +136,8 @@ class VolumeSource:
         """Write the archive into ``output`` from the ``listing`` (a ``blocked.Listing``),
         copying what ``previous`` (a ``blocked.Previous``, or None) proves unchanged and
         having the helper tar the rest; give ``(members, blocks)`` (``blocks``: the record's
-        list, None where the listing could not be planned from and the whole volume was
-        tarred)."""
-        if listing.problem is not None:
-            planned.send("full")
-            writer = ParallelGzipWriter(output, config.gzip_level, config.threads)
-            try:
-                members = self.write_tar(writer, progress, reporter, held=held,
-                                         listed=planned)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            return members, None
+        list). A listing with a problem is never planned from: the pipeline has the whole
+        volume tarred instead."""
         snapshots = held.snapshots if held else {}
         left_out = {path + suffix for path in snapshots for suffix in capture.COMPANION_SUFFIXES}
 
