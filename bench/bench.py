@@ -147,6 +147,12 @@ class Step:
         self.old, self.new, self.rss = [], [], []
         self.old_size = self.new_size = None
 
+    def add(self, old_seconds, new_seconds, rss):
+        """Take one round: the baseline's seconds, ours, and our peak RSS."""
+        self.old.append(old_seconds)
+        self.new.append(new_seconds)
+        self.rss.append(rss)
+
     def line(self):
         old, new = statistics.median(self.old), statistics.median(self.new)
         sizes = ""
@@ -167,9 +173,7 @@ def bench_volume(step_backup, step_restore, step_full, step_drill, volume, work,
         (seconds, _), (new_seconds, rss) = alternately(
             round_number, old_backup(volume, archives, old_name),
             script("backup_docker_volume.py", volume, new_folder))
-        step_backup.old.append(seconds)
-        step_backup.new.append(new_seconds)
-        step_backup.rss.append(rss)
+        step_backup.add(seconds, new_seconds, rss)
         new_archive = testkit.only_archive(new_folder)
         step_backup.old_size = os.path.getsize(os.path.join(archives, old_name))
         step_backup.new_size = os.path.getsize(new_archive)
@@ -183,9 +187,7 @@ def bench_volume(step_backup, step_restore, step_full, step_drill, volume, work,
         (seconds, _), (new_seconds, rss) = alternately(
             round_number, old_restore(old_target, os.path.join(archives, old_name)),
             script("restore_docker_volume.py", new_target, new_archive, "--force"))
-        step_restore.old.append(seconds)
-        step_restore.new.append(new_seconds)
-        step_restore.rss.append(rss)
+        step_restore.add(seconds, new_seconds, rss)
         print("  %s round %d: restore old %.2f s, new %.2f s" % (
             label, round_number + 1, seconds, new_seconds), flush=True)
         restore_seconds = new_seconds
@@ -193,9 +195,7 @@ def bench_volume(step_backup, step_restore, step_full, step_drill, volume, work,
         (seconds, _), (new_seconds, rss) = alternately(
             round_number, old_restore(old_target, os.path.join(archives, old_name)),
             script("restore_docker_volume.py", new_target, new_archive, "--force"))
-        step_full.old.append(seconds)
-        step_full.new.append(new_seconds)
-        step_full.rss.append(rss)
+        step_full.add(seconds, new_seconds, rss)
         volume_remove(old_target, new_target)
         for name in os.listdir(os.environ["BACKUP_DIR"]):  # the safety copy
             if name.startswith(new_target):
@@ -206,9 +206,7 @@ def bench_volume(step_backup, step_restore, step_full, step_drill, volume, work,
         # baseline is our own restore of that archive.
         drill_seconds, rss = run(script("drill_restore.py", volume),
                                  env={"BACKUP_DIR": new_folder})
-        step_drill.old.append(restore_seconds)
-        step_drill.new.append(drill_seconds)
-        step_drill.rss.append(rss)
+        step_drill.add(restore_seconds, drill_seconds, rss)
         print("  %s round %d: drill %.2f s" % (label, round_number + 1, drill_seconds),
               flush=True)
         os.unlink(os.path.join(archives, old_name))
@@ -236,9 +234,7 @@ def _bench_auto_rounds(step, volume, work, label):
             round_number,
             script("backup_docker_volume.py", volume, folders[0], "--consistency", "live"),
             script("backup_docker_volume.py", volume, folders[1], "--consistency", "auto"))
-        step.old.append(seconds)
-        step.new.append(new_seconds)
-        step.rss.append(rss)
+        step.add(seconds, new_seconds, rss)
         print("  %s round %d: live %.2f s, auto %.2f s" % (
             label, round_number + 1, seconds, new_seconds), flush=True)
         for folder in folders:
@@ -272,9 +268,7 @@ def bench_unchanged(step, volume, work, label):
         second, rss = run(command)
         second_bytes = disk_bytes(folder) - first_bytes
         assert len(testkit.archives_in(folder)) == 2
-        step.old.append(first)
-        step.new.append(second)
-        step.rss.append(rss)
+        step.add(first, second, rss)
         step.old_size, step.new_size = first_bytes, second_bytes
         print("  %s round %d: first %.2f s (%d bytes), unchanged %.2f s (%d new bytes)"
               % (label, round_number + 1, first, first_bytes, second, second_bytes), flush=True)
@@ -305,9 +299,7 @@ def bench_offsite(step, volume, work, label):
             results[kind] = run(script("backup_all.py"), env=env)
             shutil.rmtree(folder)
             shutil.rmtree(remote)
-        step.old.append(results["plain"][0])
-        step.new.append(results["age"][0])
-        step.rss.append(results["age"][1])
+        step.add(results["plain"][0], results["age"][0], results["age"][1])
         print("  %s round %d: plain copy %.2f s, age-encrypted copy %.2f s"
               % (label, round_number + 1, results["plain"][0], results["age"][0]), flush=True)
 
@@ -326,9 +318,7 @@ def bench_second_night(step, volume, work, label):
         testkit.next_second()
         second, rss = run(command)
         archives = testkit.archives_in(folder)
-        step.old.append(first)
-        step.new.append(second)
-        step.rss.append(rss)
+        step.add(first, second, rss)
         step.old_size, step.new_size = (os.path.getsize(path) for path in archives)
         print("  %s round %d: first %.2f s, after a small change %.2f s"
               % (label, round_number + 1, first, second), flush=True)
@@ -374,9 +364,7 @@ def main():
             (seconds, _), (new_seconds, rss) = alternately(
                 round_number, ["tar", "-czf", old_archive, "-C", work, "stack"],
                 script("backup_path.py", source, new_folder))
-            path_step.old.append(seconds)
-            path_step.new.append(new_seconds)
-            path_step.rss.append(rss)
+            path_step.add(seconds, new_seconds, rss)
             path_step.old_size = os.path.getsize(old_archive)
             path_step.new_size = os.path.getsize(testkit.only_archive(new_folder))
             print("  path round %d: tar -czf %.2f s, backup_path %.2f s" % (
@@ -405,9 +393,7 @@ def main():
                 round_number,
                 ["tar", "-czf", os.path.join(work, "many.tar.gz"), "-C", work, "many"],
                 script("backup_path.py", many_source, os.path.join(work, "mp")))
-            many_path.old.append(seconds)
-            many_path.new.append(new_seconds)
-            many_path.rss.append(rss)
+            many_path.add(seconds, new_seconds, rss)
             os.unlink(os.path.join(work, "many.tar.gz"))
             shutil.rmtree(os.path.join(work, "mp"))
         steps += [many_backup, many_restore, many_full, many_drill, many_auto, many_listing,

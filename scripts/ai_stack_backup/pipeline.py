@@ -197,8 +197,9 @@ def _write_planned(source, folder, config, reporter, work_folder, timestamp, hel
                 reporter.log("%s %s: %s; reading all of it" % (source.kind, source.name,
                                                               listing.problem))
             elif listing.racy and skip_unchanged:
-                reporter.log("%s %s: entries changed while the volume was listed; the next "
-                             "backup will not be skipped" % (source.kind, source.name))
+                reporter.log("%s %s: entries changed while the %s was listed; the next "
+                             "backup will not be skipped" % (source.kind, source.name,
+                                                              source.kind))
             if skip_unchanged and saved is not None:
                 result = _linked_if_unchanged(source, folder, timestamp, listing,
                                               (newest, saved), made_by, reporter)
