@@ -25,6 +25,7 @@ MAINS = {
     "list_backups": cli.list_backups_main,
     "report_failure": cli.report_failure_main,
     "drill_restore": cli.drill_restore_main,
+    "restore_all": cli.restore_all_main,
 }
 NEED_ARGUMENTS = ["backup_docker_volume", "backup_path", "restore_docker_volume",
                   "restore_path", "verify_backup"]
@@ -66,7 +67,7 @@ def test_consistency_is_one_of_the_modes_and_says_its_default(capsys):
 
 @pytest.mark.parametrize("script", sorted(name + ".py" for name in MAINS) +
                          ["backup_docker_volume.sh", "backup_path.sh",
-                          "restore_docker_volume.sh", "backup_all.sh"])
+                          "restore_docker_volume.sh", "backup_all.sh", "restore_all.sh"])
 def test_each_script_runs_as_a_program(script):
     result = subprocess.run([os.path.join(SCRIPTS, script), "--help"], capture_output=True,
                             cwd="/", timeout=60)

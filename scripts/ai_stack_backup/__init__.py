@@ -6,7 +6,7 @@ Standard library only (Python 3.8 to 3.13). Every module, each importing only
 modules before it: errors, names, report, exclusions, notify, locks, files,
 catalog, offsite, config, databases, docker, gzipstream, metrics, monitor, retention,
 tarstream, archive, hosttree, transfer, capture, unchanged, blocked, pipeline, hostpath,
-volume, drill, backupall, cli. The README's Development section has one line per module.
+volume, drill, backupall, recovery, cli. The README's Development section has one line per module.
 """
 
 __version__ = "1.0.0"

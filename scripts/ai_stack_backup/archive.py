@@ -232,7 +232,7 @@ def verify_file(path, reporter, decrypted=None):
             summary.databases = databases.results()
     except OSError as error:
         raise BackupError("cannot read %s: %s" % (path, describe_os_error(error)))
-    summary.checksum = _check_checksum(path, hashing.digest.hexdigest())
+    summary.checksum = check_checksum(path, hashing.digest.hexdigest())
     return summary
 
 
@@ -247,7 +247,7 @@ class _HashingReader:
         return data
 
 
-def _check_checksum(path, digest):
+def check_checksum(path, digest):
     """Compare with ``<archive>.sha256`` if there is one: give "ok", or None when absent.
 
     Raises ArchiveError [checksum] when it names another hash or another file.

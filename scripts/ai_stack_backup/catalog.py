@@ -14,21 +14,37 @@ from .files import CHECKSUM_SUFFIX, SIDECAR_SUFFIXES
 from .names import FAILED_SUFFIX, parse_archive_name, parse_failed_name, parse_timestamp
 
 
-def archives_by_source(folder, sources=None):
+def archives_by_source(folder, sources=None, suffixes=("",)):
     """Give ``{source: [(when, path), …]}`` of our archives directly in ``folder``, newest first.
 
-    With ``sources``, only those sources' archives.
+    With ``sources``, only those sources' archives. ``suffixes``: what may follow
+    an archive's name (``.age``, ``.gpg``: fetched off-host copies); where one
+    archive is there under several, the first suffix listed wins.
     """
     found = {}
     for entry in os.scandir(folder):
-        parsed = parse_archive_name(entry.name)
+        rank, parsed = _ranked_name(entry.name, suffixes)
         if parsed is None or (sources is not None and parsed[0] not in sources) or \
                 not entry.is_file(follow_symlinks=False):
             continue
-        found.setdefault(parsed[0], []).append((parse_timestamp(parsed[1]), entry.path))
-    for archives in found.values():
-        archives.sort(reverse=True)
-    return found
+        archives = found.setdefault(parsed[0], {})
+        when = parse_timestamp(parsed[1])
+        if when not in archives or rank < archives[when][0]:
+            archives[when] = (rank, entry.path)
+    return {source: sorted(((when, path) for when, (_, path) in archives.items()),
+                           reverse=True)
+            for source, archives in found.items()}
+
+
+def _ranked_name(name, suffixes):
+    """Give ``(index of the suffix, (source, timestamp))`` for our archive's name followed by
+    one of ``suffixes``, else ``(None, None)``."""
+    for rank, suffix in enumerate(suffixes):
+        if name.endswith(suffix):
+            parsed = parse_archive_name(name[:len(name) - len(suffix)])
+            if parsed is not None:
+                return rank, parsed
+    return None, None
 
 
 def newest_archive(folder, source):

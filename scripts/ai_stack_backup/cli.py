@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from . import drill, monitor, notify, offsite, pipeline
+from . import drill, monitor, notify, offsite, pipeline, recovery
 from .archive import verify_file
 from .catalog import list_archives
 from .backupall import run_backup_all
@@ -25,8 +25,8 @@ from .exclusions import Exclusions
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL_BASE, EXIT_STATUS_HELP, ArchiveError, \
     BackupError, Interrupted, Locked
 from .hostpath import PathSource, PathTarget
-from .names import parse_archive_name
-from .report import Reporter, human_size
+from .names import parse_archive_name, parse_point_in_time, utc_timestamp
+from .report import Reporter, human_age, human_size
 from .volume import VolumeSource, VolumeTarget
 
 QUIET_HELP = "no progress line (it only ever appears when stderr is a terminal)"
@@ -298,16 +298,6 @@ def _databases(summary):
     return ", %d SQLite database%s" % (count, "" if count == 1 else "s") if count else ""
 
 
-def _age(seconds):
-    """Say how old an archive is, by the timestamp in its name (a clock set wrong shows)."""
-    if seconds < 0:
-        return "in the future"
-    days, rest = divmod(int(seconds), 86400)
-    if days:
-        return "%dd %dh old" % (days, rest // 3600)
-    return "%dh %dm old" % (rest // 3600, rest % 3600 // 60)
-
-
 def list_backups_main(argv=None):
     prog = "list_backups.py"
     parser = _parser(prog, "List the archives in a backup folder by source: timestamp, size, "
@@ -332,7 +322,7 @@ def list_backups_main(argv=None):
                 reporter.status("%s%s" % ("" if entry is entries[0] else "\n", source))
             reporter.status("  %s  %10s  %12s%s"
                             % (entry["timestamp"], human_size(entry["size"]),
-                               _age(entry["age_seconds"]), _mark(entry)))
+                               human_age(entry["age_seconds"]), _mark(entry)))
         if not entries:
             reporter.status("no archives in %s" % folder)
     return _run(prog, parser, argv, show)
@@ -432,15 +422,39 @@ def drill_restore_main(argv=None):
                      "newest archive in BACKUP_DIR into a fresh scratch volume (never the real "
                      "one), compare the restored tree with the archive (names, types, sizes, "
                      "modes, owners, mtimes, contents, link targets), check its SQLite "
-                     "databases, and remove the scratch volume. One line per volume.", [
+                     "databases, and remove the scratch volume. One line per volume. With "
+                     "--all, the whole stack as restore_all would restore it: one recovery "
+                     "point, every volume and OUTPUT_ROOT (into a scratch folder), and the "
+                     "whole set's time.", [
                          "drill_restore.py                 # every volume backup_all backs up",
+                         "drill_restore.py --all           # the recovery point restore_all "
+                         "would take (the weekly unit)",
                          "drill_restore.py owui-data qdrant-data",
                          "BACKUP_DIR=/srv/ai-stack/backups drill_restore.py tm-data"])
     parser.add_argument("volumes", nargs="*", metavar="VOLUME",
                         help="default: the volumes backup_all is configured for (VOLUMES)")
+    parser.add_argument("--all", action="store_true",
+                        help="drill the newest recovery point: every volume and OUTPUT_ROOT "
+                             "from one set of archives (see restore_all.py)")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
+    def validate(args):
+        if args.all and args.volumes:
+            parser.error("--all drills every configured source; name no volumes with it")
+
     def run_drills(args, config, reporter):
+        if args.all:
+            point, results, seconds, problem = recovery.drill_point(config, reporter)
+            if point is None:
+                reporter.status("DRILL FAILED stack: %s" % problem)
+            else:
+                reporter.status("DRILL %s stack %s %d sources %.1f" % (
+                    "FAILED" if problem else "ok", utc_timestamp(point.time),
+                    len(results), seconds))
+            problems = monitor.stack_drill_finished(
+                config, point.time if point else None, results, seconds, problem is None,
+                reporter)
+            return EXIT_FAILED if problem or problems else EXIT_OK
         results = []
         for volume in args.volumes or config.volumes:
             results.append(drill.drill(volume, config, reporter))
@@ -448,4 +462,52 @@ def drill_restore_main(argv=None):
         problems = monitor.drill_finished(config, results, reporter)
         failed = [result for result in results if result.problem is not None]
         return EXIT_FAILED if failed or problems else EXIT_OK
-    return _run(prog, parser, argv, run_drills, backup_all=True)
+    return _run(prog, parser, argv, run_drills, backup_all=True, validate=validate)
+
+
+def restore_all_main(argv=None):
+    prog = "restore_all.py"
+    parser = _parser(prog, "Restore the whole stack, every volume backup_all backs up and "
+                     "OUTPUT_ROOT, from one recovery point: the newest time at or before --at "
+                     "for which every source has an archive, all within RESTORE_MAX_SPREAD of "
+                     "each other. The plan is shown first; every archive of the set is read "
+                     "and checked completely before anything changes. The containers using "
+                     "the volumes are stopped once, and started again in the order they were "
+                     "started. Each restore keeps its safety copy: if any source fails, the "
+                     "ones restored before it are rolled back. Configured like backup_all.", [
+                         "restore_all.py --dry-run                    # the plan and the "
+                         "checks; nothing changes",
+                         "restore_all.py --force                      # last night's stack",
+                         "restore_all.py --at '2026-12-03 04:00' --force",
+                         "OFFSITE_IDENTITY=~/backup-key.txt restore_all.py --from "
+                         "/root/fetched --force   # a new host",
+                         "environment: BACKUP_DIR, VOLUMES, OUTPUT_ROOT (as backup_all), "
+                         "RESTORE_MAX_SPREAD (6h; s, m, h or d), OFFSITE_IDENTITY"])
+    parser.add_argument("--at", metavar="TIME",
+                        help="the newest set at or before TIME, in UTC: 2026-12-03 04:00 or an "
+                             "archive's 20261203T040000Z (default: now)")
+    parser.add_argument("--from", dest="source_folder", metavar="FOLDER",
+                        help="restore from a folder of fetched off-host copies (.tar.gz, .age, "
+                             ".gpg, with their .sha256) instead of BACKUP_DIR")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="show the plan and check every archive of the set; change nothing")
+    parser.add_argument("--force", action="store_true",
+                        help="required (but for --dry-run): confirms that the current contents "
+                             "of every volume and of OUTPUT_ROOT go")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+
+    def validate(args):
+        if args.at is not None:
+            try:
+                args.at = parse_point_in_time(args.at)
+            except ValueError:
+                parser.error("--at: %r is not a time like 2026-12-03 04:00 or 20261203T040000Z "
+                             "(UTC)" % args.at)
+        if args.dry_run:
+            args.force = True  # a dry run changes nothing
+        if args.source_folder is not None:
+            args.source_folder = _absolute(args.source_folder)
+
+    return _run(prog, parser, argv, lambda args, config, reporter: recovery.restore_stack(
+        config, reporter, args.at, args.source_folder, args.dry_run),
+        needs_force=True, backup_all=True, validate=validate)

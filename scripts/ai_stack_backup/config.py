@@ -22,6 +22,8 @@ DEFAULT_OUTPUT_ROOT = "/home/wasti/ai_stack_data/transcript-miner/output"
 DEFAULT_RETENTION_DAYS = 14
 DEFAULT_MIN_KEEP = 3
 DEFAULT_SHRINK_GUARD = 50  # percent of the previous archive's bytes or members
+DEFAULT_RESTORE_MAX_SPREAD = 6 * 3600  # seconds between the archives of one recovery point
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # The runbook's five volumes; the first two keep their old variables.
 OTHER_DEFAULT_VOLUMES = ("context6-data", "context6-cache", "qdrant-data")
 # How a volume is captured: see volume.VolumeSource and the README's "Live databases".
@@ -51,6 +53,19 @@ def _whole_number(environ, name, default, minimum, maximum=None):
             else "of at least %d" % minimum
         raise ConfigError("%s must be a whole number %s, not %r" % (name, allowed, raw))
     return int(raw)
+
+
+def _duration(environ, name, default):
+    """Read a duration in seconds: a whole number with the unit s, m, h or d (``6h``); a
+    number alone means hours."""
+    raw = _setting(environ, name).lower()
+    if not raw:
+        return default
+    match = re.fullmatch(r"(\d+)\s*([smhd]?)", raw)
+    if not match:
+        raise ConfigError("%s must be a whole number with the unit s, m, h or d (like 6h or "
+                          "90m), not %r" % (name, raw))
+    return int(match.group(1)) * DURATION_UNITS[match.group(2) or "h"]
 
 
 def consistency_mode(word, where):
@@ -166,7 +181,8 @@ class Config:
                  retention_daily=0, retention_weekly=0, retention_monthly=0, retention_hourly=0,
                  shrink_guard=DEFAULT_SHRINK_GUARD, exclusions=None, metrics_file="",
                  healthcheck_url="", notify_url="", notify_headers=(), invocation_id="",
-                 skip_unchanged=False, offsite=None):
+                 skip_unchanged=False, offsite=None,
+                 restore_max_spread=DEFAULT_RESTORE_MAX_SPREAD):
         self.backup_dir = os.path.abspath(backup_dir or DEFAULT_BACKUP_DIR)
         self.backup_dir_configured = bool(backup_dir)
         self.helper_image = helper_image
@@ -193,6 +209,8 @@ class Config:
         self.invocation_id = invocation_id  # systemd's INVOCATION_ID of this run, if any
         self.skip_unchanged = skip_unchanged  # backup_all: link unchanged volumes
         self.offsite = offsite or Settings()  # off-host copies; identity for verify too
+        # restore_all: how far apart in time the archives of one recovery point may be
+        self.restore_max_spread = restore_max_spread
 
     def consistency_for(self, volume):
         """Give the consistency mode for ``volume``: its own entry, else the default."""
@@ -241,7 +259,9 @@ class Config:
                                            DEFAULT_SHRINK_GUARD, 0, 100),
                 exclusions=_exclusions(environ, sources),
                 skip_unchanged=_switch(environ, "BACKUP_SKIP_UNCHANGED", default=True),
-                offsite=_offsite(environ))
+                offsite=_offsite(environ),
+                restore_max_spread=_duration(environ, "RESTORE_MAX_SPREAD",
+                                             DEFAULT_RESTORE_MAX_SPREAD))
         if backup_all or monitoring:
             fields.update(_monitoring(environ))
         return cls(**fields)

@@ -144,11 +144,23 @@ def ensure_image(image, reporter):
                           "BACKUP_HELPER_IMAGE to a local image with busybox tar" % error.detail)
 
 
-class Container:
-    """A running container: id, name, the image it runs (id) and whether it has ``--rm``."""
+COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
 
-    def __init__(self, identifier, name, image, auto_remove):
+
+class Container:
+    """A running container: id, name, the image it runs (id), whether it has ``--rm``, when
+    it was started (the engine's RFC 3339 text, which sorts by time) and its compose
+    project ("" if none)."""
+
+    def __init__(self, identifier, name, image, auto_remove, started_at="", project=""):
         self.id, self.name, self.image, self.auto_remove = identifier, name, image, auto_remove
+        self.started_at, self.project = started_at, project
+
+    def __eq__(self, other):
+        return isinstance(other, Container) and self.id == other.id
+
+    def __hash__(self):
+        return hash(self.id)
 
 
 def containers_using_volume(volume):
@@ -165,9 +177,12 @@ def containers_using_volume(volume):
         # The ps filter also matches mount destinations; keep only real mounts of this volume.
         if any(mount.get("Type") == "volume" and mount.get("Name") == volume
                for mount in detail.get("Mounts") or []):
+            labels = (detail.get("Config") or {}).get("Labels") or {}
             users.append(Container(detail["Id"], detail.get("Name", detail["Id"]).lstrip("/"),
                                    detail.get("Image", ""),
-                                   bool((detail.get("HostConfig") or {}).get("AutoRemove"))))
+                                   bool((detail.get("HostConfig") or {}).get("AutoRemove")),
+                                   (detail.get("State") or {}).get("StartedAt", ""),
+                                   labels.get(COMPOSE_PROJECT_LABEL, "")))
     return users
 
 
@@ -191,9 +206,18 @@ class Pause:
         return "stopped %s for %.1f s" % (", ".join(self.names), self.seconds)
 
 
-@contextlib.contextmanager
 def containers_stopped(volume, reporter, containers=None):
-    """Stop the running containers that mount ``volume``; start exactly those again on exit.
+    """Stop the running containers that mount ``volume``; start exactly those again on exit
+    (``stopped``). ``containers``: those already looked up."""
+    if containers is None:
+        containers = containers_using_volume(volume)
+    return stopped(containers, "volume %s" % volume, reporter)
+
+
+@contextlib.contextmanager
+def stopped(containers, what, reporter):
+    """Stop ``containers`` (they use ``what``, in words) in that order; start exactly those
+    again on exit, in the reverse order.
 
     Gives a Pause that holds, on exit, how long the first was down until the
     last was up again. They are started again whatever happens inside, also
@@ -202,22 +226,20 @@ def containers_stopped(volume, reporter, containers=None):
     A container that will not start again is reported; the error is raised
     unless another one is already on its way out.
     """
-    if containers is None:
-        containers = containers_using_volume(volume)
     removable = [container.name for container in containers if container.auto_remove]
     if removable:
         raise ContainerWouldVanish(
-            "volume %s is used by container(s) %s, started with --rm (AutoRemove): stopping "
+            "%s is used by container(s) %s, started with --rm (AutoRemove): stopping "
             "would remove them, so none was stopped and nothing was done; recreate them without "
             "--rm, or back this volume up with another consistency mode (sqlite or live)"
-            % (volume, " ".join(removable)), removable)
+            % (what, " ".join(removable)), removable)
     pause = Pause()
     stopped = []
     failure = None
     started = time.monotonic()
     try:
         for container in containers:
-            reporter.log("stopping container %s (it uses volume %s)" % (container.name, volume))
+            reporter.log("stopping container %s (it uses %s)" % (container.name, what))
             run_docker(["stop", container.id], "cannot stop container %s" % container.name,
                        timeout=CHANGE_TIMEOUT)
             stopped.append(container)
@@ -225,7 +247,7 @@ def containers_stopped(volume, reporter, containers=None):
         yield pause
     finally:
         problems = []
-        for container in stopped:
+        for container in reversed(stopped):
             reporter.log("starting container %s again" % container.name)
             try:
                 run_docker(["start", container.id],
@@ -236,7 +258,7 @@ def containers_stopped(volume, reporter, containers=None):
                 problems.append(str(error))
         pause.seconds = time.monotonic() - started if stopped else 0.0
         if problems:
-            failure = DockerError("containers using volume %s did not start again" % volume,
+            failure = DockerError("containers using %s did not start again" % what,
                                   "; ".join(problems))
     if failure is not None:
         raise failure

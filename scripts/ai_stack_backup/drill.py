@@ -13,6 +13,9 @@ every drill and every backup_all removes such volumes (and says so).
 import hashlib
 import os
 import secrets
+import shutil
+import tempfile
+import threading
 import time
 
 from . import docker, pipeline, transfer
@@ -20,6 +23,9 @@ from .archive import ArchiveInput
 from .databases import DatabaseCheck
 from .catalog import newest_archive
 from .errors import ArchiveError, BackupError, Locked
+from .files import READ_SIZE, WORK_PREFIX
+from .hostpath import PathTarget
+from .hosttree import TreeWriter
 from .locks import volume_lock
 from .tarstream import FILE, HARDLINK, ArchiveRules, TarReader
 from .volume import VolumeTarget
@@ -132,6 +138,14 @@ class _Comparison:
         return "the restored tree differs: " + "; ".join(words)
 
 
+def _checked(members):
+    """Pass the members on, each held to the restore's rules (which also give its path)."""
+    rules = ArchiveRules()
+    for member in members:
+        rules.check(member)
+        yield member
+
+
 def _compare_with_volume(expected, image, volume, work_folder, databases, reporter):
     """Read the restored volume back and hold each entry to ``expected``; give the
     difference in words, or None."""
@@ -139,13 +153,7 @@ def _compare_with_volume(expected, image, volume, work_folder, databases, report
     comparison = _Comparison(expected)
     with transfer.volume_tar_stream(image, volume, work_folder, what) as (descriptor, helper):
         reader = TarReader(transfer.stream_chunks(descriptor))
-        rules = ArchiveRules()
-
-        def members():
-            for member in reader:
-                rules.check(member)
-                yield member
-        for path, fingerprint in _fingerprints(members(), reader.data,
+        for path, fingerprint in _fingerprints(_checked(reader), reader.data,
                                                comparison.fingerprint_of, databases):
             comparison.take(path, fingerprint)
         helper.finish(what, reporter)
@@ -176,14 +184,15 @@ def remove_abandoned_scratch_volumes(reporter):
                      % (name, pid or "unknown"))
 
 
-def drill(volume, config, reporter):
-    """Restore the newest archive of ``volume`` into a scratch volume and compare; a DrillResult.
+def drill(volume, config, reporter, archive=None):
+    """Restore ``archive`` (default: the newest of ``volume``) into a scratch volume and
+    compare; a DrillResult.
 
     Never raises BackupError: a failure is the result's ``problem``.
     """
     remove_abandoned_scratch_volumes(reporter)
-    archive = newest_archive(config.backup_dir, volume) if os.path.isdir(config.backup_dir) \
-        else None
+    if archive is None and os.path.isdir(config.backup_dir):
+        archive = newest_archive(config.backup_dir, volume)
     if archive is None:
         return DrillResult(volume, None, problem="no archive of it in %s" % config.backup_dir)
     scratch = SCRATCH_PREFIX + secrets.token_hex(6)
@@ -221,3 +230,64 @@ def _drill_into(scratch, volume, archive, config, quiet, started):
         return DrillResult(volume, archive, members, seconds, problem)
     except (BackupError, ArchiveError) as error:
         return DrillResult(volume, archive, problem=str(error))
+
+
+def drill_path(path, archive, config, reporter):
+    """Restore the path archive ``archive`` (of the host path ``path``) into a scratch folder
+    in the work folder and compare; a DrillResult (``volume``: the path). The real path is
+    never touched; the scratch folder goes, whatever happened."""
+    quiet = reporter.silent()
+    started = time.monotonic()
+    try:
+        work_folder = pipeline.work_folder_for(config, quiet)
+        scratch = tempfile.mkdtemp(prefix=WORK_PREFIX + "drill-", dir=work_folder)
+    except (BackupError, OSError) as error:
+        return DrillResult(path, archive, problem="no scratch folder: %s" % error)
+    try:
+        top = os.path.join(scratch, os.path.basename(path.rstrip("/")))
+        pipeline.restore(PathTarget(top, config, safety_copy=False), archive, config,
+                         quiet.without_status())
+        seconds = time.monotonic() - started
+        expected = _archive_manifest(archive)
+        with DatabaseCheck(work_folder) as databases:
+            difference = _compare_with_tree(expected, top, databases, quiet)
+            damaged = [result.describe() for result in databases.results() if result.problem]
+        return DrillResult(path, archive, len(expected), seconds,
+                           difference or ("; ".join(damaged) if damaged else None))
+    except (BackupError, ArchiveError, OSError) as error:
+        return DrillResult(path, archive, problem=str(error))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _compare_with_tree(expected, top, databases, reporter):
+    """Write the restored tree as tar, as a path backup would, and hold each entry to
+    ``expected``; give the difference in words, or None. A thread writes, this one reads,
+    through a pipe: nothing holds the tree."""
+    comparison = _Comparison(expected)
+    read_end, write_end = os.pipe()
+    failures = []
+
+    def write():
+        try:
+            with os.fdopen(write_end, "wb") as output:
+                tree = TreeWriter(output, reporter)
+                tree.add_tree(top, os.path.basename(top))
+                tree.finish()
+        except BrokenPipeError:
+            pass  # the reader stopped: its own error says why
+        except BaseException as error:  # handed to the reader's thread
+            failures.append(error)
+    writer = threading.Thread(target=write, name="drill-tree", daemon=True)
+    writer.start()
+    try:
+        with os.fdopen(read_end, "rb") as stream:
+            reader = TarReader(iter(lambda: stream.read(READ_SIZE), b""))
+            for path, fingerprint in _fingerprints(_checked(reader), reader.data,
+                                                   comparison.fingerprint_of, databases):
+                comparison.take(path, fingerprint)
+    finally:
+        writer.join()
+    if failures:
+        raise failures[0]
+    return comparison.difference()

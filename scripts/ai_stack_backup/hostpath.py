@@ -22,6 +22,7 @@ from .files import WORK_PREFIX
 from .gzipstream import MemberWriter
 from .hosttree import TreeWriter, listing_line, walk
 from .names import safe_name
+from .pipeline import Restored
 from .tarstream import DIRECTORY, FIFO, FILE, HARDLINK, SYMLINK
 
 
@@ -445,6 +446,8 @@ class PathTarget:
             staging.remove()
 
     def apply(self, staged, archive, reporter, save_copy):
+        """Swap the staged tree in; give a ``pipeline.Restored`` (no undo: the swap is
+        atomic, and restore_all restores a path last, so nothing after it can fail)."""
         closing = []
         if self.safety_copy and os.path.lexists(self.name):
             try:
@@ -455,7 +458,7 @@ class PathTarget:
             reporter.status("Safety backup of the current contents: %s" % saved.path)
             closing.append("Previous contents kept in: %s" % saved.path)
         staged.swap_in(os.fsencode(os.path.basename(self.name)), self.name)
-        return closing
+        return Restored(closing, None)
 
 
 class _Staging:

@@ -51,9 +51,16 @@ FAMILIES = (
     ("drill_success", "gauge", "1 if the last restore drill of this volume passed, else 0."),
     ("drill_duration_seconds", "gauge", "How long the last restore drill of this volume took."),
     ("drill_timestamp_seconds", "gauge", "When this volume was last drilled (Unix time)."),
+    ("stack_drill_success", "gauge", "1 if the last drill of a whole recovery point "
+                                     "(drill_restore.py --all) passed for every source, else 0."),
+    ("stack_drill_duration_seconds", "gauge", "How long the last drill of a whole recovery point "
+                                              "took: the time to restore the stack."),
+    ("recovery_point_age_seconds", "gauge", "Age of the recovery point the last whole drill "
+                                            "restored, when it ran (the newest complete set)."),
 )
 NAMES = tuple(PREFIX + name for name, _, _ in FAMILIES)
-DRILL_FAMILIES = tuple(name for name in NAMES if name.startswith(PREFIX + "drill_"))
+DRILL_FAMILIES = tuple(name for name in NAMES if name.startswith(
+    (PREFIX + "drill_", PREFIX + "stack_drill_", PREFIX + "recovery_point_")))
 BACKUP_FAMILIES = tuple(name for name in NAMES if name not in DRILL_FAMILIES)
 FILE_MODE = 0o644  # node_exporter runs as another user; the figures hold no secrets
 LOCK_MODE = 0o600  # nobody else may hold it
@@ -120,7 +127,8 @@ def render(samples):
         lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
         for labels, value in sorted(samples[name].items()):
             label_text = ",".join('%s="%s"' % (key, _escape(label)) for key, label in labels)
-            lines.append("%s{%s} %s" % (name, label_text, _number(value)))
+            lines.append("%s%s %s" % (name, "{%s}" % label_text if label_text else "",
+                                      _number(value)))
     return "\n".join(lines) + "\n"
 
 
@@ -304,3 +312,14 @@ def drill_run(samples, results, now):
             0 if result.problem is not None else 1
         samples.setdefault(PREFIX + "drill_duration_seconds", {})[labels] = result.seconds
         samples.setdefault(PREFIX + "drill_timestamp_seconds", {})[labels] = now
+
+
+def stack_drill_run(samples, point_time, seconds, success, now):
+    """Replace the samples of the drill of a whole recovery point (``point_time``: its time,
+    None when there was none to drill)."""
+    samples[PREFIX + "stack_drill_success"] = {(): 1 if success else 0}
+    samples[PREFIX + "stack_drill_duration_seconds"] = {(): seconds}
+    if point_time is not None:
+        samples[PREFIX + "recovery_point_age_seconds"] = {(): now - point_time}
+    else:
+        samples.pop(PREFIX + "recovery_point_age_seconds", None)

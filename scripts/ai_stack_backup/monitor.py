@@ -97,6 +97,18 @@ def drill_finished(config, results, reporter, clock=time.time):
                            reporter)
 
 
+def stack_drill_finished(config, point_time, results, seconds, success, reporter,
+                         clock=time.time):
+    """Record a whole recovery point's drill (and each source's) in the metrics file; give
+    the problems that fail the run."""
+    now = clock()
+
+    def change(samples):
+        metrics.drill_run(samples, results, now)
+        metrics.stack_drill_run(samples, point_time, seconds, success, now)
+    return _update_metrics(config, change, reporter)
+
+
 def _update_metrics(config, change, reporter):
     """Apply ``change`` to METRICS_FILE, if set; give the problems that fail the run."""
     if not config.metrics_file:

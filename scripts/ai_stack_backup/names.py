@@ -20,6 +20,21 @@ def parse_timestamp(text):
     return calendar.timegm(time.strptime(text, TIMESTAMP_FORMAT))
 
 
+_POINT_IN_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2}))?Z?")
+
+
+def parse_point_in_time(text):
+    """Give the epoch seconds of a time given by a person, in UTC: an archive timestamp
+    (``20261204T031500Z``) or ``2026-12-04 03:15[:00]`` (``T`` and a final ``Z`` allowed);
+    raises ValueError."""
+    text = text.strip()
+    match = _POINT_IN_TIME.fullmatch(text)
+    if match:
+        text = "%s%s%sT%s%s%sZ" % (match.group(1), match.group(2), match.group(3),
+                                   match.group(4), match.group(5), match.group(6) or "00")
+    return parse_timestamp(text)
+
+
 def safe_name(path):
     """Give the old scripts' archive name for a host path.
 

@@ -230,8 +230,9 @@ def _encrypt_command(settings, archive, output):
 
 
 @contextlib.contextmanager
-def _private_folder(work_folder):
-    """A fresh 0700 folder for the encrypted copy, flocked so no cleanup takes it meanwhile."""
+def private_folder(work_folder):
+    """A fresh 0700 folder in ``work_folder`` for an encrypted copy or decrypted archives,
+    flocked so no cleanup takes it meanwhile; removed on exit."""
     path = tempfile.mkdtemp(prefix=WORK_PREFIX + "offsite-", dir=work_folder)
     lock = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -255,7 +256,7 @@ def send(archive, source, settings, work_folder):
     with contextlib.ExitStack() as stack:
         if settings.tool:
             _require(settings.tool)
-            folder = stack.enter_context(_private_folder(work_folder))
+            folder = stack.enter_context(private_folder(work_folder))
             sent = os.path.join(folder, os.path.basename(archive) + TOOLS[settings.tool][1])
             _run(_encrypt_command(settings, archive, sent),
                  "encrypting %s with %s" % (os.path.basename(archive), settings.tool), deadline,
@@ -322,3 +323,24 @@ def decrypted(path, identity):
             _kill_group(process)
         process.stdout.close()
         process.stderr.close()
+
+
+def decrypt_into(path, identity, destination):
+    """Decrypt the off-host copy ``path`` into the new file ``destination`` (mode 0600, in a
+    private folder); raises OffsiteFailed, or BackupError when it cannot be written."""
+    try:
+        descriptor = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             0o600)
+    except OSError as error:
+        raise BackupError("cannot create %s: %s" % (destination, error.strerror))
+    try:
+        # An OSError leaves ``decrypted`` as it is, which ends the tool rather than wait
+        # for it to finish writing into a pipe nobody reads any more.
+        with os.fdopen(descriptor, "wb") as output, decrypted(path, identity) as plain:
+            shutil.copyfileobj(plain, output, 1 << 20)
+            output.flush()
+            os.fsync(output.fileno())
+    except OSError as error:
+        raise BackupError("cannot write the decrypted %s into %s: %s"
+                          % (os.path.basename(path), os.path.dirname(destination),
+                             error.strerror))

@@ -23,7 +23,9 @@ and checks the whole archive once, raising ArchiveError before anything
 changed (a volume with nothing to lose is checked in ``apply``'s one pass
 instead) — and ``apply(staged, archive, reporter, save_copy)``, which makes the
 change (taking its safety copy with ``save_copy(source)`` and rolling
-back itself on failure) and gives the status lines for after ``OK``.
+back itself on failure) and gives a ``Restored``: the status lines for
+after ``OK``, and how to undo the change later (restore_all, when a later
+source fails).
 """
 
 import contextlib
@@ -53,6 +55,15 @@ class BackupResult:
         self.consistency = consistency
         self.capture = None
         self.linked_to = None  # skip-if-unchanged: the archive this one is a hard link to
+
+
+class Restored:
+    """What a restore did: ``closing``, the status lines for after ``OK``; ``undo(reporter)``,
+    which puts the target back as it was and gives a sentence saying so (None: it cannot
+    be undone, as no safety copy was taken)."""
+
+    def __init__(self, closing, undo):
+        self.closing, self.undo = closing, undo
 
 
 def _write_gzip_tar(source, output, config, reporter, work_folder=None, exclude=(), held=None,
@@ -301,7 +312,7 @@ def restore(target, archive_path, config, reporter, stdin=None):
 
     Nothing changes until the whole archive checked out: a damaged or hostile
     archive raises ArchiveRefused naming the rule. Shows ``Restoring …``,
-    ``From: …``, ``OK`` and the target's closing lines; gives those lines.
+    ``From: …``, ``OK`` and the target's closing lines; gives its ``Restored``.
     """
     if archive_path != "-" and not os.path.isfile(archive_path):
         raise NotFound("archive not found: %s" % archive_path)
@@ -320,9 +331,9 @@ def restore(target, archive_path, config, reporter, stdin=None):
                 raise ArchiveRefused("the archive %s is refused [%s]: %s; %s was not changed"
                                      % (archive_path, error.rule, error, target.description),
                                      error.rule)
-        closing = target.apply(staged, archive, reporter,
-                               _copy_saver(config, reporter, work_folder))
+        restored = target.apply(staged, archive, reporter,
+                                _copy_saver(config, reporter, work_folder))
     reporter.status("OK")
-    for line in closing:
+    for line in restored.closing:
         reporter.status(line)
-    return closing
+    return restored

@@ -22,6 +22,16 @@ def human_size(size):
     return "%.1f TiB" % value
 
 
+def human_age(seconds):
+    """Say how old an archive is, by the timestamp in its name (a clock set wrong shows)."""
+    if seconds < 0:
+        return "in the future"
+    days, rest = divmod(int(seconds), 86400)
+    if days:
+        return "%dd %dh old" % (days, rest // 3600)
+    return "%dh %dm old" % (rest // 3600, rest % 3600 // 60)
+
+
 class Reporter:
     """Shows one run to a person.
 

@@ -22,6 +22,7 @@ from .errors import ArchiveError, ArchiveRefused, BackupError, RolledBack, Unres
 from .exclusions import NONE
 from .gzipstream import CHUNK_SIZE, MemberWriter
 from .locks import volume_lock
+from .pipeline import Restored
 from .tarstream import ArchiveRules, TarReader
 
 
@@ -303,7 +304,11 @@ class VolumeTarget:
                 raise
         if snapshot:
             closing.append("Previous contents kept in: %s" % snapshot)
-        return closing
+        undo = None
+        if snapshot is not None or self._nothing_to_lose:
+            def undo(undo_reporter):
+                return self._roll_back(staged.work_folder, snapshot, undo_reporter)
+        return Restored(closing, undo)
 
     def _save_current(self, reporter, save_copy):
         """Save the volume as an ordinary archive (in the work folder); give its path.
@@ -322,7 +327,7 @@ class VolumeTarget:
     def _roll_back(self, work_folder, snapshot, reporter):
         """Put the volume back as it was before the restore; give a sentence saying what
         happened."""
-        reporter.log("restore of volume %s failed; rolling back" % self.name)
+        reporter.log("rolling back volume %s" % self.name)
         try:
             if not self.existed:
                 docker.remove_volume(self.name)
