@@ -160,8 +160,10 @@ class Step:
             sizes = "  %7.1f MB  %7.1f MB (%+.2f%%)" % (
                 self.old_size / 1e6, self.new_size / 1e6,
                 100.0 * (self.new_size - self.old_size) / self.old_size)
-        return "%-34s %7.2f s %7.2f s  %5.2fx  %6.1f MiB%s" % (
-            self.name, old, new, new / old, max(self.rss), sizes)
+        rss = [value for value in self.rss if value is not None]
+        return "%-34s %7.2f s %7.2f s  %5.2fx  %s%s" % (
+            self.name, old, new, new / old, "%6.1f MiB" % max(rss) if rss else "%10s" % "-",
+            sizes)
 
 
 def bench_volume(step_backup, step_restore, step_full, step_drill, volume, work, label):
@@ -325,6 +327,112 @@ def bench_second_night(step, volume, work, label):
         shutil.rmtree(folder)
 
 
+def make_small_volume_data(folder, seed, size):
+    """A small volume's data: one semi-compressible file and a few hundred small ones."""
+    generator = random.Random(seed)
+    os.makedirs(os.path.join(folder, "data", "small"))
+    with open(os.path.join(folder, "data", "store.bin"), "wb") as file:
+        file.write(semi_compressible(generator, size))
+    for index in range(300):
+        with open(os.path.join(folder, "data", "small", "%04d.json" % index), "wb") as file:
+            file.write(semi_compressible(generator, 4096, random_share=16))
+
+
+def bench_stack(step, plan_step, volume, work):
+    """restore_all of five volumes and OUTPUT_ROOT against the sum of the six single restores
+    of the same archives, both over full targets; and how long choosing a recovery point from
+    14 nights of five sources takes (against a budget of one second)."""
+    volumes = [volume] + ["aisb-bench-stack%d-%d" % (index, os.getpid()) for index in range(4)]
+    output_root = os.path.join(work, "stack-output", "output")
+    folder = os.path.join(work, "stack-backups")
+    app = "aisb-bench-app-%d" % os.getpid()
+    try:
+        for index, name in enumerate(volumes[1:]):
+            data = os.path.join(work, "small-%d" % index)
+            make_small_volume_data(data, index, (index + 1) * 10 * MiB)
+            testkit.docker("volume", "create", name)
+            testkit.fill_volume(name, data)
+            shutil.rmtree(data)
+        make_many_files(output_root, 3000)
+        testkit.docker("run", "-d", "--name", app, "--network", "none", "-v",
+                       volumes[0] + ":/data", IMAGE, "sleep", "100000")
+        env = {"BACKUP_DIR": folder, "VOLUMES": " ".join(volumes), "OUTPUT_ROOT": output_root,
+               "BACKUP_CONSISTENCY": "live"}
+        run(script("backup_all.py"), env)
+        archives = testkit.archives_in(folder)
+        at = max(os.path.basename(path).rsplit("__", 1)[1][:16] for path in archives)
+        singles = [script("restore_docker_volume.py", name, path, "--force",
+                          "--stop-containers")
+                   for name in volumes for path in archives
+                   if os.path.basename(path).startswith(name + "__")]
+        singles += [script("restore_path.py", path, output_root, "--force")
+                    for path in archives if "stack-output" in os.path.basename(path)]
+        for round_number in range(ROUNDS):
+            separate = sum(run(command, env)[0] for command in singles)
+            testkit.next_second()
+            started = time.monotonic()
+            with tempfile.TemporaryFile() as out:
+                result = subprocess.run(
+                    [sys.executable, os.path.join(REPOSITORY, "bench", "peak_rss.py"),
+                     os.path.join(work, "rss")] + script("restore_all.py", "--at", at,
+                                                         "--force")[1:],
+                    stdout=out, stderr=subprocess.PIPE, env=dict(os.environ, **env))
+                together = time.monotonic() - started
+                out.seek(0)
+                shown = out.read().decode()
+            if result.returncode:
+                raise SystemExit("bench: restore_all failed: %s" % result.stderr.decode())
+            with open(os.path.join(work, "rss")) as file:
+                rss = int(file.read()) / 1024
+            down = [line for line in shown.splitlines() if line.startswith("Applications")]
+            step.add(separate, together, rss)
+            print("  stack round %d: six single restores %.2f s, restore_all %.2f s; %s"
+                  % (round_number + 1, separate, together, down[0] if down else "no downtime"),
+                  flush=True)
+            for name in os.listdir(folder):  # the safety copies: only the night's set stays
+                path = os.path.join(folder, name)
+                if ".tar.gz" in name and path not in archives and \
+                        not any(path.startswith(archive) for archive in archives):
+                    os.unlink(path)
+        plan_step.add(*_plan_scan(work, volumes, output_root, archives), None)
+        print("  stack plan: %.3f s to choose from 14 nights of 5 sources" % plan_step.new[-1],
+              flush=True)
+    finally:
+        subprocess.run(["docker", "rm", "-f", app], capture_output=True)
+        volume_remove(*volumes[1:])
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(os.path.dirname(output_root), ignore_errors=True)
+
+
+def _plan_scan(work, volumes, output_root, archives):
+    """Give (1.0, seconds) for choosing a recovery point in a folder of 14 nights of five
+    sources (each night's archives hard links to the real ones): the budget and the time."""
+    sys.path.insert(0, SCRIPTS)
+    from ai_stack_backup import names, recovery
+    folder = os.path.join(work, "fourteen-nights")
+    os.mkdir(folder)
+    try:
+        sources = volumes[:4] + [names.safe_name(output_root)]
+        first = names.parse_timestamp(os.path.basename(archives[0]).rsplit("__", 1)[1][:16])
+        for night in range(14):
+            for index, source in enumerate(sources):
+                os.link(archives[0], os.path.join(folder, names.archive_name(
+                    source, names.utc_timestamp(first - night * 86400 + index * 60))))
+        started = time.monotonic()
+        point, _ = recovery.choose(folder, sources, None, 6 * 3600)
+        recovery.plan_lines(point, [_Named(source) for source in sources], time.time())
+        return 1.0, time.monotonic() - started
+    finally:
+        shutil.rmtree(folder)
+
+
+class _Named:
+    kind = "source"
+
+    def __init__(self, name):
+        self.name = name
+
+
 def main():
     testkit.build_helper_image()
     os.environ["BACKUP_HELPER_IMAGE"] = IMAGE
@@ -356,6 +464,10 @@ def main():
         offsite_step = Step("offsite age vs plain, 389 MB")
         bench_offsite(offsite_step, volume, work, "stack-offsite")
         steps.append(offsite_step)
+        stack_step = Step("restore_all vs 6 single restores")
+        plan_step = Step("plan from 14 nights vs 1 s budget")
+        bench_stack(stack_step, plan_step, volume, work)
+        steps += [stack_step, plan_step]
 
         path_step = Step("path backup (389 MB)")
         for round_number in range(ROUNDS):
@@ -407,7 +519,9 @@ def main():
               "-czf for paths, or for 'auto vs live' our --consistency live, or for 'drill' "
               "our restore of the same archive, for 'unchanged' the first backup (sizes: new "
               "bytes on disk), for 'small change' the first backup into the folder, for "
-              "'offsite' backup_all with an unencrypted copy; peak RSS = our Python process)"
+              "'offsite' backup_all with an unencrypted copy, for 'restore_all' the sum of "
+              "the single restores of the same archives, for 'plan' a budget of one second; "
+              "peak RSS = our Python process)"
               % cores)
     finally:
         volume_remove(volume, many)

@@ -5,6 +5,7 @@ volumes; a new host from fetched .age copies."""
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -310,3 +311,73 @@ def test_the_whole_drill_restores_a_recovery_point_and_records_it(stack, tmp_pat
     assert "DRILL FAILED stack: no archive of" in capsys.readouterr().out
     samples = metrics.parse(metrics_file.read_text())
     assert samples[metrics.PREFIX + "stack_drill_success"] == {(): 0}
+
+
+def _paused_at(process, line_start):
+    """Read the run's status lines until one starts with ``line_start``; stop the process
+    there (SIGSTOP: it holds its locks, and goes on where it was on SIGCONT). Gives the
+    lines read."""
+    lines = []
+    for raw in process.stdout:
+        lines.append(raw.decode())
+        if lines[-1].startswith(line_start):
+            process.send_signal(signal.SIGSTOP)
+            return lines
+    raise AssertionError("the run ended before %r: %s %s"
+                         % (line_start, lines, process.stderr.read().decode()))
+
+
+def _restore_all(*arguments):
+    return subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "restore_all.py")]
+                            + list(arguments), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ))
+
+
+def test_while_it_runs_backups_and_restores_of_its_volumes_get_75(stack, capsys):
+    volumes, output_root, folder = stack
+    _night(stack, capsys)
+    archive = testkit.archives_in(folder)[0]
+    process = _restore_all("--force")
+    try:
+        _paused_at(process, "Restoring volume: %s" % volumes[1])
+        assert cli.backup_all_main(["--quiet"]) == 75
+        assert "another backup_all run (PID %d) holds the lock" % process.pid \
+            in capsys.readouterr().err
+        for volume in volumes:
+            assert cli.restore_docker_volume_main([volume, archive, "--force"]) == 75
+            assert "another backup or restore of volume %s (PID %d) holds the lock" \
+                % (volume, process.pid) in capsys.readouterr().err
+            assert cli.backup_docker_volume_main([volume, str(folder)]) == 75
+            capsys.readouterr()
+    finally:
+        process.send_signal(signal.SIGCONT)
+        out, err = process.communicate(timeout=testkit.HANG_CEILING)
+    assert process.returncode == 0, err.decode()
+    assert b"Restored the recovery point" in out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_mid_run_rolls_back_what_was_restored(signum, stack, apps, capsys):
+    volumes, output_root, folder = stack
+    app = apps(volumes[0])
+    _night(stack, capsys)
+    for volume in volumes:
+        _change(volume, "today")
+    today = state_of(volumes, output_root)
+    started = testkit.started_at(app)
+    process = _restore_all("--force")
+    try:
+        _paused_at(process, "Restoring volume: %s" % volumes[1])
+        process.send_signal(signum)
+    finally:
+        process.send_signal(signal.SIGCONT)
+        out, err = process.communicate(timeout=testkit.HANG_CEILING)
+    assert process.returncode == 128 + signum, err.decode()
+    err = err.decode()
+    assert "volume %s was rolled back to its previous contents from the safety backup" \
+        % volumes[0] in err
+    assert "restore_all.py: stopped by %s after cleaning up" % signal.Signals(signum).name in err
+    after = state_of(volumes, output_root)
+    assert after[0].pop(b"starts")[5] != today[0].pop(b"starts")[5]  # the app's start again
+    assert after == today
+    assert testkit.container_running(app) and testkit.started_at(app) != started
