@@ -4,7 +4,8 @@
 Creates a volume with sample data, backs it up with backup_docker_volume.sh,
 verifies and lists the archive, runs backup_all (with an age-encrypted
 off-host copy to a folder standing in for the remote) and a restore drill
-(drill_restore.py) on it and shows their metrics file, restores the first
+(drill_restore.py) on it, shows restore_all's plan for it (--dry-run) and their
+metrics file, restores the first
 archive into a second volume with restore_docker_volume.sh and the off-host
 copy into a third, compares them with the original inside a helper
 container, and cleans everything up. Each step shows
@@ -96,6 +97,8 @@ def main():
         step("the remote", ["ls", "-l", remote])
         step("drill", [os.path.join(SCRIPTS, "drill_restore.py"), source],
              METRICS_FILE=metrics_file)
+        step("whole-stack plan", [os.path.join(SCRIPTS, "restore_all.py"), "--dry-run"],
+             VOLUMES=source, OUTPUT_ROOT="")
         print("\n$ cat " + metrics_file, flush=True)
         with open(metrics_file) as file:
             print(file.read(), end="", flush=True)

@@ -381,3 +381,23 @@ def test_a_signal_mid_run_rolls_back_what_was_restored(signum, stack, apps, caps
     assert after[0].pop(b"starts")[5] != today[0].pop(b"starts")[5]  # the app's start again
     assert after == today
     assert testkit.container_running(app) and testkit.started_at(app) != started
+
+
+def test_a_container_started_with_rm_is_refused_before_anything_stops(stack, capsys):
+    volumes, output_root, folder = stack
+    _night(stack, capsys)
+    _change(volumes[1], "today")
+    today = state_of(volumes, output_root)
+    name = "aisb-app-%s" % os.urandom(4).hex()
+    testkit.docker("run", "-d", "--rm", "--init", "--name", name, "--network", "none", "-v",
+                   volumes[1] + ":/data", testkit.HELPER_IMAGE, "sleep", "100000")
+    try:
+        started = testkit.started_at(name)
+        assert cli.restore_all_main(["--force"]) == 1
+        error = capsys.readouterr().err
+        assert "a volume of the stack is used by container(s) %s, started with --rm" % name \
+            in error
+        assert testkit.container_running(name) and testkit.started_at(name) == started
+        assert state_of(volumes, output_root) == today
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)

@@ -170,6 +170,19 @@ def test_the_units_under_a_real_systemd(systemd_host, make_volume, tmp_path):
         status = os.stat(os.path.join(backups, name))
         assert (status.st_uid, stat.S_IMODE(status.st_mode)) == (uid, 0o600)
 
+    # The weekly drill restores that whole recovery point in its own sandbox: the volume into
+    # a scratch volume, OUTPUT_ROOT into a scratch folder in the backup folder.
+    drill = "ai_stack_backup-drill.service"
+    drop_in(container, drill, [
+        "Environment=VOLUMES=%s" % volume, "Environment=OUTPUT_ROOT=/home/%s/output" % USER,
+        "Environment=BACKUP_HELPER_IMAGE=%s" % testkit.HELPER_IMAGE])
+    run(container, "systemctl", "start", drill, check=False)
+    assert show(container, drill, "Result") == "success", journal(container, drill)
+    told = journal(container, drill)
+    assert re.search(r"DRILL ok stack \d{8}T\d{6}Z 2 sources [\d.]+", told), told
+    assert re.search(r"DRILL ok /home/%s/output " % USER, told), told
+    assert sorted(name for name in os.listdir(backups) if name.endswith(".tar.gz")) == archives
+
     # The sandbox is really in force: a probe with the unit's own options.
     unit = open(os.path.join(REPOSITORY, "systemd", service)).read()
     probe_unit = "\n".join(

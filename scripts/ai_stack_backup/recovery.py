@@ -241,12 +241,16 @@ def restore_stack(config, reporter, at=None, source_folder=None, dry_run=False):
             target.prepare(reporter)
         users = _users(volumes)
         if dry_run:
-            if users:
+            removable = [container.name for container in users if container.auto_remove]
+            if removable:
+                reporter.status("Would refuse: %s started with --rm, which a stop would "
+                                "remove" % ", ".join(removable))
+            elif users:
                 reporter.status("Would stop, and start again: %s" % _grouped(users))
             reporter.status("Dry run: every archive checked out; nothing was changed")
             return point
         begun = int(time.time())
-        with docker.stopped(users, "the stack's volumes", reporter) as pause:
+        with docker.stopped(users, "a volume of the stack", reporter) as pause:
             _restore_each(targets, plain, config, reporter)
         if users:
             reporter.status("Applications were down for %.1f s (%s)"
