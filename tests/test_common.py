@@ -240,22 +240,30 @@ def test_only_vanished_files_are_forgiven():
     assert vanished_files(1, [delayed]) is None and vanished_files(1, None) is None
 
 
-def test_a_drill_names_what_differs():
+def test_a_drill_names_what_differs(tmp_path, monkeypatch):
     from ai_stack_backup.drill import _Comparison
+    monkeypatch.setattr(_Comparison, "BATCH", 2)  # the written batches and the pending ones
     one, other = b"\x01" * 16, b"\x02" * 16
     paths = [b"", b"a", b"b", b"c"]
 
     def compared(found):
-        comparison = _Comparison({path: one for path in paths})
-        for path, fingerprint in found:
-            comparison.take(path, fingerprint)
-        return comparison.difference()
+        with _Comparison(str(tmp_path)) as comparison:
+            for path in paths:
+                comparison.expect(path, one)
+            for path, fingerprint in found:
+                comparison.take(path, fingerprint)
+            return comparison.difference()
     assert compared([(path, one) for path in paths]) is None
-    # A hard link to a file already seen takes that file's restored fingerprint.
-    comparison = _Comparison({b"f": one, b"link": one})
-    comparison.take(b"f", one)
-    comparison.take(b"link", comparison.fingerprint_of(b"f"))
-    assert comparison.difference() is None
+    # A hard link to a file already seen takes that file's fingerprint, on either side.
+    with _Comparison(str(tmp_path)) as comparison:
+        for path in (b"f", b"g", b"h"):
+            comparison.expect(path, one)
+        comparison.expect(b"link", comparison.expected_fingerprint(b"f"))
+        for path in (b"f", b"g", b"h"):
+            comparison.take(path, one)
+        comparison.take(b"link", comparison.fingerprint_of(b"f"))
+        assert comparison.difference() is None and comparison.members == 4
+    assert os.listdir(str(tmp_path)) == []  # the manifest's file goes with it
     assert compared([(b"", one), (b"new", one), (b"b", other), (b"c", one)]) == (
         "the restored tree differs: 1 missing (a); 1 not in the archive (new); 1 different (b)")
     many = [(b"x%d" % index, one) for index in range(5)]

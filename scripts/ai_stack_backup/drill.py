@@ -10,10 +10,13 @@ whole drill, so a drill killed outright leaves a volume whose lock is free:
 every drill and every backup_all removes such volumes (and says so).
 """
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import secrets
 import shutil
+import sqlite3
 import tempfile
 import threading
 import time
@@ -23,7 +26,7 @@ from .archive import ArchiveInput
 from .databases import DatabaseCheck
 from .catalog import newest_archive
 from .errors import ArchiveError, BackupError, Locked
-from .files import READ_SIZE, WORK_PREFIX
+from .files import READ_SIZE, TEMP_SUFFIX, WORK_PREFIX
 from .hostpath import PathTarget
 from .hosttree import TreeWriter
 from .locks import volume_lock
@@ -81,61 +84,109 @@ def _digested(pieces, digest):
         digest.update(piece)
 
 
-def _archive_manifest(path):
-    """Give {path: fingerprint} of the archive: the one manifest a drill keeps."""
-    with open(path, "rb") as file:
-        check = ArchiveInput(file, path).check()
-        entries = {}
-        for member_path, fingerprint in _fingerprints(check.members, check.data, entries.get):
-            entries[member_path] = fingerprint
-        return entries
-
-
-SEEN = b"\x01"  # appended to a fingerprint once the restored tree's entry was held to it
-
-
 class _Comparison:
-    """The archive's manifest, against which the restored tree's entries are checked off one
-    by one as they stream past: an entry seen gets the restored fingerprint with a mark, in
-    place, so that a volume of any size is compared holding one manifest."""
+    """The archive's entries and the restored tree's, each ``(path, fingerprint)``, held in a
+    private SQLite file in the work folder rather than in memory: a volume of any size is
+    compared in bounded memory. Entries are appended in batches and indexed once, at the
+    end, for three joins (a table is indexed earlier only if a hard link asks for a path)."""
 
-    def __init__(self, expected):
-        self.expected = expected
-        self.extra, self.changed = [], []  # the first few paths of each
-        self.extra_count = self.changed_count = 0
+    BATCH = 5000
+    TABLES = ("archive", "restored")
+
+    def __init__(self, folder):
+        self.descriptor, self.path = tempfile.mkstemp(prefix=WORK_PREFIX + "drill-",
+                                                      suffix=TEMP_SUFFIX, dir=folder)
+        fcntl.flock(self.descriptor, fcntl.LOCK_SH)  # no cleanup of killed runs' files takes it
+        self.database = sqlite3.connect(self.path, isolation_level=None)
+        # Scratch data: no journal, no syncs, a small page cache.
+        self.database.executescript(
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-2048;"
+            "CREATE TABLE archive(path BLOB, fingerprint BLOB);"
+            "CREATE TABLE restored(path BLOB, fingerprint BLOB); BEGIN")
+        self.pending = {table: {} for table in self.TABLES}
+        self.indexed = set()
+        self.members = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.database.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self.descriptor)
+
+    def _put(self, table, path, fingerprint):
+        pending = self.pending[table]
+        pending[path] = fingerprint or bytes(16)
+        if len(pending) >= self.BATCH:
+            self._flush(table)
+
+    def _flush(self, table):
+        pending = self.pending[table]
+        self.database.executemany("INSERT INTO %s VALUES (?, ?)" % table, pending.items())
+        pending.clear()
+
+    def _index(self, table):
+        if table not in self.indexed:
+            self.indexed.add(table)
+            self.database.execute("CREATE INDEX %s_path ON %s(path)" % (table, table))
+
+    def _get(self, table, path):
+        found = self.pending[table].get(path)
+        if found is None:
+            self._index(table)
+            row = self.database.execute("SELECT fingerprint FROM %s WHERE path = ?" % table,
+                                        (path,)).fetchone()
+            found = row[0] if row else None
+        return found
+
+    def expect(self, path, fingerprint):
+        """One entry of the archive."""
+        self.members += 1
+        self._put("archive", path, fingerprint)
+
+    def expected_fingerprint(self, path):
+        """The archive's fingerprint of ``path`` (for a hard link to it), or None."""
+        return self._get("archive", path)
+
+    def take(self, path, fingerprint):
+        """One entry of the restored tree."""
+        self._put("restored", path, fingerprint)
 
     def fingerprint_of(self, path):
         """The restored fingerprint of a path already seen (for a hard link to it), or None."""
-        value = self.expected.get(path)
-        return value[:-1] if value is not None and value.endswith(SEEN) and \
-            len(value) == 17 else None
-
-    def take(self, path, fingerprint):
-        wanted = self.expected.get(path)
-        if wanted is None or len(wanted) != 16:
-            self.extra_count += 1
-            if len(self.extra) < 3:
-                self.extra.append(path)
-            return
-        if fingerprint != wanted:
-            self.changed_count += 1
-            if len(self.changed) < 3:
-                self.changed.append(path)
-        self.expected[path] = (fingerprint or bytes(16)) + SEEN
+        return self._get("restored", path)
 
     def difference(self):
         """Say in a few words how the restored tree differs from the archive, or give None."""
-        missing = [path for path, value in self.expected.items() if len(value) == 16]
-        if not (missing or self.extra_count or self.changed_count):
-            return None
+        for table in self.TABLES:
+            self._flush(table)
+            self._index(table)
         words = []
-        for label, count, paths in (("missing", len(missing), sorted(missing)[:3]),
-                                    ("not in the archive", self.extra_count, sorted(self.extra)),
-                                    ("different", self.changed_count, sorted(self.changed))):
+        for label, query in (
+                ("missing", "SELECT a.path FROM archive a WHERE NOT EXISTS "
+                            "(SELECT 1 FROM restored r WHERE r.path = a.path)"),
+                ("not in the archive", "SELECT r.path FROM restored r WHERE NOT EXISTS "
+                                       "(SELECT 1 FROM archive a WHERE a.path = r.path)"),
+                ("different", "SELECT a.path FROM archive a JOIN restored r "
+                              "ON r.path = a.path WHERE r.fingerprint != a.fingerprint")):
+            count = self.database.execute("SELECT count(*) FROM (%s)" % query).fetchone()[0]
             if count:
+                paths = [row[0] for row in self.database.execute(
+                    "%s ORDER BY 1 LIMIT 3" % query)]
                 shown = ", ".join(path.decode("utf-8", "replace") or "." for path in paths)
                 words.append("%d %s (%s%s)" % (count, label, shown, ", …" if count > 3 else ""))
-        return "the restored tree differs: " + "; ".join(words)
+        return "the restored tree differs: " + "; ".join(words) if words else None
+
+
+def _read_archive(path, comparison):
+    """Put every entry of the archive at ``path`` into the ``comparison``."""
+    with open(path, "rb") as file:
+        check = ArchiveInput(file, path).check()
+        for member_path, fingerprint in _fingerprints(check.members, check.data,
+                                                      comparison.expected_fingerprint):
+            comparison.expect(member_path, fingerprint)
 
 
 def _checked(members):
@@ -146,11 +197,10 @@ def _checked(members):
         yield member
 
 
-def _compare_with_volume(expected, image, volume, work_folder, databases, reporter):
-    """Read the restored volume back and hold each entry to ``expected``; give the
-    difference in words, or None."""
+def _compare_with_volume(comparison, image, volume, work_folder, databases, reporter):
+    """Read the restored volume back into the ``comparison``; give the difference in words,
+    or None."""
     what = "reading back the drill volume %s" % volume
-    comparison = _Comparison(expected)
     with transfer.volume_tar_stream(image, volume, work_folder, what) as (descriptor, helper):
         reader = TarReader(transfer.stream_chunks(descriptor))
         for path, fingerprint in _fingerprints(_checked(reader), reader.data,
@@ -219,13 +269,13 @@ def _drill_into(scratch, volume, archive, config, quiet, started):
                                       labels={OWNER_LABEL: str(os.getpid())}, lock_held=True),
                          archive, config, quiet.without_status())
         seconds = time.monotonic() - started
-        expected = _archive_manifest(archive)
-        members = len(expected)
         work_folder = pipeline.work_folder_for(config, quiet)
-        with DatabaseCheck(work_folder) as databases:
-            difference = _compare_with_volume(expected, config.helper_image, scratch,
+        with _Comparison(work_folder) as comparison, DatabaseCheck(work_folder) as databases:
+            _read_archive(archive, comparison)
+            difference = _compare_with_volume(comparison, config.helper_image, scratch,
                                               work_folder, databases, quiet)
             damaged = [result.describe() for result in databases.results() if result.problem]
+            members = comparison.members
         problem = difference or ("; ".join(damaged) if damaged else None)
         return DrillResult(volume, archive, members, seconds, problem)
     except (BackupError, ArchiveError) as error:
@@ -248,11 +298,12 @@ def drill_path(path, archive, config, reporter):
         pipeline.restore(PathTarget(top, config, safety_copy=False), archive, config,
                          quiet.without_status())
         seconds = time.monotonic() - started
-        expected = _archive_manifest(archive)
-        with DatabaseCheck(work_folder) as databases:
-            difference = _compare_with_tree(expected, top, databases, quiet)
+        with _Comparison(work_folder) as comparison, DatabaseCheck(work_folder) as databases:
+            _read_archive(archive, comparison)
+            difference = _compare_with_tree(comparison, top, databases, quiet)
             damaged = [result.describe() for result in databases.results() if result.problem]
-        return DrillResult(path, archive, len(expected), seconds,
+            members = comparison.members
+        return DrillResult(path, archive, members, seconds,
                            difference or ("; ".join(damaged) if damaged else None))
     except (BackupError, ArchiveError, OSError) as error:
         return DrillResult(path, archive, problem=str(error))
@@ -260,11 +311,10 @@ def drill_path(path, archive, config, reporter):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _compare_with_tree(expected, top, databases, reporter):
-    """Write the restored tree as tar, as a path backup would, and hold each entry to
-    ``expected``; give the difference in words, or None. A thread writes, this one reads,
-    through a pipe: nothing holds the tree."""
-    comparison = _Comparison(expected)
+def _compare_with_tree(comparison, top, databases, reporter):
+    """Write the restored tree as tar, as a path backup would, into the ``comparison``; give
+    the difference in words, or None. A thread writes, this one reads, through a pipe:
+    nothing holds the tree."""
     read_end, write_end = os.pipe()
     failures = []
 

@@ -451,7 +451,8 @@ class PathTarget:
         closing = []
         if self.safety_copy and os.path.lexists(self.name):
             try:
-                saved = save_copy(PathSource(self.name))
+                saved = save_copy(PathSource(self.name),
+                                  archive.name if archive.name != "-" else None)
             except BackupError as error:
                 raise BackupError("cannot save the current contents of %s before the restore, "
                                   "so nothing was changed: %s" % (self.name, error))

@@ -36,6 +36,7 @@ import time
 
 from . import blocked, unchanged
 from .archive import ArchiveInput
+from .capture import Capture
 from .errors import ArchiveError, ArchiveExists, ArchiveRefused, BackupError, NotFound, \
     describe_os_error
 from .files import AtomicArchive, ensure_backup_dir, private_work_folder, spooled
@@ -126,18 +127,25 @@ def work_folder_for(config, reporter, given=None):
 
 
 def _copy_saver(config, reporter, work_folder):
-    """Give ``save_copy(source)``: a quiet ``write_archive`` of a target's safety copy.
+    """Give ``save_copy(source, reuse_from=None)``: a quiet backup of a target's current
+    contents (the safety copy), as it is (consistency live: the caller holds the lock).
 
-    The copy goes to the private work folder. One taken in the same second
+    The copy goes to the private work folder, built like any backup from the
+    newest archive of the source there, else from ``reuse_from`` (the archive
+    being restored: what is on the target is often much of it); unchanged
+    since that archive, it is a hard link to it. One taken in the same second
     as another archive of that source would get its name; it then takes the
     next second.
     """
-    def save_copy(source):
+    def save_copy(source, reuse_from=None):
+        held = Capture("live", "live")
         try:
-            return write_archive(source, work_folder, config, reporter.silent(), work_folder)
+            return _write_planned(source, work_folder, config, reporter.silent(), work_folder,
+                                  None, held, True, reuse_from)
         except ArchiveExists:
             time.sleep(1.05 - time.time() % 1)
-            return write_archive(source, work_folder, config, reporter.silent(), work_folder)
+            return _write_planned(source, work_folder, config, reporter.silent(), work_folder,
+                                  None, held, True, reuse_from)
     return save_copy
 
 
@@ -186,14 +194,15 @@ def backup(source, destination, config, reporter, stdout=None, skip_unchanged=Fa
 
 
 def _write_planned(source, folder, config, reporter, work_folder, timestamp, held,
-                   skip_unchanged):
+                   skip_unchanged, reuse_from=None):
     """Back up ``source`` from its listing (``blocked``): what its newest archive's record
-    proves unchanged is copied from that archive, the rest is read. With ``skip_unchanged``,
-    a source whose whole listing and recipe (``unchanged.recipe``) match that record gets
-    a hard link to that archive instead."""
+    proves unchanged is copied from that archive (none in ``folder``: from ``reuse_from``,
+    if given), the rest is read. With ``skip_unchanged``, a source whose whole listing and
+    recipe (``unchanged.recipe``) match that record gets a hard link to that archive
+    instead."""
     started = time.monotonic()
     made_by = unchanged.recipe(source.exclusions, held)
-    newest = newest_archive(folder, source.archive_source)
+    newest = newest_archive(folder, source.archive_source) or reuse_from
     saved = unchanged.read_record(newest) if newest else None
     previous = blocked.open_previous(newest, saved, made_by) if saved is not None else None
     if isinstance(previous, str):

@@ -277,7 +277,7 @@ class VolumeTarget:
                 else contextlib.nullcontext():
             snapshot = None
             if not self._nothing_to_lose and self.safety_copy:
-                snapshot = self._save_current(reporter, save_copy)
+                snapshot = self._save_current(reporter, save_copy, archive.name)
             if not self.existed:
                 docker.create_volume(self.name, self.labels)
             reporter.status("WARNING: deleting existing volume data")
@@ -310,14 +310,15 @@ class VolumeTarget:
                 return self._roll_back(staged.work_folder, snapshot, undo_reporter)
         return Restored(closing, undo)
 
-    def _save_current(self, reporter, save_copy):
+    def _save_current(self, reporter, save_copy, archive_path):
         """Save the volume as an ordinary archive (in the work folder); give its path.
 
         Raises BackupError when it cannot be written: the restore then stops
         before anything changed.
         """
         try:
-            result = save_copy(VolumeSource(self.name, self.config))
+            result = save_copy(VolumeSource(self.name, self.config),
+                               archive_path if archive_path != "-" else None)
         except BackupError as error:
             raise BackupError("cannot save the current contents of volume %s before the "
                               "restore, so nothing was changed: %s" % (self.name, error))
