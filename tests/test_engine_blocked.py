@@ -406,3 +406,35 @@ def test_a_snapshotted_database_is_compared_piece_by_piece(helper_env, make_volu
             assert connection.execute("SELECT count(*) FROM still").fetchone() == (2000,)
         finally:
             connection.close()
+
+
+def test_a_safety_copy_is_built_from_the_archive_and_undoes_the_restore_exactly(
+        helper_env, stocked_volume, tmp_path, monkeypatch, capsys):
+    archives, work = tmp_path / "archives", tmp_path / "work"
+    archive = backup(stocked_volume, archives)
+    # The volume as the app left it: one file changed since the archive.
+    in_volume(helper_env, stocked_volume, "echo today > /v/small/f0007.txt")
+    today = testkit.volume_state(stocked_volume)
+    monkeypatch.setenv("BACKUP_DIR", str(work))  # no archive of the volume there
+    capsys.readouterr()
+    assert restore_docker_volume_main([stocked_volume, archive, "--force"]) == 0
+    captured = capsys.readouterr()
+    [safety] = re.findall(r"^Safety backup of the current contents: (\S+)$", captured.out, re.M)
+    assert os.path.dirname(safety) == str(work)
+    copied, written = copied_and_written(captured.err, archive)
+    assert copied > 2 * written  # the large file and the unchanged runs came from the archive
+    with open(safety, "rb") as file:
+        assert gzipstream.member_length(file.read(1 << 16)) is not None  # blocked, recorded
+    assert record_of(safety)["blocks"]
+    # The copy is what the volume held: restoring it puts today's state back.
+    assert restore_docker_volume_main([stocked_volume, safety, "--force", "--quiet"]) == 0
+    assert testkit.volume_state(stocked_volume) == today
+    # Unchanged since an archive in the work folder, the next safety copy is that archive.
+    testkit.next_second()  # the restore's ctimes lie before the backup's listing
+    latest = backup(stocked_volume, work)
+    testkit.next_second()
+    capsys.readouterr()
+    assert restore_docker_volume_main([stocked_volume, archive, "--force"]) == 0
+    [linked] = re.findall(r"^Safety backup of the current contents: (\S+)$",
+                          capsys.readouterr().out, re.M)
+    assert linked != latest and os.path.samefile(linked, latest)
