@@ -354,7 +354,7 @@ def bench_stack(step, plan_step, volume, work):
             testkit.fill_volume(name, data)
             shutil.rmtree(data)
         make_many_files(output_root, 3000)
-        testkit.docker("run", "-d", "--name", app, "--network", "none", "-v",
+        testkit.docker("run", "-d", "--init", "--name", app, "--network", "none", "-v",
                        volumes[0] + ":/data", IMAGE, "sleep", "100000")
         env = {"BACKUP_DIR": folder, "VOLUMES": " ".join(volumes), "OUTPUT_ROOT": output_root,
                "BACKUP_CONSISTENCY": "live"}
