@@ -401,3 +401,23 @@ def test_a_container_started_with_rm_is_refused_before_anything_stops(stack, cap
         assert state_of(volumes, output_root) == today
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+
+
+def test_an_output_root_that_backup_all_skips_is_left_out(stack, tmp_path, monkeypatch, capsys):
+    volumes, output_root, folder = stack
+    absent = tmp_path / "not-on-this-host"
+    monkeypatch.setenv("OUTPUT_ROOT", str(absent))  # backup_all says WARN and skips it
+    night = _night(stack, capsys)
+    assert cli.drill_restore_main(["--all"]) == 0
+    captured = capsys.readouterr()
+    assert re.search(r"^DRILL ok stack %s 2 sources [\d.]+$" % night, captured.out, re.M)
+    assert "OUTPUT_ROOT %s does not exist and has no archive in %s: left out" \
+        % (absent, folder) in captured.err
+    assert cli.restore_all_main(["--dry-run"]) == 0
+    assert "Dry run: every archive checked out" in capsys.readouterr().out
+    # Once it has archives, it is part of every recovery point, present or not (a new host).
+    monkeypatch.setenv("OUTPUT_ROOT", str(output_root))
+    _night(stack, capsys)
+    shutil.rmtree(str(output_root))
+    assert cli.restore_all_main(["--force", "--quiet"]) == 0
+    assert (output_root / "run-1" / "transcript.txt").read_text() == "first"

@@ -109,6 +109,21 @@ def _duration(seconds):
     return "%ds" % seconds
 
 
+def _present(sources, folder, reporter):
+    """The sources to restore: all, but an OUTPUT_ROOT that neither exists nor has an archive
+    in ``folder`` (backup_all skips a missing one, so it never has any) is left out."""
+    kept = []
+    for source in sources:
+        if source.kind == "path" and not os.path.lexists(source.name) and \
+                os.path.isdir(folder) and not catalog.archives_by_source(
+                    folder, {source.archive_source}, ("",) + ENCRYPTED_SUFFIXES):
+            reporter.log("OUTPUT_ROOT %s does not exist and has no archive in %s: left out, as "
+                         "backup_all leaves it out" % (source.name, folder))
+            continue
+        kept.append(source)
+    return kept
+
+
 def choose(folder, names, at, max_spread):
     """Give the RecoveryPoint of ``names`` in ``folder`` at or before ``at`` (None: now), and
     the found archives; raises NoRecoveryPoint saying why there is none."""
@@ -209,10 +224,10 @@ def restore_stack(config, reporter, at=None, source_folder=None, dry_run=False):
     changed, RestoreFailed after rolling back, Locked (75) when a backup or
     restore of one of the volumes is running.
     """
-    sources = configured_sources(config)
+    folder = source_folder or config.backup_dir
+    sources = _present(configured_sources(config), folder, reporter)
     volumes = [source.name for source in sources if source.kind == "volume"]
     names = [source.archive_source for source in sources]
-    folder = source_folder or config.backup_dir
     for volume in volumes:
         docker.check_volume_name(volume)
     with contextlib.ExitStack() as stack:
@@ -306,7 +321,7 @@ def drill_point(config, reporter, at=None):
     and compare each; give ``(point or None, [DrillResult], seconds, problem or None)``.
     Never raises BackupError."""
     started = time.monotonic()
-    sources = configured_sources(config)
+    sources = _present(configured_sources(config), config.backup_dir, reporter)
     names = [source.archive_source for source in sources]
     try:
         point, _ = choose(config.backup_dir, names, at, config.restore_max_spread)
