@@ -153,9 +153,10 @@ def _checked(path, identity, plain_folder, reporter):
     """Check the archive ``path`` completely, as verify_backup does (a fetched ``.age`` or
     ``.gpg`` copy: its ``.sha256``, then what it decrypts to, into ``plain_folder``); give
     the path of the plain archive. Raises ArchiveError or BackupError."""
-    plain = path
+    plain, checksum = path, None
     if offsite.is_encrypted(path):
-        if check_checksum(path, file_sha256(path)) is None:
+        checksum = check_checksum(path, file_sha256(path))
+        if checksum is None:
             reporter.warn("%s has no .sha256 beside it; only what it decrypts to is checked"
                           % path)
         plain = os.path.join(plain_folder, os.path.basename(path).rsplit(".", 1)[0])
@@ -164,9 +165,9 @@ def _checked(path, identity, plain_folder, reporter):
     damaged = summary.damaged_databases()
     if damaged:
         raise DatabaseDamaged("; ".join(database.describe() for database in damaged))
-    reporter.status("Checked: %s (%d members, %s uncompressed%s)"
+    reporter.status("Checked: %s (%d members, %s uncompressed, %s)"
                     % (os.path.basename(path), summary.members, human_size(summary.data_bytes),
-                       ", sha256 ok" if summary.checksum or plain != path else ""))
+                       "sha256 ok" if summary.checksum or checksum else "no .sha256 beside it"))
     return plain
 
 
@@ -298,10 +299,7 @@ def _restore_each(targets, archives, config, reporter):
         for target, archive in zip(targets, archives):
             current = target
             done.append((target, pipeline.restore(target, archive, config, reporter)))
-        current = None
     except (BackupError, Interrupted) as error:
-        if current is None:
-            raise
         outcomes = []
         for target, restored in reversed(done):
             if restored.undo is None:
