@@ -438,3 +438,21 @@ def test_a_safety_copy_is_built_from_the_archive_and_undoes_the_restore_exactly(
     [linked] = re.findall(r"^Safety backup of the current contents: (\S+)$",
                           capsys.readouterr().out, re.M)
     assert linked != latest and os.path.samefile(linked, latest)
+
+
+def test_a_restored_volume_is_backed_up_from_the_archive_by_content(
+        helper_env, stocked_volume, make_volume, tmp_path, capsys):
+    folder = tmp_path / "backups"
+    first = backup(stocked_volume, folder)
+    # Restored: every entry is new to the listing (inode, ctime), none in content.
+    assert restore_docker_volume_main([stocked_volume, first, "--force", "--quiet"]) == 0
+    expected = testkit.volume_state(stocked_volume)
+    testkit.next_second()
+    capsys.readouterr()
+    second = backup(stocked_volume, folder)
+    copied, written = copied_and_written(capsys.readouterr().err, first)
+    assert copied > 0 and written is not None
+    # Only what holds a hard link, the runs beside it and the end are written again.
+    assert written < 0.05 * copied
+    assert record_of(second)["blocks"][0][6][3] is not None  # runs carry their bytes' digest
+    assert restored_state(make_volume, second) == expected

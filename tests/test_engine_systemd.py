@@ -151,9 +151,10 @@ def test_the_units_under_a_real_systemd(systemd_host, make_volume, tmp_path):
     (tmp_path / "data" / "uploads" / "notes.txt").write_text("kept by the timer")
     testkit.fill_volume(volume, tmp_path / "data")
     service = "ai_stack_backup.service"
-    drop_in(container, service, [
-        "Environment=VOLUMES=%s" % volume, "Environment=OUTPUT_ROOT=/home/%s/output" % USER,
-        "Environment=BACKUP_HELPER_IMAGE=%s" % testkit.HELPER_IMAGE])
+    sources = ["Environment=VOLUMES=%s" % volume,
+               "Environment=OUTPUT_ROOT=/home/%s/output" % USER,
+               "Environment=BACKUP_HELPER_IMAGE=%s" % testkit.HELPER_IMAGE]
+    drop_in(container, service, sources)
 
     # A run on the fresh host: the folder is made, both sources are backed up.
     run(container, "systemctl", "start", service, check=False)
@@ -173,9 +174,7 @@ def test_the_units_under_a_real_systemd(systemd_host, make_volume, tmp_path):
     # The weekly drill restores that whole recovery point in its own sandbox: the volume into
     # a scratch volume, OUTPUT_ROOT into a scratch folder in the backup folder.
     drill = "ai_stack_backup-drill.service"
-    drop_in(container, drill, [
-        "Environment=VOLUMES=%s" % volume, "Environment=OUTPUT_ROOT=/home/%s/output" % USER,
-        "Environment=BACKUP_HELPER_IMAGE=%s" % testkit.HELPER_IMAGE])
+    drop_in(container, drill, sources)
     run(container, "systemctl", "start", drill, check=False)
     assert show(container, drill, "Result") == "success", journal(container, drill)
     told = journal(container, drill)

@@ -162,8 +162,10 @@ def entries(listing, exclusions, left_out):
 class Block:
     """One gzip member of an archive as the record keeps it: ``kind`` (run, head, piece,
     end), ``offset``, ``length``, ``crc`` and ``size`` (its trailer), ``bytes_crc`` (CRC-32
-    of its compressed bytes) and ``key`` (run: [first path, count, digest]; head: [path,
-    line digest]; piece: [path, index, digest]; a digest of None: never reusable)."""
+    of its compressed bytes) and ``key`` (run: [first path, count, digest of the listing
+    lines or None, SHA-256 of its tar bytes (records before it have three items)]; head:
+    [path, line digest]; piece: [path, index, SHA-256 of its bytes]; a listing digest of
+    None: never reusable by its listing)."""
 
     __slots__ = ("kind", "offset", "length", "crc", "size", "bytes_crc", "key")
 
@@ -184,11 +186,15 @@ class Previous:
         self.path, self.descriptor = path, descriptor
         self._all = blocks
         self.runs = collections.defaultdict(list)  # first path -> run Blocks
+        self.contents = {}  # (first path, count) -> the run Block whose tar bytes' SHA-256 is known
         self.heads = {}  # path -> (head Block, [piece Blocks])
         self.pieces = {}  # path -> {index: piece Block}
         for block in blocks:
-            if block.kind == "run" and block.key[2] is not None:
-                self.runs[bytes.fromhex(block.key[0])].append(block)
+            if block.kind == "run":
+                if block.key[2] is not None:
+                    self.runs[bytes.fromhex(block.key[0])].append(block)
+                if len(block.key) > 3 and block.key[3]:
+                    self.contents[(bytes.fromhex(block.key[0]), block.key[1])] = block
             elif block.kind == "head":
                 path_ = bytes.fromhex(block.key[0])
                 self.heads[path_] = (block, [])
@@ -349,13 +355,25 @@ class Assembler:
         return placed
 
     def _close_run(self):
+        """Write the gathered run. A worker hashes its tar bytes: where the previous archive
+        has a run of the same entries with the same bytes (say, a restored volume: its
+        files are new to the listing, but not their contents), that member is copied."""
         current = self._run
         if current.count:
-            key = [current.first.hex(), current.count,
-                   current.digest.hexdigest() if current.trusted else None]
-            self.writer.compress(bytes(current.data), self._placed("run", key))
-            self._position += len(current.data)
-            self.progress.advance(len(current.data))
+            first, count = current.first, current.count
+            listed = current.digest.hexdigest() if current.trusted else None
+            data = bytes(current.data)
+            old = self.previous.contents.get((first, count)) if self.previous else None
+            previous = self.previous
+
+            def reuse(digest):
+                if old is not None and old.key[3] == digest and old.size == len(data):
+                    return previous.descriptor, old.offset, previous.member(old)
+                return None
+            self.writer.compress(data, self._placed("run", lambda digest: [
+                first.hex(), count, listed, digest]), reuse)
+            self._position += len(data)
+            self.progress.advance(len(data))
         self._run = _Run()
 
     def copy(self, blocks):
