@@ -156,12 +156,6 @@ class Container:
         self.id, self.name, self.image, self.auto_remove = identifier, name, image, auto_remove
         self.started_at, self.project = started_at, project
 
-    def __eq__(self, other):
-        return isinstance(other, Container) and self.id == other.id
-
-    def __hash__(self):
-        return hash(self.id)
-
 
 def containers_using_volume(volume):
     """Give the running containers that mount the volume, as Container objects."""

@@ -87,26 +87,19 @@ def _write_gzip_tar(source, output, config, reporter, work_folder=None, exclude=
     return members
 
 
-def write_archive(source, folder, config, reporter, work_folder, timestamp=None, held=None,
-                  produce=None):
+def write_archive(source, folder, produce, reporter, timestamp=None):
     """Write ``folder/<source>__<timestamp>.tar.gz`` atomically; give a BackupResult.
 
-    No status lines: ``backup`` frames this, and a safety copy uses it as is.
-    ``work_folder`` (private) holds the transfer folder. ``produce(output,
-    exclude)``, if given, writes the gzip stream (never archiving the files
-    ``exclude`` names, the archive itself) and gives the member count, instead of
-    the source's tar through the parallel gzip. Raises ArchiveExists when
-    the name is taken, BackupError otherwise.
+    No status lines: ``backup`` frames this. ``produce(output, exclude)`` writes
+    the gzip stream (never archiving the files ``exclude`` names, the archive
+    itself) and gives the member count. Raises ArchiveExists when the name is
+    taken, BackupError otherwise.
     """
     started = time.monotonic()
     path = os.path.join(folder, archive_name(source.archive_source, timestamp or utc_timestamp()))
     with AtomicArchive(path) as archive:
         try:
-            if produce is not None:
-                members = produce(archive.output, {archive.identity()})
-            else:
-                members = _write_gzip_tar(source, archive.output, config, reporter, work_folder,
-                                          {archive.identity()}, held)
+            members = produce(archive.output, {archive.identity()})
         except OSError as error:
             raise BackupError("cannot write %s: %s" % (path, describe_os_error(error)))
         size = archive.publish(checksum=True)
@@ -247,8 +240,7 @@ def _write_planned(source, folder, config, reporter, work_folder, timestamp, hel
                                                            exclude)
                 made.append(blocks)
                 return members
-            result = write_archive(source, folder, config, reporter, work_folder, timestamp,
-                                   held, produce)
+            result = write_archive(source, folder, produce, reporter, timestamp)
     finally:
         if checked is not None:
             checked.finish()
