@@ -2,7 +2,9 @@
 
 newest archive → restore (all of restore's checks) into a fresh scratch volume → read the
 scratch volume back → compare both trees member by member (and check its databases) →
-scratch volume removed, whatever happened. The real volume is never touched.
+scratch volume removed, whatever happened. The real volume is never touched. A path's
+archive is drilled the same way into a scratch folder in the work folder. The entries of
+both sides go to a private SQLite file, not into memory, and are compared by joins.
 
 A scratch volume is a full copy of an app's data. It carries the label
 OWNER_LABEL (the drill's PID) and its host-wide volume lock is held for the
@@ -25,7 +27,7 @@ from . import docker, pipeline, transfer
 from .archive import ArchiveInput
 from .databases import DatabaseCheck
 from .catalog import newest_archive
-from .errors import ArchiveError, BackupError, Locked
+from .errors import ArchiveError, BackupError, Locked, describe_os_error
 from .files import READ_SIZE, TEMP_SUFFIX, WORK_PREFIX
 from .hostpath import PathTarget
 from .hosttree import TreeWriter
@@ -94,8 +96,12 @@ class _Comparison:
     TABLES = ("archive", "restored")
 
     def __init__(self, folder):
-        self.descriptor, self.path = tempfile.mkstemp(prefix=WORK_PREFIX + "drill-",
-                                                      suffix=TEMP_SUFFIX, dir=folder)
+        try:
+            self.descriptor, self.path = tempfile.mkstemp(prefix=WORK_PREFIX + "drill-",
+                                                          suffix=TEMP_SUFFIX, dir=folder)
+        except OSError as error:
+            raise BackupError("cannot create the drill's comparison file in %s: %s"
+                              % (folder, describe_os_error(error)))
         fcntl.flock(self.descriptor, fcntl.LOCK_SH)  # no cleanup of killed runs' files takes it
         self.database = sqlite3.connect(self.path, isolation_level=None)
         # Scratch data: no journal, no syncs, a small page cache.

@@ -22,10 +22,10 @@ source between calls). A restore target
 and checks the whole archive once, raising ArchiveError before anything
 changed (a volume with nothing to lose is checked in ``apply``'s one pass
 instead) — and ``apply(staged, archive, reporter, save_copy)``, which makes the
-change (taking its safety copy with ``save_copy(source)`` and rolling
-back itself on failure) and gives a ``Restored``: the status lines for
-after ``OK``, and how to undo the change later (restore_all, when a later
-source fails).
+change (taking its safety copy with ``save_copy(source, reuse_from)``, the
+archive's path as ``reuse_from``, and rolling back itself on failure) and
+gives a ``Restored``: the status lines for after ``OK``, and how to undo
+the change later (restore_all, when a later source fails).
 """
 
 import contextlib
