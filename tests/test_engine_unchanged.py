@@ -203,7 +203,7 @@ def test_where_no_hard_link_can_be_made_a_full_backup_is_made(helper_env, quiet_
     capsys.readouterr()
     second = backup(quiet_volume, folder)
     assert os.stat(second).st_ino != os.stat(first).st_ino
-    assert "cannot hard-link %s (Too many links); backing up %s in full" \
+    assert "cannot hard-link %s (Too many links); writing a new archive of %s from it" \
         % (first, quiet_volume) in capsys.readouterr().err
 
 

@@ -121,7 +121,7 @@ def link(folder, source, timestamp, unchanged, reporter):
     except OSError as error:
         if error.errno in (errno.EMLINK, errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP,
                            errno.ENOSYS):
-            reporter.log("cannot hard-link %s (%s); backing up %s in full"
+            reporter.log("cannot hard-link %s (%s); writing a new archive of %s from it"
                          % (newest, describe_os_error(error), source))
             return None
         raise BackupError("cannot publish %s: %s" % (path, describe_os_error(error)))
@@ -136,7 +136,7 @@ def link(folder, source, timestamp, unchanged, reporter):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
         cause = describe_os_error(error) if isinstance(error, OSError) else str(error)
-        reporter.log("cannot write the files beside %s (%s); backing up %s in full"
+        reporter.log("cannot write the files beside %s (%s); writing a new archive of %s"
                      % (path, cause, source))
         return None
     return Linked(path, newest, os.stat(path).st_size, saved["members"])
