@@ -171,13 +171,11 @@ def _checked(path, identity, plain_folder, reporter):
     return plain
 
 
-def _refusal(path, error, found, names, max_spread):
-    """The message for an archive of the set that failed its check: the cause, and the next
-    older complete set (which does not hold it)."""
+def _refusal(path, when, error, found, names, max_spread):
+    """The message for the archive of the set made at ``when`` that failed its check: the
+    cause, and the next older complete set (which does not hold it)."""
     cause = "%s [%s]" % (error, error.rule) if isinstance(error, ArchiveError) else str(error)
-    failed_when = min(when for name in names for when, candidate in found.get(name, ())
-                      if candidate == path)
-    older = recovery_point(found, names, failed_when - 1, max_spread)
+    older = recovery_point(found, names, when - 1, max_spread)
     hint = ("the next older complete set is %s: restore_all.py --at %s --force"
             % (utc_timestamp(older.time), utc_timestamp(older.time)) if older is not None
             else "there is no older complete set")
@@ -247,11 +245,12 @@ def restore_stack(config, reporter, at=None, source_folder=None, dry_run=False):
         if any(offsite.is_encrypted(path) for _, _, path in point.archives):
             plain_folder = stack.enter_context(offsite.private_folder(work_folder))
         plain = []
-        for _, _, path in point.archives:
+        for _, when, path in point.archives:
             try:
                 plain.append(_checked(path, config.offsite.identity, plain_folder, reporter))
             except BackupError as error:
-                raise SetRefused(_refusal(path, error, found, names, config.restore_max_spread))
+                raise SetRefused(_refusal(path, when, error, found, names,
+                                          config.restore_max_spread))
         targets = _targets(sources, point, config)
         for target in targets:
             target.prepare(reporter)
