@@ -64,8 +64,9 @@ def build_helper_image(workdir=None):
     docker("import", "-", HELPER_IMAGE, input=_busybox_rootfs())
 
 
-def build_variant_image(name, tar_function):
-    """A helper image whose ``tar`` is the shell function body ``tar_function``; gives its name.
+def build_variant_image(name, tar_function, more_functions=b""):
+    """A helper image whose ``tar`` is the shell function body ``tar_function`` (and with the
+    shell function definitions ``more_functions``); gives its name.
 
     busybox's shell runs its own applets without looking at PATH, so ``sh`` is
     a wrapper that defines the function and then runs the tool's script as is.
@@ -76,9 +77,10 @@ def build_variant_image(name, tar_function):
     # the script's own arguments are what follows its $0.
     wrapper = (b"#!/bin/busybox ash\n"
                b"tar() { %s; }\n"
+               b"%s\n"
                b"set -eu\n"
                b'script="$2"; shift 2; if [ $# -gt 0 ]; then shift; fi\n'
-               b'eval "$script"\n') % tar_function
+               b'eval "$script"\n') % (tar_function, more_functions)
     digest = hashlib.sha256(wrapper).hexdigest()[:16]
     found = subprocess.run(["docker", "image", "inspect", "--format",
                             '{{.Id}} {{index .Config.Labels "ai-stack-backup.variant"}}', image],

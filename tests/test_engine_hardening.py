@@ -5,6 +5,7 @@ import gzip
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -503,6 +504,93 @@ def test_restore_stops_before_any_change_if_the_safety_backup_fails(
     assert without_locks(os.listdir(small_disk)) == []
 
 
+# --- one helper a restore; the wipe --------------------------------------------------
+
+def _docker_runs_counted(tmp_path, monkeypatch):
+    """Put a docker that notes each subcommand in front of the real one; give a function
+    that says how many ``docker run`` there were since the last call."""
+    folder = tmp_path / "counting-docker"
+    folder.mkdir()
+    log = tmp_path / "docker-calls"
+    log.write_text("")
+    real = shutil.which("docker")
+    (folder / "docker").write_text('#!/bin/sh\necho "$1" >> %s\nexec %s "$@"\n' % (log, real))
+    (folder / "docker").chmod(0o755)
+    monkeypatch.setenv("PATH", "%s:%s" % (folder, os.environ["PATH"]))
+
+    def runs():
+        calls = log.read_text().split()
+        log.write_text("")
+        return calls.count("run")
+    return runs
+
+
+def test_a_restore_looks_at_an_existing_volume_and_restores_it_in_one_helper(
+        helper_env, make_volume, tmp_path, monkeypatch, capsys):
+    """The helper that measures an existing volume then waits, and restores it: one container
+    into an empty volume, two over a full one (the safety copy's and the restore's)."""
+    source = make_volume()
+    testkit.fill_volume(source, testkit.make_tricky_tree(tmp_path / "tricky").decode())
+    archive = backup_of(source, tmp_path / "archives")
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    monkeypatch.setenv("BACKUP_DIR", str(work))
+    runs = _docker_runs_counted(tmp_path, monkeypatch)
+    target = make_volume()
+    assert cli.restore_docker_volume_main([target, archive, "--force", "--quiet"]) == 0
+    assert runs() == 1
+    assert testkit.volume_state(target) == testkit.volume_state(source)
+    assert cli.restore_docker_volume_main([target, archive, "--force", "--quiet"]) == 0
+    assert runs() == 2
+    assert testkit.volume_state(target) == testkit.volume_state(source)
+    assert "Safety backup of the current contents" in capsys.readouterr().out
+    assert testkit.helper_containers(target) == []
+
+
+NO_PARALLEL_XARGS = (b'xargs() { case " $* " in *" -P "*) echo "xargs: invalid option -- P" >&2; '
+                     b'return 1;; esac; busybox xargs "$@"; }')
+
+
+@pytest.mark.parametrize("variant", ["busybox", "xargs without -P"])
+def test_a_restore_removes_every_old_entry_and_follows_no_link(engine, make_volume, tmp_path,
+                                                               monkeypatch, variant):
+    """The wipe before the restore (many rm at once, then one plain rm for what is left)
+    leaves nothing of the old tree, hidden and odd names at every depth included, and never
+    follows a symlink out of the volume: one to the transfer folder, where the staged archive
+    waits, and one to the helper's root. Where xargs cannot run rm in parallel, the plain rm
+    does it all."""
+    monkeypatch.setenv("BACKUP_HELPER_IMAGE", engine)
+    source = make_volume()
+    testkit.fill_volume(source, testkit.make_tricky_tree(tmp_path / "tricky").decode())
+    archive = backup_of(source, tmp_path / "archives")
+    old = tmp_path / "old"
+    for folder in ("d1/d2/d3", ".h/.inner", "..dots/-rf", "many"):
+        (old / folder).mkdir(parents=True)
+    for name in ("d1/d2/d3/deep", ".hidden", ".h/.inner/..x", "..dots/-rf/-f", "new\nline",
+                 "d1/.x"):
+        (old / name).write_text("old")
+    for index in range(300):  # more entries two levels down than one rm takes at once
+        (old / "many" / ("f%03d" % index)).write_text("old")
+    for name, points_to in (("to-transfer", "/transfer"), ("d1/to-root", "/"),
+                            ("d1/d2/to-transfer", "/transfer/")):
+        os.symlink(points_to, old / name)
+    target = make_volume()
+    testkit.fill_volume(target, old)
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    monkeypatch.setenv("BACKUP_DIR", str(work))
+    if variant != "busybox":
+        monkeypatch.setenv("BACKUP_HELPER_IMAGE", testkit.build_variant_image(
+            "no-parallel-xargs", b'busybox tar "$@"', NO_PARALLEL_XARGS))
+    assert cli.restore_docker_volume_main([target, archive, "--force", "--quiet"]) == 0
+    assert testkit.volume_state(target) == testkit.volume_state(source)
+    saved = [name for name in os.listdir(work) if name.endswith(".tar.gz")]
+    assert len(saved) == 1  # the old tree, symlinks as symlinks, in its safety copy
+    with tarfile.open(os.path.join(work, saved[0])) as safety:
+        assert safety.getmember("./d1/to-root").linkname == "/"
+        assert safety.getmember("./many/f299").isfile()
+
+
 # --- volumes in use ----------------------------------------------------------------
 
 @pytest.fixture
@@ -528,6 +616,10 @@ def test_restore_refuses_a_volume_in_use(helper_env, small_volume, app, tmp_path
     error = capsys.readouterr().err
     assert "in use by running container(s)" in error and first in error and second in error
     assert "--stop-containers" in error
+    # The restore's own helper, which looked at the volume and waited, is neither named as a
+    # user nor left behind.
+    assert "ai-stack-backup-" not in error.partition("in use by")[2]
+    assert testkit.helper_containers(volume) == []
     assert testkit.volume_state(volume) == before
     assert cli.restore_docker_volume_main([volume, archive, "--force", "--stop-containers"]) == 0
     assert testkit.container_running(first) and testkit.container_running(second)

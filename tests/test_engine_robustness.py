@@ -1,6 +1,8 @@
 """Robustness against other users and bad luck (real engine): private work folders, one
 restore per volume, archives that are always restorable, paths made absolute once."""
 
+import contextlib
+import io
 import os
 import shutil
 import stat
@@ -246,6 +248,35 @@ def drill_volumes():
     run on the same host: never look at those)."""
     return set(testkit.docker("volume", "ls", "-q", "--filter", "label=%s=%d" % (
         drill.OWNER_LABEL, os.getpid())).split())
+
+
+# Extracts as busybox does, then loses one file and changes another.
+LOSSY_EXTRACT = (b'busybox tar "$@" || return $?; case "$1" in -x*) rm -f /volume/a/one.txt; '
+                 b'echo tampered >> /volume/b/three.txt;; esac')
+
+
+def test_a_drill_finds_a_restore_that_lost_or_changed_files(engine, make_volume, tmp_path,
+                                                            own_backup_dir, monkeypatch):
+    """The archive's side of the comparison comes from the restore's own pass over the
+    archive; the restored side from reading the scratch volume back: a helper whose tar
+    extracts wrongly fails the drill, naming the paths."""
+    monkeypatch.setenv("BACKUP_HELPER_IMAGE", engine)
+    volume = make_volume()
+    for name in ("a/one.txt", "a/two.txt", "b/three.txt"):
+        (tmp_path / "tree" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tree" / name).write_text(name)
+    testkit.fill_volume(volume, tmp_path / "tree")
+    assert cli.backup_docker_volume_main([volume, str(own_backup_dir), "--quiet"]) == 0
+    assert cli.drill_restore_main([volume, "--quiet"]) == 0
+    monkeypatch.setenv("BACKUP_HELPER_IMAGE", testkit.build_variant_image("lossy-extract",
+                                                                          LOSSY_EXTRACT))
+    scratch_before = drill_volumes()
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        assert cli.drill_restore_main([volume, "--quiet"]) == 1
+    assert output.getvalue().endswith(": the restored tree differs: 1 missing (a/one.txt); "
+                                      "1 different (b/three.txt)\n"), output.getvalue()
+    assert drill_volumes() == scratch_before
 
 
 def test_a_drill_restores_into_scratch_and_compares(helper_env, make_volume, tmp_path,

@@ -108,6 +108,30 @@ def test_not_tar_and_corrupt_headers():
         read_all(bytes(data))
 
 
+def _with_checksum(header, checksum):
+    return header[:148] + b"%06o\0 " % checksum + header[156:]
+
+
+@pytest.mark.parametrize("fill", [0x01, 0x7F, 0xFF])
+def test_header_checksums_are_exact_at_any_byte_sum(fill):
+    """The checksum is the exact sum of the header's bytes, also where it passes 65521 (the
+    Adler-32 modulus the reader sums with) and in the signed form old tars wrote."""
+    info, data = entry(bytes([fill]).decode("latin-1") * 100, data=b"x")
+    info.uname = info.gname = bytes([fill]).decode("latin-1") * 31
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT, "latin-1", "strict"))
+    header[345:500] = bytes([fill]) * 155  # the padding too: the largest sums a header has
+    unsigned = sum(header[:148]) + 256 + sum(header[156:512])
+    signed = sum(b - 256 if b > 127 else b for b in header[:148] + header[156:512]) + 256
+    body = data + bytes(-len(data) % 512) + END_OF_ARCHIVE
+    for checksum in {unsigned, signed}:
+        assert [(member.name, content) for member, content in read_all(
+            _with_checksum(bytes(header), checksum) + body)] == [(bytes([fill]) * 100, b"x")]
+    for wrong in (unsigned + 1, unsigned - 1, unsigned + 65521, unsigned - 65521):
+        if wrong != signed and wrong >= 0:
+            with pytest.raises(ArchiveError, match="not a tar archive"):
+                read_all(_with_checksum(bytes(header), wrong) + body)
+
+
 @pytest.mark.parametrize("kind", [tarfile.GNUTYPE_SPARSE, b"V", b"D", b"M", b"Z"])
 def test_unsupported_member_types_are_refused(kind):
     info, data = entry("./odd", kind=kind)

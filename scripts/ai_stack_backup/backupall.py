@@ -203,7 +203,7 @@ def run_backup_all(config, reporter, dry_run=False, on_start=None):
         for path in remove_stale_work_files(folder):
             reporter.log("removed %s, left by an earlier run that was killed" % path)
         if not dry_run:
-            drill.remove_abandoned_scratch_volumes(reporter)
+            drill.remove_abandoned_scratch_volumes(config.helper_image, reporter)
         sources = configured_sources(config)
         if dry_run:
             _dry_run(folder, sources, config, reporter)

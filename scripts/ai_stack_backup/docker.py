@@ -157,11 +157,13 @@ class Container:
         self.started_at, self.project = started_at, project
 
 
-def containers_using_volume(volume):
-    """Give the running containers that mount the volume, as Container objects."""
+def containers_using_volume(volume, own_helper=None):
+    """Give the running containers that mount the volume, as Container objects (not
+    ``own_helper``, the caller's own Helper)."""
     listing = run_docker(["ps", "--filter", "volume=" + volume, "--format", "{{json .}}"],
                          "cannot list containers using volume %s" % volume)
-    identifiers = [entry["ID"] for entry in _json_lines(listing)]
+    identifiers = [entry["ID"] for entry in _json_lines(listing)
+                   if own_helper is None or entry.get("Names") != own_helper.name]
     if not identifiers:
         return []
     details = run_docker(["container", "inspect", "--format", "{{json .}}"] + identifiers,

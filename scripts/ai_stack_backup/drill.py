@@ -73,9 +73,47 @@ def _fingerprints(members, data, link_fingerprint, databases=None):
         elif member.kind == HARDLINK:
             yield member.path, link_fingerprint(member.link_path)
             continue
-        yield member.path, hashlib.blake2b(repr((
-            member.kind, member.mode, member.uid, member.gid, member.mtime, member.size,
-            description)).encode(), digest_size=16).digest()
+        yield member.path, _fingerprint(member, description)
+
+
+def _fingerprint(member, description):
+    return hashlib.blake2b(repr((
+        member.kind, member.mode, member.uid, member.gid, member.mtime, member.size,
+        description)).encode(), digest_size=16).digest()
+
+
+class _ArchiveSide:
+    """The archive's side of a ``_Comparison``, taken from the restore's own pass over it
+    (``transfer.emit_checked_stream``'s ``seen``), so the archive is inflated once, not
+    twice. ``ended``: the whole archive was seen."""
+
+    def __init__(self, comparison):
+        self.comparison = comparison
+        self.ended = False
+        self._member = self._digest = None
+
+    def member(self, member):
+        self._take()
+        self._member = member
+        self._digest = hashlib.sha256() if member.kind == FILE else None
+
+    def piece(self, data):
+        self._digest.update(data)
+
+    def close(self):
+        self._take()
+        self.ended = True
+
+    def _take(self):
+        member, self._member = self._member, None
+        if member is None:
+            return
+        if member.kind == HARDLINK:
+            fingerprint = self.comparison.expected_fingerprint(member.link_path)
+        else:
+            fingerprint = _fingerprint(member, self._digest.hexdigest() if member.kind == FILE
+                                       else member.linkname)
+        self.comparison.expect(member.path, fingerprint)
 
 
 def _digested(pieces, digest):
@@ -216,7 +254,7 @@ def _compare_with_volume(comparison, image, volume, work_folder, databases, repo
     return comparison.difference()
 
 
-def remove_abandoned_scratch_volumes(reporter):
+def remove_abandoned_scratch_volumes(image, reporter):
     """Remove the scratch volumes of drills that are gone (their lock is free); say so.
     Never raises: what cannot be looked at or removed is a warning."""
     try:
@@ -229,7 +267,7 @@ def remove_abandoned_scratch_volumes(reporter):
             continue
         try:
             with volume_lock(name):
-                docker.remove_volume(name)
+                transfer.remove_volume(image, name, reporter)
         except Locked:
             continue  # its drill is running
         except BackupError as error:
@@ -246,7 +284,7 @@ def drill(volume, config, reporter, archive=None):
 
     Never raises BackupError: a failure is the result's ``problem``.
     """
-    remove_abandoned_scratch_volumes(reporter)
+    remove_abandoned_scratch_volumes(config.helper_image, reporter)
     if archive is None and os.path.isdir(config.backup_dir):
         archive = newest_archive(config.backup_dir, volume)
     if archive is None:
@@ -261,7 +299,7 @@ def drill(volume, config, reporter, archive=None):
             finally:
                 try:
                     if docker.volume_exists(scratch):
-                        docker.remove_volume(scratch)
+                        transfer.remove_volume(config.helper_image, scratch, quiet)
                 except BackupError as error:
                     reporter.error("the drill volume %s could not be removed: %s; remove it "
                                    "with: docker volume rm %s" % (scratch, error, scratch))
@@ -271,13 +309,16 @@ def drill(volume, config, reporter, archive=None):
 
 def _drill_into(scratch, volume, archive, config, quiet, started):
     try:
-        pipeline.restore(VolumeTarget(scratch, config, safety_copy=False,
-                                      labels={OWNER_LABEL: str(os.getpid())}, lock_held=True),
-                         archive, config, quiet.without_status())
-        seconds = time.monotonic() - started
         work_folder = pipeline.work_folder_for(config, quiet)
         with _Comparison(work_folder) as comparison, DatabaseCheck(work_folder) as databases:
-            _read_archive(archive, comparison)
+            archive_side = _ArchiveSide(comparison)
+            pipeline.restore(VolumeTarget(scratch, config, safety_copy=False,
+                                          labels={OWNER_LABEL: str(os.getpid())}, lock_held=True,
+                                          seen=archive_side),
+                             archive, config, quiet.without_status())
+            seconds = time.monotonic() - started
+            if not archive_side.ended:  # staged, not streamed (the restore never shows a part)
+                _read_archive(archive, comparison)
             difference = _compare_with_volume(comparison, config.helper_image, scratch,
                                               work_folder, databases, quiet)
             damaged = [result.describe() for result in databases.results() if result.problem]

@@ -20,12 +20,17 @@ The transfer folder (``.ai_stack_backup-transfer-…``, 0700, flocked while in u
                published (renamed) once complete; ``listing-started`` holds
                the helper's clock (seconds) when it began, ``listing-errors``
                what ``stat`` said (anything there: the listing is unusable).
+``probe``      Restore into an existing volume: its free and used space,
+               whether it is empty, its root folder; published once complete.
+``go``         FIFO. The word that starts a waiting helper's next step (a
+               backup's plan, or the restore of a probed volume).
 =============  ==============================================================
 
-The restore script, step by step:
+The restore script, step by step (into an existing volume, the same helper
+first publishes ``probe`` and waits for ``go``):
 
 1. fd 4 opens ``plain.tar`` if it exists, else the FIFO ``stream``;
-2. the volume is emptied, hidden entries included;
+2. the volume is emptied, hidden entries included, many entries at once;
 3. tar extracts fd 4 with numeric owners;
 4. without ``complete`` the stream ended early: exit 4 (the volume is then
    rolled back by the caller);
@@ -45,6 +50,7 @@ import shutil
 import tempfile
 import time
 
+from . import docker
 from .docker import Helper
 from .errors import ArchiveError, BackupError, DockerError, NoRoom, describe_os_error
 from .files import WORK_PREFIX, BatchedWriter, pipe_writer
@@ -91,9 +97,18 @@ else
   [ $status = 123 ] && status=1
 fi
 exit $status""" % LISTING_FORMAT
-LISTING_POLL = 0.01
+HELPER_POLL = 0.01  # how often a file the helper publishes is looked for
 BACKUP_TO_STDOUT_SCRIPT = "tar -C /volume -cf - ."
-WIPE_SCRIPT = "rm -rf /volume/..?* /volume/.[!.]* /volume/*"  # hidden entries too
+# Removing files waits on the disk, not the processor: sixteen rm at once, over the
+# entries two levels down and then one level down, empty a volume of 200,000 files in 5 s
+# where one rm takes 18 s (and ``docker volume rm`` 24 s). Their errors are not reported:
+# the last, plain rm (hidden entries too) removes whatever is left, and its failure counts.
+# An xargs without -P only leaves all of it to that last rm.
+WIPE_SCRIPT = """for depth in 2 1; do
+  find /volume -mindepth $depth -maxdepth $depth -print0 2>/dev/null \\
+    | xargs -0 -r -P 16 -n 64 rm -rf 2>/dev/null || true
+done
+rm -rf /volume/..?* /volume/.[!.]* /volume/*"""
 RESTORE_SCRIPT = """if [ -e /transfer/plain.tar ]; then source=plain.tar; else source=stream; fi
 exec 4</transfer/$source
 %s
@@ -211,6 +226,27 @@ def volume_tar_stream(image, volume, work_folder, what):
             os.close(descriptor)
 
 
+def _wait_for_file(folder, name, helper, what, doing):
+    """Wait until the helper has published ``name`` in the transfer folder; raises
+    DockerError if it ended without it."""
+    while not os.path.exists(folder.file(name)):
+        if not helper.running():
+            if os.path.exists(folder.file(name)):
+                return
+            raise DockerError(what, "the helper container ended before %s (exit %d): %s"
+                              % (doing, helper.wait(), helper.error_output()))
+        time.sleep(HELPER_POLL)
+
+
+def _tell(folder, helper, what, mode):
+    """Hand a helper waiting on the FIFO ``go`` its next step (one word)."""
+    descriptor = _open_fifo_for_writing(folder.file(GO), helper, what)
+    try:
+        os.write(descriptor, mode.encode() + b"\n")
+    finally:
+        os.close(descriptor)
+
+
 class PlannedStream:
     """A helper that lists the volume, waits for a plan, then writes the tar the plan asks
     for (``planned_tar_stream``).
@@ -228,14 +264,7 @@ class PlannedStream:
         """Give ``(started, listing path, errors, odd names)`` once the listing is complete
         (``errors`` or ``odd names`` non-empty: unusable); raises DockerError if the helper
         ended without one."""
-        while not os.path.exists(self.folder.file(LISTING)):
-            if not self.helper.running():
-                if os.path.exists(self.folder.file(LISTING)):
-                    break
-                raise DockerError(self.what, "the helper container ended before listing the "
-                                  "volume (exit %d): %s" % (self.helper.wait(),
-                                                            self.helper.error_output()))
-            time.sleep(LISTING_POLL)
+        _wait_for_file(self.folder, LISTING, self.helper, self.what, "listing the volume")
         found = []
         for name in (LISTING_STARTED, LISTING_ERRORS, ODD_NAMES):
             with open(self.folder.file(name), "rb") as file:
@@ -249,11 +278,7 @@ class PlannedStream:
                 for name in names:
                     writer.write(name + b"\0")
                 writer.flush()
-        descriptor = _open_fifo_for_writing(self.folder.file(GO), self.helper, self.what)
-        try:
-            os.write(descriptor, mode.encode() + b"\n")
-        finally:
-            os.close(descriptor)
+        _tell(self.folder, self.helper, self.what, mode)
 
     @contextlib.contextmanager
     def opened(self):
@@ -276,7 +301,7 @@ def planned_tar_stream(image, volume, work_folder, what):
 
 
 # Free and used space, whether anything is in the volume, and its root folder's owner, mode
-# and mtime: what a restore needs to know of an existing volume, in one helper run.
+# and mtime: what a restore needs to know of an existing volume before it changes anything.
 PROBE_SCRIPT = """df -P -k /volume | tail -n 1
 du -s -k /volume
 ls -A /volume | head -n 1 | wc -l
@@ -292,11 +317,37 @@ class VolumeProbe:
         self.free, self.held, self.empty, self.root = free, held, empty, root
 
 
-def probe_volume(image, volume, reporter):
-    """Look at an existing volume (read-only); give a VolumeProbe. Raises DockerError."""
-    with Helper(image, volume, PROBE_SCRIPT, read_only=True, capture_stdout=True) as helper:
-        output = helper.read_output()
-        helper.finish("measuring volume %s" % volume, reporter)
+# A restore of an existing volume runs one helper, not a probe and then a restore: it
+# publishes the probe, then waits on ``go`` while the archive is checked and the volume
+# saved: ``go`` restores, anything else (or the FIFO closed unwritten) ends it.
+PROBED_RESTORE_SCRIPT = """{
+%s
+} > /transfer/probe.part
+mv /transfer/probe.part /transfer/probe
+read mode < /transfer/go
+[ "$mode" = go ] || exit 0
+%s""" % (PROBE_SCRIPT, RESTORE_SCRIPT)
+PROBE = "probe"
+
+
+@contextlib.contextmanager
+def probed_restore(image, volume, folder):
+    """Start the helper that restores an existing volume through the transfer ``folder``;
+    give ``(VolumeProbe, helper)`` once it has looked at the volume.
+
+    The helper then waits for ``fill_volume(…, waiting=helper)``; leaving the
+    block stops it if it was not used. Raises DockerError.
+    """
+    what = "measuring volume %s" % volume
+    os.mkfifo(folder.file(GO), 0o600)
+    with Helper(image, volume, PROBED_RESTORE_SCRIPT, transfer_path=folder.path) as helper:
+        _wait_for_file(folder, PROBE, helper, what, "measuring the volume")
+        with open(folder.file(PROBE), "rb") as file:
+            probe = _read_probe(file.read(), what)
+        yield probe, helper
+
+
+def _read_probe(output, what):
     lines = output.decode("utf-8", "replace").splitlines()
     try:
         uid, gid, mode, mtime = lines[3].split()
@@ -304,8 +355,7 @@ def probe_volume(image, volume, reporter):
                            lines[2].strip() == "0", (int(uid), int(gid), int(mode, 8),
                                                      int(mtime)))
     except (IndexError, ValueError):
-        raise DockerError("measuring volume %s" % volume, "unexpected output from the helper: "
-                          "%r" % output[:200])
+        raise DockerError(what, "unexpected output from the helper: %r" % output[:200])
 
 
 def space_check(probe, volume, summary):
@@ -332,6 +382,16 @@ def stream_chunks(descriptor, progress=None):
         if progress is not None:
             progress.advance(len(chunk))
         yield chunk
+
+
+def remove_volume(image, volume, reporter):
+    """Remove ``volume``, emptied first by a helper (``WIPE_SCRIPT``: several times faster
+    than the engine's removal of many files). Raises BackupError if it cannot be removed."""
+    try:
+        wipe_volume(image, volume, reporter)
+    except BackupError:
+        pass  # the engine's removal below still removes everything, or says why not
+    docker.remove_volume(volume)
 
 
 def wipe_volume(image, volume, reporter, root=None):
@@ -386,11 +446,13 @@ class _StagingWriter:
         self.file.close()
 
 
-def emit_checked_stream(archive, output, transfer, progress=None, shape=None):
+def emit_checked_stream(archive, output, transfer, progress=None, shape=None, seen=None):
     """Re-emit the archive's checked members as plain tar into ``output``; give an ArchiveSummary.
 
     Fills ``folders.tar`` and ``symlinks`` on the way and creates ``complete``
-    only after the whole archive checked out. Raises ArchiveError.
+    only after the whole archive checked out. ``seen`` (if given) is shown
+    every member (``member(member)``), its data (``piece(data)``), and the end
+    (``close()``). Raises ArchiveError.
     """
     check = archive.check(progress, shape)
     with open(transfer.file(FOLDERS), "wb") as folders, \
@@ -398,9 +460,13 @@ def emit_checked_stream(archive, output, transfer, progress=None, shape=None):
         for member in check.members:
             header = member_header(member)
             output.write(header)
+            if seen is not None:
+                seen.member(member)
             if member.kind == FILE:
                 for piece in check.data():
                     output.write(piece)
+                    if seen is not None:
+                        seen.piece(piece)
                 output.write(padding(member.size))
             elif member.kind == DIRECTORY:
                 folders.write(header)
@@ -408,6 +474,8 @@ def emit_checked_stream(archive, output, transfer, progress=None, shape=None):
                 symlinks.write(b"%d\0%d\0%d\0/volume/%s\0"
                                % (member.uid, member.gid, member.mtime, member.path))
         folders.write(END_OF_ARCHIVE)
+    if seen is not None:
+        seen.close()
     output.flush()
     with open(transfer.file(COMPLETE), "wb"):
         pass
@@ -439,8 +507,10 @@ def stage(archive, transfer, progress, shape=None):
 
 
 def fill_volume(image, volume, archive, transfer, staged, reporter, checked_before=True,
-                shape=None):
-    """Empty the volume and extract the checked archive (staged, or streamed).
+                shape=None, waiting=None, seen=None):
+    """Empty the volume and extract the checked archive (staged, or streamed) with the
+    helper ``waiting`` in ``probed_restore`` (else with one of its own); a streamed archive
+    is shown to ``seen`` as ``emit_checked_stream`` says.
 
     Streamed after a checking pass (``checked_before``), the second pass must
     be exactly what was checked, or ArchiveError is raised (with
@@ -451,13 +521,17 @@ def fill_volume(image, volume, archive, transfer, staged, reporter, checked_befo
     partly filled, which the caller rolls back.
     """
     what = "restoring volume %s" % volume
-    with Helper(image, volume, RESTORE_SCRIPT, transfer_path=transfer.path) as helper:
+    # Left in any way, the helper is stopped: a rollback must never meet it still extracting.
+    with waiting or Helper(image, volume, RESTORE_SCRIPT, transfer_path=transfer.path) \
+            as helper:
+        if waiting is not None:
+            _tell(transfer, helper, what, "go")
         if not staged:
             with reporter.progress("Restoring %s" % volume, total=archive.size) as progress:
                 descriptor = _open_fifo_for_writing(transfer.fifo, helper, what)
                 try:
                     sent = emit_checked_stream(archive, pipe_writer(descriptor), transfer,
-                                               progress, shape)
+                                               progress, shape, seen)
                 except BrokenPipeError:
                     raise helper.failed(what)
                 finally:

@@ -217,7 +217,7 @@ class VolumeTarget:
     kind = "volume"
 
     def __init__(self, volume, config, safety_copy=True, stop_containers=False, labels=None,
-                 lock_held=False):
+                 lock_held=False, seen=None):
         self.name = volume
         self.description = "volume %s" % volume
         self.config = config
@@ -226,6 +226,7 @@ class VolumeTarget:
         self.stop_containers = stop_containers
         self.labels = labels  # for a volume the restore creates
         self.lock_held = lock_held  # the caller holds the volume's lock already (the drill)
+        self.seen = seen  # shown the archive as it streams in (``transfer.emit_checked_stream``)
         self.existed = None
         self.probe = None  # transfer.VolumeProbe of an existing volume
 
@@ -250,22 +251,23 @@ class VolumeTarget:
         """Check the archive into a transfer folder, holding the volume's lock until the end;
         for a volume with nothing to lose, only prepare the folder (one pass in ``apply``)."""
         with contextlib.nullcontext() if self.lock_held else volume_lock(self.name), \
-                transfer.TransferFolder(work_folder) as folder:
-            if self.existed:  # under the lock: what the volume holds now
-                self.probe = transfer.probe_volume(self.image, self.name, reporter)
+                transfer.TransferFolder(work_folder) as folder, \
+                transfer.probed_restore(self.image, self.name, folder) if self.existed \
+                else contextlib.nullcontext((None, None)) as (probe, helper):
+            self.probe = probe  # under the lock: what the volume holds now
             if self._nothing_to_lose:
-                yield _Staged(folder, False, work_folder, None, one_pass=True)
+                yield _Staged(folder, False, work_folder, None, helper, one_pass=True)
                 return
             summary, staged = transfer.stage(archive, folder, progress, VolumeShape())
             if not staged:
                 reporter.log("too little free space in %s to stage the uncompressed archive; "
                              "checked it first, streaming it in a second pass" % work_folder)
-            yield _Staged(folder, staged, work_folder, summary)
+            yield _Staged(folder, staged, work_folder, summary, helper)
 
     def apply(self, staged, archive, reporter, save_copy):
         if staged.summary is not None:
             transfer.space_check(self.probe, self.name, staged.summary)
-        users = docker.containers_using_volume(self.name) if self.existed else []
+        users = docker.containers_using_volume(self.name, staged.helper) if self.existed else []
         if users and not self.stop_containers:
             names = " ".join(container.name for container in users)
             raise VolumeInUse("volume %s is in use by running container(s) %s; stop them first "
@@ -284,7 +286,8 @@ class VolumeTarget:
             try:
                 transfer.fill_volume(self.image, self.name, archive, staged.folder,
                                      staged.staged, reporter, not staged.one_pass,
-                                     VolumeShape() if staged.one_pass else None)
+                                     VolumeShape() if staged.one_pass else None, staged.helper,
+                                     self.seen)
             except BaseException as error:
                 if staged.one_pass and isinstance(error, ArchiveError):
                     outcome = self._roll_back(staged.work_folder, None, reporter)
@@ -331,7 +334,7 @@ class VolumeTarget:
         reporter.log("rolling back volume %s" % self.name)
         try:
             if not self.existed:
-                docker.remove_volume(self.name)
+                transfer.remove_volume(self.image, self.name, reporter)
                 return "volume %s, which this restore created, was removed again" % self.name
             if snapshot is None:
                 transfer.wipe_volume(self.image, self.name, reporter, self.probe.root)
@@ -355,8 +358,9 @@ class VolumeTarget:
 
 class _Staged:
     """What ``staged`` prepared: the transfer folder, whether ``plain.tar`` is staged there,
-    the checked archive's summary (None: not checked yet, ``one_pass``)."""
+    the checked archive's summary (None: not checked yet, ``one_pass``), and the helper
+    waiting to restore an existing volume (``transfer.probed_restore``; None: start one)."""
 
-    def __init__(self, folder, staged, work_folder, summary, one_pass=False):
+    def __init__(self, folder, staged, work_folder, summary, helper, one_pass=False):
         self.folder, self.staged, self.work_folder = folder, staged, work_folder
-        self.summary, self.one_pass = summary, one_pass
+        self.summary, self.helper, self.one_pass = summary, helper, one_pass
