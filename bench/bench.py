@@ -84,12 +84,42 @@ def make_many_files(folder, count):
 
 # --- running ----------------------------------------------------------------
 
+PRESSURE = "/proc/pressure/io"
+QUIET_LIMIT = 30.0  # seconds to wait at most for the disk to settle
+
+
+def _io_stalled():
+    """Microseconds some task has waited for I/O since boot (PSI), or None without PSI."""
+    try:
+        with open(PRESSURE) as file:
+            return int(file.readline().rsplit("total=", 1)[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def settle():
+    """Wait until a whole second passes with (almost) no task waiting for I/O: the deletes
+    and discards a previous step left behind (a volume of 200,000 files removed) must not
+    be billed to the next run. At most QUIET_LIMIT seconds; gives the seconds waited."""
+    started = time.monotonic()
+    last = _io_stalled()
+    while last is not None and time.monotonic() - started < QUIET_LIMIT:
+        time.sleep(1)
+        now = _io_stalled()
+        if now - last < 10000:  # under 1% of the second
+            break
+        last = now
+    return time.monotonic() - started
+
+
 def run(command, env=None):
     """Run a command; give (seconds, peak RSS in MiB of our Python process, or None).
 
-    Dirty pages are written out first, so that no run pays for the previous one's writeback.
+    Dirty pages are written out first and the disk is let settle, so that no run pays
+    for the previous one's writeback or deletes.
     """
     os.sync()
+    settle()
     rss_file = None
     if command[0] == sys.executable:  # one of our scripts: measure that process alone
         rss_file = tempfile.mktemp(prefix="aisb-rss-")

@@ -69,7 +69,7 @@ def _fingerprints(members, data, link_fingerprint, databases=None):
                 databases.offer(member.path, _digested(data(), digest))
             for piece in data():  # what the database check did not take
                 digest.update(piece)
-            description = digest.hexdigest()
+            description = digest.digest()
         elif member.kind == HARDLINK:
             yield member.path, link_fingerprint(member.link_path)
             continue
@@ -77,9 +77,11 @@ def _fingerprints(members, data, link_fingerprint, databases=None):
 
 
 def _fingerprint(member, description):
-    return hashlib.blake2b(repr((
+    # Numbers first, each followed by a space, the description (bytes) last: no two members
+    # that differ give the same text.
+    return hashlib.blake2b(b"%d %d %d %d %d %d %s" % (
         member.kind, member.mode, member.uid, member.gid, member.mtime, member.size,
-        description)).encode(), digest_size=16).digest()
+        description), digest_size=16).digest()
 
 
 class _ArchiveSide:
@@ -111,7 +113,7 @@ class _ArchiveSide:
         if member.kind == HARDLINK:
             fingerprint = self.comparison.expected_fingerprint(member.link_path)
         else:
-            fingerprint = _fingerprint(member, self._digest.hexdigest() if member.kind == FILE
+            fingerprint = _fingerprint(member, self._digest.digest() if member.kind == FILE
                                        else member.linkname)
         self.comparison.expect(member.path, fingerprint)
 
@@ -292,14 +294,18 @@ def drill(volume, config, reporter, archive=None):
     scratch = SCRATCH_PREFIX + secrets.token_hex(6)
     quiet = reporter.silent()
     started = time.monotonic()
+    result = None
     try:
         with volume_lock(scratch):
             try:
-                return _drill_into(scratch, volume, archive, config, quiet, started)
+                result = _drill_into(scratch, volume, archive, config, quiet, started)
+                return result
             finally:
                 try:
                     if docker.volume_exists(scratch):
-                        transfer.remove_volume(config.helper_image, scratch, quiet)
+                        transfer.remove_volume(config.helper_image, scratch, quiet,
+                                               result.members if result and
+                                               result.problem is None else None)
                 except BackupError as error:
                     reporter.error("the drill volume %s could not be removed: %s; remove it "
                                    "with: docker volume rm %s" % (scratch, error, scratch))
