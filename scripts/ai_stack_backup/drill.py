@@ -62,26 +62,25 @@ def _fingerprints(members, data, link_fingerprint, databases=None):
     reproduce).
     """
     for member in members:
-        description = member.linkname
+        digest = None
         if member.kind == FILE:
             digest = hashlib.sha256()
             if databases is not None:
                 databases.offer(member.path, _digested(data(), digest))
             for piece in data():  # what the database check did not take
                 digest.update(piece)
-            description = digest.digest()
-        elif member.kind == HARDLINK:
-            yield member.path, link_fingerprint(member.link_path)
-            continue
-        yield member.path, _fingerprint(member, description)
+        yield member.path, _fingerprint(member, digest, link_fingerprint)
 
 
-def _fingerprint(member, description):
-    # Numbers first, each followed by a space, the description (bytes) last: no two members
-    # that differ give the same text.
+def _fingerprint(member, digest, link_fingerprint):
+    """The fingerprint of ``member``, whose content's SHA-256 is in ``digest`` (a file's)."""
+    if member.kind == HARDLINK:
+        return link_fingerprint(member.link_path)
+    # Numbers first, each followed by a space, the content's digest or the link target last:
+    # no two members that differ give the same text.
     return hashlib.blake2b(b"%d %d %d %d %d %d %s" % (
         member.kind, member.mode, member.uid, member.gid, member.mtime, member.size,
-        description), digest_size=16).digest()
+        digest.digest() if member.kind == FILE else member.linkname), digest_size=16).digest()
 
 
 class _ArchiveSide:
@@ -110,12 +109,8 @@ class _ArchiveSide:
         member, self._member = self._member, None
         if member is None:
             return
-        if member.kind == HARDLINK:
-            fingerprint = self.comparison.expected_fingerprint(member.link_path)
-        else:
-            fingerprint = _fingerprint(member, self._digest.digest() if member.kind == FILE
-                                       else member.linkname)
-        self.comparison.expect(member.path, fingerprint)
+        self.comparison.expect(member.path, _fingerprint(
+            member, self._digest, self.comparison.expected_fingerprint))
 
 
 def _digested(pieces, digest):
