@@ -354,6 +354,18 @@ class Assembler:
                 self.result.written += size
         return placed
 
+    def _reuse(self, block, digest_at, size):
+        """Give the ``reuse(digest)`` a compressing worker calls: the previous archive's
+        ``block`` as ``(descriptor, offset, its bytes)`` when the SHA-256 its key holds at
+        ``digest_at`` and its size are those of the new data, else None."""
+        previous = self.previous
+
+        def reuse(digest):
+            if block is not None and block.key[digest_at] == digest and block.size == size:
+                return previous.descriptor, block.offset, previous.member(block)
+            return None
+        return reuse
+
     def _close_run(self):
         """Write the gathered run. A worker hashes its tar bytes: where the previous archive
         has a run of the same entries with the same bytes (say, a restored volume: its
@@ -364,14 +376,8 @@ class Assembler:
             listed = current.digest.hexdigest() if current.trusted else None
             data = bytes(current.data)
             old = self.previous.contents.get((first, count)) if self.previous else None
-            previous = self.previous
-
-            def reuse(digest):
-                if old is not None and old.key[3] == digest and old.size == len(data):
-                    return previous.descriptor, old.offset, previous.member(old)
-                return None
             self.writer.compress(data, self._placed("run", lambda digest: [
-                first.hex(), count, listed, digest]), reuse)
+                first.hex(), count, listed, digest]), self._reuse(old, 3, len(data)))
             self._position += len(data)
             self.progress.advance(len(data))
         self._run = _Run()
@@ -434,15 +440,8 @@ class Assembler:
 
     def _piece(self, entry, index, piece, old):
         """Write one piece; a worker hashes it and copies the previous archive's equal one."""
-        block = old.get(index)
-        previous = self.previous
-
-        def reuse(digest):
-            if block is not None and block.key[2] == digest and block.size == len(piece):
-                return previous.descriptor, block.offset, previous.member(block)
-            return None
         self.writer.compress(piece, self._placed("piece", lambda digest: [
-            entry.path.hex(), index, digest]), reuse)
+            entry.path.hex(), index, digest]), self._reuse(old.get(index), 2, len(piece)))
         self._position += len(piece)
         self.progress.advance(len(piece))
 
