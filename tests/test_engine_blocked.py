@@ -456,3 +456,19 @@ def test_a_restored_volume_is_backed_up_from_the_archive_by_content(
     assert written < 0.05 * copied
     assert record_of(second)["blocks"][0][6][3] is not None  # runs carry their bytes' digest
     assert restored_state(make_volume, second) == expected
+
+
+def test_a_name_with_a_line_break_keys_nothing_by_the_listing(helper_env, stocked_volume,
+                                                              tmp_path):
+    # A first backup is tarred while it is listed: the record is keyed before the listing
+    # turns out to hold a name that could forge a line of another file.
+    in_volume(helper_env, stocked_volume, "printf x > \"/v/small/odd\n1 2 1 1 81a4 0 0 1 "
+              "big.db\"")
+    testkit.next_second()
+    first = backup(stocked_volume, tmp_path / "backups")
+    blocks = record_of(first)["blocks"]
+    assert [block for block in blocks if block[0] == "run"]
+    assert all(block[6][2] is None for block in blocks if block[0] == "run")
+    assert all(block[6][1] is None for block in blocks if block[0] == "head")
+    assert any(name.endswith("small/odd\n1 2 1 1 81a4 0 0 1 big.db")
+               for name in testkit.archive_manifest(first))

@@ -2,6 +2,7 @@
 
 listing → plan (the record proves what is unchanged) → helper tars the rest →
   assemble: members copied from the previous archive ‖ new members (parallel gzip) → record
+first backup: helper tars everything ‖ lists → assemble_while_listing (lines as they come)
 
 An archive is a complete ``.tar.gz`` whose gzip stream is a sequence of
 members (``gzipstream``). Each member holds whole tar members: a *run* of
@@ -362,7 +363,8 @@ class Assembler:
 
         def reuse(digest):
             if block is not None and block.key[digest_at] == digest and block.size == size:
-                return previous.descriptor, block.offset, previous.member(block)
+                return previous.descriptor, block.offset, block.bytes_crc, \
+                    previous.member(block)
             return None
         return reuse
 
@@ -386,7 +388,8 @@ class Assembler:
         """Copy the previous archive's members ``blocks`` (a REUSE item) as they are."""
         self._close_run()
         for block in blocks:
-            self.writer.copy(self.previous.descriptor, block.offset, self.previous.member(block),
+            self.writer.copy(self.previous.descriptor, block.offset, block.bytes_crc,
+                             self.previous.member(block),
                              self._placed(block.kind, block.key))
             self._position += block.size
             self.progress.advance(block.size)
@@ -445,10 +448,16 @@ class Assembler:
         self._position += len(piece)
         self.progress.advance(len(piece))
 
-    def finish(self):
-        """Write the end of the archive; wait for every member; give the Assembly."""
+    def finish(self, length=None):
+        """Write the end of the archive; wait for every member; give the Assembly.
+
+        The end is two zero blocks and zeros up to a whole tar record, or up to ``length``
+        bytes of tar (a tar stream passed on whole: its own end, as long as it was)."""
         self._close_run()
-        end = END_OF_ARCHIVE + bytes(-(self._position + len(END_OF_ARCHIVE)) % RECORD_SIZE)
+        if length is not None and length - self._position >= len(END_OF_ARCHIVE):
+            end = bytes(length - self._position)
+        else:
+            end = END_OF_ARCHIVE + bytes(-(self._position + len(END_OF_ARCHIVE)) % RECORD_SIZE)
         self.writer.compress(end, self._placed("end", []))
         self.writer.close()
         return self.result
@@ -526,6 +535,104 @@ def assemble(items, stream_chunks, writer, previous, snapshots, started, check, 
         raise BackupError("the helper's tar holds %s, which the plan does not name there"
                           % upcoming[0].name.decode("utf-8", "replace"))
     return made.finish()
+
+
+class GrowingListing:
+    """The helper's listing read while the helper still writes it, for a volume tarred
+    while it is listed (``assemble_while_listing``).
+
+    ``more()`` gives the listing's next bytes, waiting for them, and b"" once
+    it is complete. Both walk the volume in the same order; ``entry(path)``
+    gives the tar member's line, passing over lines before it (entries gone
+    before tar came to them), or None for a member the next WINDOW lines do
+    not hold (made after the listing passed it).
+    """
+
+    WINDOW = 256
+
+    def __init__(self, more):
+        self._more = more
+        self._rest = b""
+        self._window = collections.OrderedDict()  # path -> Entry, in listing order
+        self._ended = False
+
+    def _read(self):
+        data = self._more()
+        if not data:
+            self._ended = True
+            return
+        lines = (self._rest + data).split(b"\n")
+        self._rest = lines.pop()
+        for line in lines:
+            try:
+                entry = Entry(line)
+            except (ValueError, ArchiveError):
+                continue  # a piece of a name with a line break: the listing has a problem
+            self._window.setdefault(entry.path, entry)
+
+    def entry(self, path):
+        window = self._window
+        while path not in window:
+            if self._ended or len(window) >= self.WINDOW:
+                return None
+            self._read()
+        while True:
+            found_path, found = window.popitem(last=False)
+            if found_path == path:
+                return found
+
+
+class _Unlisted:
+    """A tar member the listing does not hold: never trusted, never large by its line."""
+
+    __slots__ = ("path", "line")
+
+    def __init__(self, path):
+        self.path = self.line = path
+
+    @staticmethod
+    def large():
+        return False
+
+
+def assemble_while_listing(listed, stream_chunks, writer, started, check, progress):
+    """Write the helper's tar of a whole volume through ``writer`` (a MemberWriter) while the
+    volume is still being listed (``listed``: a GrowingListing); give an Assembly.
+
+    For a first backup: with no previous archive nothing waits for the
+    whole listing. Members are grouped, and keyed by their lines, as
+    ``assemble`` does; a member without a line is read again next time.
+    The listing's start (``started``) came before either read anything, so
+    an entry that changed while both ran has a ctime as new as that start
+    (untrusted) or a line the next listing does not repeat. ``check``
+    applies the restore's rules to every member. Raises ArchiveError (from
+    the stream) and BackupError.
+    """
+    made = Assembler(writer, None, progress)
+    reader = TarReader(stream_chunks, keep_headers=True)
+    while True:
+        member = reader.next()
+        if member is None:  # the archive's tar is busybox's stream, byte for byte
+            return made.finish(reader.offset)
+        check(member)  # sets member.path
+        entry = listed.entry(member.path)
+        trusted = entry is not None and entry.trusted(started)
+        entry = entry or _Unlisted(member.path)
+        if member.kind == FILE and (entry.large() or member.size >= LARGE_FILE):
+            made.large(entry, reader.header_bytes, member.size, reader.data(), trusted)
+        else:
+            data = reader.read_data() + padding(member.size) if member.kind == FILE else b""
+            made.small(entry, reader.header_bytes, data, trusted)
+
+
+def forget_listing(blocks):
+    """Take every listing digest out of a record's ``blocks``: the listing they came from
+    turned out unusable (a name with a line break can forge a line)."""
+    for saved in blocks:
+        if saved[0] == "run":
+            saved[6][2] = None
+        elif saved[0] == "head":
+            saved[6][1] = None
 
 
 def names_to_tar(items):

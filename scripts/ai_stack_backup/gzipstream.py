@@ -277,23 +277,25 @@ class MemberWriter:
             self.offset += gap
 
     def _put(self, placed, digest, copied, member):
-        """Write a finished (or copied) member at the next place; say where it went."""
+        """Write a finished (or copied: ``(source, offset, CRC-32 of its bytes)``) member at
+        the next place; say where it went."""
         self._aligned(len(member))
         at = self.offset
         if copied is None:
             put_all(self.output, member)
+            bytes_crc = zlib.crc32(member)
         else:
             self.output.copy(copied[0], copied[1], member)
+            bytes_crc = copied[2]  # the copier checked the bytes against it
         self.offset += len(member)
-        placed(at, len(member), *member_trailer(member), zlib.crc32(member), digest,
-               copied is not None)
+        placed(at, len(member), *member_trailer(member), bytes_crc, digest, copied is not None)
 
     def compress(self, block, placed, reuse=None):
         """Compress ``block`` (whole tar members, or a piece of one file) into one member.
 
         With ``reuse``, a worker first takes the block's SHA-256 (``placed``
         gets it as ``digest``) and asks ``reuse(digest)`` for an equal member:
-        ``(source, offset, member)`` to copy instead, or None.
+        ``(source, offset, CRC-32 of its bytes, member)`` to copy instead, or None.
         """
         def work():
             digest = None
@@ -301,13 +303,15 @@ class MemberWriter:
                 digest = hashlib.sha256(block).hexdigest()
                 found = reuse(digest)
                 if found is not None:
-                    return digest, found[:2], found[2]
+                    return digest, found[:3], found[3]
             return digest, None, compress_member(self.level, block)
         self._work.submit(work, then=lambda done: self._put(placed, *done))
 
-    def copy(self, source, offset, member, placed):
-        """Put ``member``, read (and checked) from ``source`` at ``offset``, as it is."""
-        self._work.submit(None, then=lambda _: self._put(placed, None, (source, offset), member))
+    def copy(self, source, offset, bytes_crc, member, placed):
+        """Put ``member``, read from ``source`` at ``offset`` and checked against the CRC-32
+        of its bytes ``bytes_crc``, as it is."""
+        self._work.submit(None, then=lambda _: self._put(placed, None,
+                                                         (source, offset, bytes_crc), member))
 
     def close(self):
         try:

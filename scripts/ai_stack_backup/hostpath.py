@@ -107,6 +107,7 @@ class PathSource:
 
     kind = "path"
     uses_work_folder = False
+    tars_while_listing = False
 
     def __init__(self, path, exclusions=NONE):
         self.name = path

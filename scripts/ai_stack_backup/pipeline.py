@@ -203,16 +203,23 @@ def _write_planned(source, folder, config, reporter, work_folder, timestamp, hel
         previous = None
     # Its members are read and checked while the helper starts and lists.
     checked = _Checked(previous) if previous is not None else None
+    # With nothing to copy and nothing to compare, the volume is tarred while it is listed.
+    first = previous is None and source.tars_while_listing and not source.exclusions and \
+        not (held and held.snapshots) and not (skip_unchanged and saved is not None)
     try:
         with source.planned(reporter, work_folder) as planned:
+            if first:
+                result, listing, blocks = _write_while_listing(source, folder, config, reporter,
+                                                               timestamp, planned)
+                if listing.racy and skip_unchanged:
+                    reporter.log(_RACY % (source.kind, source.name, source.kind))
+                return _recorded(result, listing, made_by, blocks, reporter)
             listing = source.listing(planned)
             if listing.problem is not None:
                 reporter.log("%s %s: %s; reading all of it" % (source.kind, source.name,
                                                               listing.problem))
             elif listing.racy and skip_unchanged:
-                reporter.log("%s %s: entries changed while the %s was listed; the next "
-                             "backup will not be skipped" % (source.kind, source.name,
-                                                              source.kind))
+                reporter.log(_RACY % (source.kind, source.name, source.kind))
             if skip_unchanged and saved is not None:
                 result = _linked_if_unchanged(source, folder, timestamp, listing,
                                               (newest, saved), made_by, reporter)
@@ -244,7 +251,34 @@ def _write_planned(source, folder, config, reporter, work_folder, timestamp, hel
     finally:
         if checked is not None:
             checked.finish()
-    blocked.record(result.path, listing, result.members, made_by, made[0], reporter)
+    return _recorded(result, listing, made_by, made[0], reporter)
+
+
+_RACY = "%s %s: entries changed while the %s was listed; the next backup will not be skipped"
+
+
+def _write_while_listing(source, folder, config, reporter, timestamp, planned):
+    """Publish a first archive of ``source``, tarred while it is listed; give
+    ``(BackupResult, Listing, the record's blocks)``."""
+    made = []
+
+    def produce(output, exclude):
+        with reporter.progress("Backing up %s" % source.name) as progress:
+            members, blocks, listing = source.write_while_listing(output, config, progress,
+                                                                  reporter, planned)
+        made.extend((blocks, listing))
+        return members
+    result = write_archive(source, folder, produce, reporter, timestamp)
+    blocks, listing = made
+    if listing.problem is not None:
+        reporter.log("%s %s: %s; the next backup reads all of it again"
+                     % (source.kind, source.name, listing.problem))
+    return result, listing, blocks
+
+
+def _recorded(result, listing, made_by, blocks, reporter):
+    """Write the record of the archive just published (``blocked.record``); give ``result``."""
+    blocked.record(result.path, listing, result.members, made_by, blocks, reporter)
     return result
 
 

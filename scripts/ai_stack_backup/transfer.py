@@ -78,26 +78,36 @@ LISTING, LISTING_STARTED, LISTING_ERRORS, ODD_NAMES, GO, PLAN = \
 LISTING_FORMAT = "%Z %i %h %s %f %u %g %Y %n"
 # An entry gone between readdir and stat is only a line on stderr (and exit 1), as on any
 # busy volume; a failure that says nothing is written down, so it is never taken for one.
+# The listing runs in the background: a first backup (``full`` told at once) tars the volume
+# while it is listed; a plan waits for the whole listing anyway. The start time is taken
+# before either reads anything (see ``blocked.assemble_while_listing``), and the helper ends only
+# once the listing is complete. While that job runs, the shell itself opens no FIFO: its
+# end would interrupt a blocked open(), which busybox's redirections do not retry, so the
+# FIFOs are opened by the children (``$(cat …)``, tar's and xargs' redirections).
 PLANNED_BACKUP_SCRIPT = """cd /volume
 date +%%s > /transfer/listing-started
 errors=/transfer/listing-errors
-find . -exec stat -c '%s' {} + > /transfer/listing.part 2> $errors \\
-  || [ -s $errors ] || echo "find failed" >> $errors
-find . -name '*
+{
+  find . -exec stat -c '%s' {} + > /transfer/listing.part 2> $errors \\
+    || [ -s $errors ] || echo "find failed" >> $errors
+  find . -name '*
 *' > /transfer/odd-names 2>> $errors || [ -s $errors ] || echo "find failed" >> $errors
-mv /transfer/listing.part /transfer/listing
-read mode < /transfer/go
+  mv /transfer/listing.part /transfer/listing
+} &
+mode=$(cat /transfer/go)
 [ "$mode" = stop ] && exit 0
-exec 3> /transfer/stream
 status=0
 if [ "$mode" = full ]; then
-  tar -cf - . >&3 || status=$?
+  tar -cf - . > /transfer/stream || status=$?
 else
-  xargs -0 -r /bin/sh -c 'tar -cf - --no-recursion "$@"' sh < /transfer/plan >&3 || status=$?
+  xargs -0 -r /bin/sh -c 'tar -cf - --no-recursion "$@"' sh < /transfer/plan \\
+    > /transfer/stream || status=$?
   [ $status = 123 ] && status=1
 fi
+wait
 exit $status""" % LISTING_FORMAT
 HELPER_POLL = 0.01  # how often a file the helper publishes is looked for
+LISTING_READ = 1 << 16  # how much of a growing listing is read at a time
 BACKUP_TO_STDOUT_SCRIPT = "tar -C /volume -cf - ."
 # Removing files waits on the disk, not the processor: sixteen rm at once, over the
 # entries two levels down and then one level down, empty a volume of 200,000 files in 5 s
@@ -253,8 +263,9 @@ class PlannedStream:
 
     ``wait_for_listing()`` gives what the listing left; ``send(mode, names)``
     hands the helper the plan (``plan``: the NUL-separated ``names``;
-    ``full``: the whole volume; ``stop``: nothing); ``opened()`` then gives
-    ``(descriptor, helper)`` of the tar stream.
+    ``full``: the whole volume, which may be told before the listing is
+    complete; ``stop``: nothing); ``opened()`` then gives ``(descriptor,
+    helper)`` of the tar stream.
     """
 
     def __init__(self, folder, helper, what):
@@ -270,6 +281,16 @@ class PlannedStream:
             with open(self.folder.file(name), "rb") as file:
                 found.append(file.read())
         return found[0].strip(), self.folder.file(LISTING), found[1], found[2]
+
+    def started(self):
+        """Give the helper's start of the listing (its first step, before it reads anything)."""
+        _wait_for_file(self.folder, LISTING_STARTED, self.helper, self.what, "listing the volume")
+        with open(self.folder.file(LISTING_STARTED), "rb") as file:
+            return file.read().strip()
+
+    def listing_as_written(self):
+        """Give a ListingAsWritten of this helper's listing (close it after use)."""
+        return ListingAsWritten(self)
 
     def send(self, mode, names=()):
         if mode == "plan":
@@ -287,6 +308,46 @@ class PlannedStream:
             yield descriptor, self.helper
         finally:
             os.close(descriptor)
+
+
+class ListingAsWritten:
+    """A PlannedStream's listing read while the helper writes it: ``read()`` gives its next
+    bytes, waiting for them, and b"" once it is complete; raises DockerError if the helper
+    ended without completing it."""
+
+    def __init__(self, planned):
+        self._planned = planned
+        self._file = None
+        self._complete = False
+
+    def _path(self, name):
+        return self._planned.folder.file(name)
+
+    def read(self):
+        while True:
+            if self._file is None:
+                for name in (LISTING + ".part", LISTING):  # renamed once complete
+                    with contextlib.suppress(FileNotFoundError):
+                        self._file = open(self._path(name), "rb")
+                        break
+            if self._file is not None:
+                data = self._file.read(LISTING_READ)
+                if data or self._complete:
+                    return data
+                # Seen renamed: whatever is read after that is the rest of it.
+                self._complete = os.path.exists(self._path(LISTING))
+                if self._complete:
+                    continue
+            helper = self._planned.helper
+            if not helper.running() and not os.path.exists(self._path(LISTING)):
+                raise DockerError(self._planned.what, "the helper container ended before "
+                                  "listing the volume (exit %d): %s"
+                                  % (helper.wait(), helper.error_output()))
+            time.sleep(HELPER_POLL)
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
 
 
 @contextlib.contextmanager

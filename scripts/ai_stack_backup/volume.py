@@ -94,6 +94,7 @@ class VolumeSource:
 
     kind = "volume"
     uses_work_folder = True
+    tars_while_listing = True
 
     def __init__(self, volume, config, consistency="live", exclusions=NONE):
         self.name = self.archive_source = volume
@@ -148,14 +149,43 @@ class VolumeSource:
         everything = previous is None and not snapshots and not self.exclusions
         planned.send("plan", blocked.every_name(listing) if everything
                      else blocked.names_to_tar(items()))
+        made = self._assembled(output, config, reporter, planned, snapshots,
+                               lambda chunks, writer, check: blocked.assemble(
+                                   items(), chunks, writer, previous, snapshots,
+                                   listing.started, check, progress))
+        line = blocked.describe(made, previous, "volume %s" % self.name)
+        if line:
+            reporter.log(line)
+        return made.members, made.blocks
+
+    def write_while_listing(self, output, config, progress, reporter, planned):
+        """Write the whole volume into ``output`` as the helper tars it while it is still
+        listing it (a first backup: nothing to copy, nothing to leave out); give
+        ``(members, blocks, listing)``."""
+        planned.send("full")
+        try:
+            started = int(planned.started())
+        except ValueError:  # trust no line; the listing is then flagged as unusable
+            started = 0
+        with contextlib.closing(planned.listing_as_written()) as growing:
+            listed = blocked.GrowingListing(growing.read)
+            made = self._assembled(output, config, reporter, planned, {},
+                                   lambda chunks, writer, check: blocked.assemble_while_listing(
+                                       listed, chunks, writer, started, check, progress))
+        listing = self.listing(planned)  # the helper ended only once it was complete
+        if listing.problem is not None:
+            blocked.forget_listing(made.blocks)
+        return made.members, made.blocks, listing
+
+    def _assembled(self, output, config, reporter, planned, snapshots, assemble):
+        """Give what ``assemble(chunks, writer, check)`` made of the helper's tar stream,
+        once the helper's tar ended well."""
         what = "backing up volume %s" % self.name
         writer = MemberWriter(output, config.gzip_level, config.threads)
         with planned.opened() as (descriptor, helper):
             rules = _RulesOfRestore(self.name)
             try:
-                made = blocked.assemble(items(), transfer.stream_chunks(descriptor),
-                                        writer, previous, snapshots, listing.started,
-                                        rules.check, progress)
+                made = assemble(transfer.stream_chunks(descriptor), writer, rules.check)
             except ArchiveError as error:
                 writer.abort()
                 returncode = helper.wait(timeout=docker.HELPER_EXIT_GRACE)
@@ -167,10 +197,7 @@ class VolumeSource:
                 writer.abort()
                 raise
             _finish_tar(helper, what, reporter, capture.left_out(snapshots), self.exclusions)
-        line = blocked.describe(made, previous, "volume %s" % self.name)
-        if line:
-            reporter.log(line)
-        return made.members, made.blocks
+        return made
 
     def write_tar(self, output, progress, reporter, work_folder=None, exclude=(), held=None,
                   listed=None):

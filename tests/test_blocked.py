@@ -1,0 +1,157 @@
+"""A first backup tarred while the helper lists the volume: its record is the one a
+backup planned from the whole listing makes, and whatever the two walks disagree on is
+read again next time (no engine: a tar stream and a listing made here)."""
+
+import gzip
+import hashlib
+import io
+import tarfile
+
+import pytest
+
+from ai_stack_backup import blocked
+from ai_stack_backup.exclusions import NONE
+from ai_stack_backup.gzipstream import MemberWriter
+from ai_stack_backup.tarstream import ArchiveRules
+
+STARTED = 1000
+
+
+class Progress:
+    def advance(self, count):
+        pass
+
+
+def volume_tar(files):
+    """A busybox-like tar of ``files`` (name -> bytes; None: a folder), names ``./…``."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.mtime = 999
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def listing_line(number, name, data, ctime=STARTED - 1, links=1):
+    mode = "41ed" if data is None else "81a4"
+    return b"%d %d %d %d %s 0 0 999 %s" % (ctime, number, links, len(data or b""),
+                                         mode.encode(), name.rstrip("/").encode())
+
+
+FILES = {"./": None, "./a/": None}
+FILES.update(("./a/f%03d" % index, b"%03d" % index * 1000) for index in range(40))
+FILES["./big"] = b"B" * (blocked.LARGE_FILE + 5)
+FILES.update(("./z%02d" % index, b"z" * 700) for index in range(10))
+
+
+def lines_of(files, **special):
+    """Listing lines for ``files``; ``special`` maps a name to listing_line's keywords
+    (None: no line)."""
+    lines = []
+    for number, (name, data) in enumerate(files.items()):
+        keywords = special.get(name, {})
+        if keywords is not None:
+            lines.append(listing_line(number + 10, "." if name == "./" else name, data,
+                                      **keywords))
+    return lines
+
+
+def in_pieces(data, size):
+    pieces = [data[start:start + size] for start in range(0, len(data), size)]
+    return iter(pieces + [b""]).__next__
+
+
+def while_listed(tar, lines, piece=7):
+    output = io.BytesIO()
+    listed = blocked.GrowingListing(in_pieces(b"".join(line + b"\n" for line in lines), piece))
+    made = blocked.assemble_while_listing(listed, iter([tar]), MemberWriter(output), STARTED,
+                                          ArchiveRules().check, Progress())
+    return made, output.getvalue()
+
+
+def planned(tar, lines, tmp_path):
+    path = tmp_path / "listing"
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    listing = blocked.Listing(str(path), STARTED, None, False)
+    output = io.BytesIO()
+    items = lambda: blocked.plan(blocked.entries(listing, NONE, set()), None, {})  # noqa: E731
+    made = blocked.assemble(items(), iter([tar]), MemberWriter(output), None, {}, STARTED,
+                            ArchiveRules().check, Progress())
+    return made, output.getvalue()
+
+
+@pytest.fixture
+def small_runs(monkeypatch):
+    monkeypatch.setattr(blocked, "RUN_SIZE", 8192)  # several runs from a small tar
+
+
+def keys(made, kind):
+    return [block[6] for block in made.blocks if block[0] == kind]
+
+
+def keyed_by_their_own_lines(made, files, lines):
+    """Whether every run and head keyed by a listing digest is keyed by the lines of exactly
+    the members it holds."""
+    paths = [name.strip("./") if name != "./" else "" for name in files]
+    line_of = {blocked.Entry(line).path: line for line in lines}
+    for block in made.blocks:
+        kind, key = block[0], block[6]
+        if kind == "run" and key[2] is not None:
+            start = paths.index(bytes.fromhex(key[0]).decode())
+            held = paths[start:start + key[1]]
+            digest = hashlib.sha256(b"".join(line_of[path.encode()] + b"\n" for path in held))
+            if digest.hexdigest() != key[2]:
+                return False
+        elif kind == "head" and key[1] is not None:
+            line = line_of[bytes.fromhex(key[0])]
+            if hashlib.sha256(line).hexdigest() != key[1]:
+                return False
+    return True
+
+
+def test_a_volume_tarred_while_listed_gets_the_record_a_planned_backup_gives(
+        small_runs, tmp_path):
+    tar = volume_tar(FILES)
+    # A racy entry and a hard-linked one get members of their own, as planned backups do.
+    lines = lines_of(FILES, **{"./a/f007": {"ctime": STARTED}, "./z03": {"links": 2}})
+    made, archive = while_listed(tar, lines)
+    expected, expected_archive = planned(tar, lines, tmp_path)
+    assert made.blocks == expected.blocks and archive == expected_archive
+    assert made.members == len(FILES) and keyed_by_their_own_lines(made, FILES, lines)
+    runs = keys(made, "run")
+    assert len(runs) > 4 and sum(key[2] is None for key in runs) == 2
+    assert keys(made, "head")[0][1] is not None
+    assert gzip.decompress(archive) == tar
+
+
+def test_members_the_walks_disagree_on_are_read_again_and_the_archive_is_the_tar(
+        small_runs):
+    tar = volume_tar(FILES)
+    lines = lines_of(FILES, **{"./a/f020": None})  # made after the listing passed it
+    lines.insert(5, listing_line(99, "./a/gone", b"x"))  # deleted before tar came to it
+    made, archive = while_listed(tar + bytes(3 * 512), lines, piece=100)  # tar's own end
+    assert gzip.decompress(archive) == tar + bytes(3 * 512)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as opened:
+        assert opened.getnames() == [name.rstrip("/") if name != "./" else "."
+                                     for name in FILES]
+    assert keyed_by_their_own_lines(made, FILES, lines)
+    runs = keys(made, "run")
+    unlisted = [key for key in runs if key[2] is None]
+    assert len(unlisted) == 1 and unlisted[0][0] == b"a/f020".hex()
+    # The lines around a line tar never met still key their runs.
+    assert sum(key[2] is not None for key in runs) == len(runs) - 1
+
+
+def test_a_listing_that_turns_out_unusable_keys_nothing(small_runs):
+    made, _ = while_listed(volume_tar(FILES), lines_of(FILES))
+    assert any(key[2] for key in keys(made, "run"))
+    blocked.forget_listing(made.blocks)
+    assert all(key[2] is None for key in keys(made, "run"))
+    assert all(key[1] is None for key in keys(made, "head"))
+    assert all(key[2] for key in keys(made, "piece"))  # a piece is keyed by its bytes
