@@ -166,6 +166,15 @@ def script(name, *arguments):
     return [sys.executable, os.path.join(SCRIPTS, name)] + list(arguments) + ["--quiet"]
 
 
+def compiled_as_on_a_host(work):
+    """Run our scripts as Python runs them on an operator's host: from their compiled
+    bytecode, written once (an environment may turn that off, as this machine's does). The
+    bytecode goes to the bench's own folder, not into the repository."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(work, "bytecode")
+    subprocess.run([sys.executable, "-m", "compileall", "-q", SCRIPTS], check=True)
+
+
 def volume_remove(*names):
     for name in names:
         subprocess.run(["docker", "volume", "rm", "-f", name], capture_output=True)
@@ -469,6 +478,7 @@ def main():
     work = tempfile.mkdtemp(prefix="aisb-bench-", dir=os.environ.get("BENCH_DIR", "/var/tmp"))
     # Work files, locks and safety copies go to the bench's own folder, not the host's.
     os.environ["BACKUP_DIR"] = os.path.join(work, "backup-dir")
+    compiled_as_on_a_host(work)
     volume, many = "aisb-bench-stack-%d" % os.getpid(), "aisb-bench-many-%d" % os.getpid()
     steps = []
     try:

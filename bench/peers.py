@@ -245,6 +245,7 @@ def main():
             raise SystemExit("bench: %s is missing (make prepare installs it)" % program)
     work = tempfile.mkdtemp(prefix="aisb-peers-", dir=os.environ.get("BENCH_DIR", "/var/tmp"))
     os.environ["BACKUP_DIR"] = os.path.join(work, "backup-dir")
+    bench.compiled_as_on_a_host(work)
     volume_name = "aisb-bench-peers-%d" % os.getpid()
     versions = [subprocess.run(command, capture_output=True, text=True).stdout.split("\n")[0]
                 for command in (["restic", "version"], ["borg", "--version"])]

@@ -22,9 +22,7 @@ import re
 import socket
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 
 from .errors import BackupError, ConfigError
 
@@ -100,6 +98,9 @@ def _post(url, body, headers=(), seconds=SEND_TIMEOUT):
 
 
 def _post_once(url, body, headers, seconds):
+    # Imported here: loading urllib.request (http.client, ssl) costs every run about 15 ms,
+    # and only a run that sends anything needs it.
+    import urllib.request
     request = urllib.request.Request(url, data=body.encode("utf-8", "replace")[:BODY_LIMIT],
                                      method="POST")
     request.add_header("Content-Type", "text/plain; charset=utf-8")
@@ -110,6 +111,7 @@ def _post_once(url, body, headers, seconds):
 
 
 def _cause(error):
+    import urllib.error  # see _post_once
     if isinstance(error, urllib.error.HTTPError):
         return "HTTP %d %s" % (error.code, error.reason)
     reason = getattr(error, "reason", None) or error
@@ -127,7 +129,7 @@ def send(url, body, headers=(), attempts=ATTEMPTS, deadline=SEND_DEADLINE):
         try:
             _post(url, body, headers, min(SEND_TIMEOUT, max(0.1, end - time.monotonic())))
             return
-        except (urllib.error.URLError, OSError, ValueError) as error:
+        except (OSError, ValueError) as error:  # urllib's URLError is an OSError
             if tried == attempts or time.monotonic() + delay >= end:
                 raise BackupError("could not send to %s after %d attempt%s: %s"
                                   % (mask(url), tried, "" if tried == 1 else "s",
