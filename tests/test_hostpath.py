@@ -1,6 +1,7 @@
 """backup_path and restore_path on the host (no engine needed)."""
 
 import gzip
+import io
 import os
 import re
 import shutil
@@ -14,7 +15,10 @@ import threading
 import pytest
 
 import testkit
-from ai_stack_backup import cli, files, hostpath
+from ai_stack_backup import cli, files, hostpath, pipeline
+from ai_stack_backup.config import Config
+from ai_stack_backup.hostpath import PathSource
+from ai_stack_backup.report import Reporter
 from conftest import SCRIPTS
 
 
@@ -452,3 +456,9 @@ def test_a_path_backup_copies_what_did_not_change_from_the_previous_archive(tmp_
     target.parent.mkdir()
     assert cli.restore_path_main([second, str(target), "--force"]) == 0
     assert testkit.tree_state(str(target)) == testkit.tree_state(source)
+    # Listed in the walk that wrote it, the record holds the listing a walk of its own takes:
+    # skip-if-unchanged (which lists first) finds the tree unchanged.
+    testkit.next_second()  # a new archive name
+    linked = pipeline.backup(PathSource(source), str(folder), Config(threads=1),
+                             Reporter(io.StringIO(), io.StringIO()), skip_unchanged=True)
+    assert linked.linked_to == second

@@ -45,19 +45,38 @@ class _TreePlan:
         self.top, self.exclusions, self.reporter = top, exclusions, reporter
 
     def listing(self):
-        started = int(time.time())
-        digest = hashlib.sha256()
-        racy = False
+        lines = _Lines()
         for _, arcname, status in walk(self.top, os.path.basename(self.top),
                                        self.reporter.warn, self.exclusions):
-            if b"\n" in arcname:
-                return blocked.Listing(None, started, None, True, "some names hold a line break")
-            digest.update(listing_line(arcname, status))
-            racy = racy or status.st_ctime_ns // 1000000000 >= started
-        return blocked.Listing(None, started, digest.hexdigest(), racy)
+            lines.add(arcname, listing_line(arcname, status), status)
+            if lines.problem:
+                break
+        return lines.listing()
 
     def send(self, mode, names=()):
         """Nothing to tell: the writing walk plans for itself."""
+
+
+class _Lines:
+    """A host tree's listing taken line by line (held as its digest, never written), from a
+    start time taken first: ``listing()`` gives the ``blocked.Listing``."""
+
+    def __init__(self):
+        self.started = int(time.time())
+        self.problem = None
+        self._digest = hashlib.sha256()
+        self._racy = False
+
+    def add(self, arcname, line, status):
+        if b"\n" in arcname:
+            self.problem = "some names hold a line break"
+        self._digest.update(line)
+        self._racy = self._racy or status.st_ctime_ns // 1000000000 >= self.started
+
+    def listing(self):
+        if self.problem:
+            return blocked.Listing(None, self.started, None, True, self.problem)
+        return blocked.Listing(None, self.started, self._digest.hexdigest(), self._racy)
 
 
 class _TreeEntry(blocked.Entry):
@@ -107,7 +126,6 @@ class PathSource:
 
     kind = "path"
     uses_work_folder = False
-    tars_while_listing = False
 
     def __init__(self, path, exclusions=NONE):
         self.name = path
@@ -138,10 +156,35 @@ class PathSource:
         """Give the tree's ``blocked.Listing``, taken by the tool itself."""
         return planned.listing()
 
+    @staticmethod
+    def writes_while_listing(previous, held):
+        """The tree is listed as it is written, whatever is copied from ``previous``: the
+        walk that writes plans as it goes."""
+        return True
+
+    def write_while_listing(self, output, config, progress, reporter, planned, previous,
+                            exclude=()):
+        """Write the archive in the walk that lists the tree; give ``(members, blocks,
+        listing)`` (see ``write_planned``)."""
+        lines = _Lines()
+        members, blocks = self._write(output, config, progress, reporter, previous,
+                                      lines.started, exclude, lines)
+        listing = lines.listing()
+        if listing.problem is not None:
+            blocked.forget_listing(blocks)
+        return members, blocks, listing
+
     def write_planned(self, output, config, progress, reporter, planned, listing, previous,
                       held, exclude=()):
         """Write the archive into ``output`` from the ``listing``, copying what ``previous``
         proves unchanged; give ``(members, blocks)`` (see ``volume.VolumeSource``)."""
+        return self._write(output, config, progress, reporter, previous, listing.started,
+                           exclude)
+
+    def _write(self, output, config, progress, reporter, previous, started, exclude,
+               lines=None):
+        """Walk the tree and write its archive (``lines``: a _Lines that takes its listing
+        on the way); give ``(members, blocks)``."""
         top = self.name.rstrip("/")
         captured = _Captured()
         tree = TreeWriter(captured, reporter)
@@ -151,7 +194,10 @@ class PathSource:
         def walked():
             for path, arcname, status in walk(top, os.path.basename(top), reporter.warn,
                                               self.exclusions, exclude):
-                entry = _TreeEntry(listing_line(arcname, status)[:-1])
+                line = listing_line(arcname, status)
+                if lines is not None:
+                    lines.add(arcname, line, status)
+                entry = _TreeEntry(line[:-1])
                 entry.source, entry.status = path, status
                 yield entry
         try:
@@ -159,7 +205,7 @@ class PathSource:
                 if kind == blocked.REUSE:
                     assembler.copy(value)
                     continue
-                self._add(value, tree, captured, assembler, listing.started, reporter)
+                self._add(value, tree, captured, assembler, started, reporter)
             made = assembler.finish()
         except BaseException:
             assembler.writer.abort()

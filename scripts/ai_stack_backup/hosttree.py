@@ -135,18 +135,17 @@ class TreeWriter:
         self.members += 1
 
     def _copy_file(self, path, arcname, status):
-        shown = os.fsdecode(path)
         try:
             descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as error:
             if error.errno in (errno.ENOENT, errno.ELOOP):
-                self.warn("%s vanished while it was backed up; skipped" % shown)
+                self.warn("%s vanished while it was backed up; skipped" % os.fsdecode(path))
                 return
-            raise BackupError("cannot read %s: %s" % (shown, describe_os_error(error)))
+            raise BackupError("cannot read %s: %s" % (os.fsdecode(path), describe_os_error(error)))
         try:
             opened = os.fstat(descriptor)
             if not stat.S_ISREG(opened.st_mode):
-                self.warn("%s changed type while it was backed up; skipped" % shown)
+                self.warn("%s changed type while it was backed up; skipped" % os.fsdecode(path))
                 return
             self._header(arcname, opened, FILE, size=opened.st_size)
             remaining = opened.st_size
@@ -155,10 +154,11 @@ class TreeWriter:
                 try:
                     count = os.readv(descriptor, [view[:min(remaining, READ_SIZE)]])
                 except OSError as error:
-                    raise BackupError("cannot read %s: %s" % (shown, describe_os_error(error)))
+                    raise BackupError("cannot read %s: %s"
+                                      % (os.fsdecode(path), describe_os_error(error)))
                 if not count:
                     self.warn("%s shrank by %d bytes while it was read; the rest is zeros"
-                         % (shown, remaining))
+                         % (os.fsdecode(path), remaining))
                     while remaining:
                         filler = min(remaining, READ_SIZE)
                         self._emit(bytes(filler))

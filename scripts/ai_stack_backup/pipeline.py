@@ -203,14 +203,20 @@ def _write_planned(source, folder, config, reporter, work_folder, timestamp, hel
         previous = None
     # Its members are read and checked while the helper starts and lists.
     checked = _Checked(previous) if previous is not None else None
-    # With nothing to copy and nothing to compare, the volume is tarred while it is listed.
-    first = previous is None and source.tars_while_listing and not source.exclusions and \
-        not (held and held.snapshots) and not (skip_unchanged and saved is not None)
+    # Unless the whole listing decides on a link first, the source is written while it is
+    # listed where it can be.
+    while_listing = not (skip_unchanged and saved is not None) and \
+        source.writes_while_listing(previous, held)
     try:
         with source.planned(reporter, work_folder) as planned:
-            if first:
+            if while_listing:
+                problem = checked.problem() if checked is not None else None
+                if problem is not None:
+                    reporter.log("%s; backing up %s %s in full" % (problem, source.kind,
+                                                                   source.name))
+                    previous = None
                 result, listing, blocks = _write_while_listing(source, folder, config, reporter,
-                                                               timestamp, planned)
+                                                               timestamp, planned, previous)
                 if listing.racy and skip_unchanged:
                     reporter.log(_RACY % (source.kind, source.name, source.kind))
                 return _recorded(result, listing, made_by, blocks, reporter)
@@ -257,15 +263,15 @@ def _write_planned(source, folder, config, reporter, work_folder, timestamp, hel
 _RACY = "%s %s: entries changed while the %s was listed; the next backup will not be skipped"
 
 
-def _write_while_listing(source, folder, config, reporter, timestamp, planned):
-    """Publish a first archive of ``source``, tarred while it is listed; give
-    ``(BackupResult, Listing, the record's blocks)``."""
+def _write_while_listing(source, folder, config, reporter, timestamp, planned, previous):
+    """Publish an archive of ``source`` written while it is listed, copying from
+    ``previous`` what it can; give ``(BackupResult, Listing, the record's blocks)``."""
     made = []
 
     def produce(output, exclude):
         with reporter.progress("Backing up %s" % source.name) as progress:
-            members, blocks, listing = source.write_while_listing(output, config, progress,
-                                                                  reporter, planned)
+            members, blocks, listing = source.write_while_listing(
+                output, config, progress, reporter, planned, previous, exclude)
         made.extend((blocks, listing))
         return members
     result = write_archive(source, folder, produce, reporter, timestamp)

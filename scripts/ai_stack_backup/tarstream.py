@@ -206,6 +206,14 @@ def _data_size(size, records, offset):
     return size
 
 
+def _byte_sum(block):
+    """The sum of a 512-byte block's bytes, from two Adler-32s: the low half of one is 1 +
+    the sum of its bytes modulo 65521, and 256 bytes never sum past 65280, so each half's
+    is exact; ten times faster than sum(), on every header read or written."""
+    view = memoryview(block)
+    return (adler32(view[:256]) & 0xFFFF) + (adler32(view[256:]) & 0xFFFF) - 2
+
+
 def _check_sum(block, offset):
     """Raise ArchiveError unless the header's checksum (unsigned, or the signed sum some old
     tars wrote) matches."""
@@ -213,12 +221,7 @@ def _check_sum(block, offset):
         stored = _number(block[148:156], "checksum", offset)
     except ArchiveError:
         stored = None
-    # The sum of the block's bytes, from two Adler-32s: the low half of one is 1 + the sum
-    # of its bytes modulo 65521, and 256 bytes never sum past 65280, so each half's is
-    # exact; ten times faster than sum() over 512 bytes, on every header of every archive.
-    view = memoryview(block)
-    unsigned = (adler32(view[:256]) & 0xFFFF) + (adler32(view[256:]) & 0xFFFF) - 2 \
-        - sum(block[148:156]) + 8 * 32
+    unsigned = _byte_sum(block) - sum(block[148:156]) + 8 * 32
     if stored != unsigned and stored != sum(_SIGNED_SUM.unpack(block)) + 8 * 32:
         if offset == 0:
             raise ArchiveError("not a tar archive (bad header checksum)", "not-tar")
@@ -630,14 +633,22 @@ _TYPEFLAG = {FILE: b"0", DIRECTORY: b"5", SYMLINK: b"2", FIFO: b"6", HARDLINK: b
              CHAR_DEVICE: b"3", BLOCK_DEVICE: b"4"}
 
 
+_OCTAL_FIELDS = b"%07o\0%07o\0%07o\0%011o\0%011o\0"  # mode, uid, gid, size, mtime
+
+
 def _header_block(name, typeflag, mode, uid, gid, size, mtime, linkname, uname=b"",
                   gname=b""):
+    if 0 <= mode < 0o10000000 and 0 <= uid < 0o10000000 and 0 <= gid < 0o10000000 and \
+            0 <= size < 0o100000000000 and 0 <= mtime < 0o100000000000:  # all octal: one format
+        numbers = _OCTAL_FIELDS % (mode, uid, gid, size, mtime)
+    else:
+        numbers = b"".join((_octal(mode, 8), _octal(uid, 8), _octal(gid, 8), _octal(size, 12),
+                            _octal(mtime, 12)))
     block = b"".join((
-        name.ljust(100, b"\0"), _octal(mode, 8), _octal(uid, 8), _octal(gid, 8),
-        _octal(size, 12), _octal(mtime, 12), b"        ", typeflag, linkname.ljust(100, b"\0"),
+        name.ljust(100, b"\0"), numbers, b"        ", typeflag, linkname.ljust(100, b"\0"),
         b"ustar  \0", uname[:32].ljust(32, b"\0"), gname[:32].ljust(32, b"\0"),
         bytes(183)))  # device numbers (never written: no devices) and padding
-    return block[:148] + b"%06o\0 " % sum(block) + block[156:]
+    return block[:148] + b"%06o\0 " % _byte_sum(block) + block[156:]
 
 
 def _long_record(typeflag, value):

@@ -94,7 +94,6 @@ class VolumeSource:
 
     kind = "volume"
     uses_work_folder = True
-    tars_while_listing = True
 
     def __init__(self, volume, config, consistency="live", exclusions=NONE):
         self.name = self.archive_source = volume
@@ -158,10 +157,15 @@ class VolumeSource:
             reporter.log(line)
         return made.members, made.blocks
 
-    def write_while_listing(self, output, config, progress, reporter, planned):
+    def writes_while_listing(self, previous, held):
+        """Whether the helper can tar the volume while it lists it: for a first backup
+        (nothing to copy from ``previous``), with nothing left out or snapshotted (``held``)."""
+        return previous is None and not self.exclusions and not (held and held.snapshots)
+
+    def write_while_listing(self, output, config, progress, reporter, planned, previous=None,
+                            exclude=()):
         """Write the whole volume into ``output`` as the helper tars it while it is still
-        listing it (a first backup: nothing to copy, nothing to leave out); give
-        ``(members, blocks, listing)``."""
+        listing it (``writes_while_listing``); give ``(members, blocks, listing)``."""
         planned.send("full")
         try:
             started = int(planned.started())
