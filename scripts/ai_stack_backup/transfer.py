@@ -82,8 +82,8 @@ LISTING_FORMAT = "%Z %i %h %s %f %u %g %Y %n"
 # while it is listed; a plan waits for the whole listing anyway. The start time is taken
 # before either reads anything (see ``blocked.assemble_while_listing``), and the helper ends only
 # once the listing is complete. While that job runs, the shell itself opens no FIFO: its
-# end would interrupt a blocked open(), which busybox's redirections do not retry, so the
-# FIFOs are opened by the children (``$(cat …)``, tar's and xargs' redirections).
+# end would interrupt a blocked open(), which busybox's redirections do not retry (and ash
+# opens a command's redirections before it forks), so subshells open them.
 PLANNED_BACKUP_SCRIPT = """cd /volume
 date +%%s > /transfer/listing-started
 errors=/transfer/listing-errors
@@ -98,10 +98,10 @@ mode=$(cat /transfer/go)
 [ "$mode" = stop ] && exit 0
 status=0
 if [ "$mode" = full ]; then
-  tar -cf - . > /transfer/stream || status=$?
+  (tar -cf - . > /transfer/stream) || status=$?
 else
-  xargs -0 -r /bin/sh -c 'tar -cf - --no-recursion "$@"' sh < /transfer/plan \\
-    > /transfer/stream || status=$?
+  (xargs -0 -r /bin/sh -c 'tar -cf - --no-recursion "$@"' sh < /transfer/plan \\
+    > /transfer/stream) || status=$?
   [ $status = 123 ] && status=1
 fi
 wait
