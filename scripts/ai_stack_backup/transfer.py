@@ -284,9 +284,15 @@ class PlannedStream:
 
     def started(self):
         """Give the helper's start of the listing (its first step, before it reads anything)."""
-        _wait_for_file(self.folder, LISTING_STARTED, self.helper, self.what, "listing the volume")
-        with open(self.folder.file(LISTING_STARTED), "rb") as file:
-            return file.read().strip()
+        while True:
+            _wait_for_file(self.folder, LISTING_STARTED, self.helper, self.what,
+                           "listing the volume")
+            with open(self.folder.file(LISTING_STARTED), "rb") as file:
+                written = file.read()
+            # ``date`` creates the file before it writes its line.
+            if written.endswith(b"\n") or not self.helper.running():
+                return written.strip()
+            time.sleep(HELPER_POLL)
 
     def listing_as_written(self):
         """Give a ListingAsWritten of this helper's listing (close it after use)."""
