@@ -175,6 +175,12 @@ def _set_blocking_and_widen(descriptor):
         fcntl.fcntl(descriptor, F_SETPIPE_SZ, PIPE_SIZE)
 
 
+def _ended_before(helper, what, doing):
+    """Give the DockerError of a helper that ended before ``doing``."""
+    return DockerError(what, "the helper container ended before %s (exit %d): %s"
+                       % (doing, helper.wait(), helper.error_output()))
+
+
 def _open_fifo_for_reading(fifo, helper, what):
     """Open the FIFO once the helper has connected; give a blocking descriptor.
 
@@ -187,8 +193,7 @@ def _open_fifo_for_reading(fifo, helper, what):
         poller.register(descriptor, select.POLLIN | select.POLLHUP)
         while not poller.poll(100):
             if not helper.running():
-                raise DockerError(what, "the helper container ended before sending data "
-                                  "(exit %d): %s" % (helper.wait(), helper.error_output()))
+                raise _ended_before(helper, what, "sending data")
         _set_blocking_and_widen(descriptor)
     except BaseException:
         os.close(descriptor)
@@ -206,8 +211,7 @@ def _open_fifo_for_writing(fifo, helper, what):
             if error.errno != errno.ENXIO:  # ENXIO: no reader yet
                 raise
         if not helper.running():
-            raise DockerError(what, "the helper container ended before reading data (exit %d): %s"
-                              % (helper.wait(), helper.error_output()))
+            raise _ended_before(helper, what, "reading data")
         time.sleep(0.02)
     _set_blocking_and_widen(descriptor)
     return descriptor
@@ -243,8 +247,7 @@ def _wait_for_file(folder, name, helper, what, doing):
         if not helper.running():
             if os.path.exists(folder.file(name)):
                 return
-            raise DockerError(what, "the helper container ended before %s (exit %d): %s"
-                              % (doing, helper.wait(), helper.error_output()))
+            raise _ended_before(helper, what, doing)
         time.sleep(HELPER_POLL)
 
 
@@ -346,9 +349,7 @@ class ListingAsWritten:
                     continue
             helper = self._planned.helper
             if not helper.running() and not os.path.exists(self._path(LISTING)):
-                raise DockerError(self._planned.what, "the helper container ended before "
-                                  "listing the volume (exit %d): %s"
-                                  % (helper.wait(), helper.error_output()))
+                raise _ended_before(helper, self._planned.what, "listing the volume")
             time.sleep(HELPER_POLL)
 
     def close(self):
