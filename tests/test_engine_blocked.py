@@ -17,7 +17,7 @@ import zlib
 import pytest
 
 import testkit
-from ai_stack_backup import blocked, gzipstream
+from ai_stack_backup import blocked, gzipstream, names
 from ai_stack_backup.cli import backup_all_main, backup_docker_volume_main, \
     restore_docker_volume_main, verify_backup_main
 from conftest import SCRIPTS
@@ -438,6 +438,31 @@ def test_a_safety_copy_is_built_from_the_archive_and_undoes_the_restore_exactly(
     [linked] = re.findall(r"^Safety backup of the current contents: (\S+)$",
                           capsys.readouterr().out, re.M)
     assert linked != latest and os.path.samefile(linked, latest)
+    assert names.parse_archive_name(os.path.basename(linked))[0] == stocked_volume
+
+
+def test_a_volume_unchanged_since_the_archive_is_saved_under_an_archive_name(
+        helper_env, stocked_volume, tmp_path, monkeypatch, capsys):
+    # The safety copy is then a hard link to the archive being restored. It once got the
+    # name <volume>__None.tar.gz, which no command lists, restores or deletes.
+    archive = backup(stocked_volume, tmp_path / "archives")
+    state = testkit.volume_state(stocked_volume)
+    work = tmp_path / "work"
+    monkeypatch.setenv("BACKUP_DIR", str(work))  # no archive of the volume there
+    testkit.next_second()
+    capsys.readouterr()
+    assert restore_docker_volume_main([stocked_volume, archive, "--force"]) == 0
+    [saved] = re.findall(r"^Safety backup of the current contents: (\S+)$",
+                         capsys.readouterr().out, re.M)
+    assert os.path.samefile(saved, archive)  # unchanged: a link, not a new archive
+    assert os.path.dirname(saved) == str(work)
+    assert names.parse_archive_name(os.path.basename(saved))[0] == stocked_volume
+    with open(saved + ".sha256") as checksum, open(archive + ".sha256") as original:
+        assert checksum.read().split() == [original.read().split()[0],
+                                           os.path.basename(saved)]
+    assert sorted(os.listdir(str(work))) == [os.path.basename(saved) + suffix
+                                             for suffix in ("", ".listing", ".sha256")]
+    assert testkit.volume_state(stocked_volume) == state
 
 
 def test_a_restored_volume_is_backed_up_from_the_archive_by_content(

@@ -87,7 +87,7 @@ def _write_gzip_tar(source, output, config, reporter, work_folder=None, exclude=
     return members
 
 
-def write_archive(source, folder, produce, reporter, timestamp=None):
+def write_archive(source, folder, produce, reporter, timestamp):
     """Write ``folder/<source>__<timestamp>.tar.gz`` atomically; give a BackupResult.
 
     No status lines: ``backup`` frames this. ``produce(output, exclude)`` writes
@@ -96,7 +96,7 @@ def write_archive(source, folder, produce, reporter, timestamp=None):
     taken, BackupError otherwise.
     """
     started = time.monotonic()
-    path = os.path.join(folder, archive_name(source.archive_source, timestamp or utc_timestamp()))
+    path = os.path.join(folder, archive_name(source.archive_source, timestamp))
     with AtomicArchive(path) as archive:
         try:
             members = produce(archive.output, {archive.identity()})
@@ -194,6 +194,7 @@ def _write_planned(source, folder, config, reporter, work_folder, timestamp, hel
     recipe (``unchanged.recipe``) match that record gets a hard link to that archive
     instead."""
     started = time.monotonic()
+    timestamp = timestamp or utc_timestamp()  # a safety copy's: a link needs one too
     made_by = unchanged.recipe(source.exclusions, held)
     newest = newest_archive(folder, source.archive_source) or reuse_from
     saved = unchanged.read_record(newest) if newest else None
