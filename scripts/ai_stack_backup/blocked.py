@@ -430,7 +430,9 @@ class Assembler:
             buffer += chunk
             total += len(chunk)
             while len(buffer) >= PIECE_SIZE:
-                self._piece(entry, index, bytes(buffer[:PIECE_SIZE]), old)
+                with memoryview(buffer) as view:  # one copy, not two (a slice, then bytes)
+                    piece = bytes(view[:PIECE_SIZE])
+                self._piece(entry, index, piece, old)
                 del buffer[:PIECE_SIZE]
                 index += 1
         if total != size:
