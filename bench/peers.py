@@ -269,8 +269,9 @@ def main():
         results = two_nights(work, source, volume_name, rows)
         disks = many_nights(work, source, volume_name, rows)
         hourly_time, hourly_disk = hourly_day(work, source, volume_name)
-        print("\n%-40s %10s %10s %10s %8s %8s" % ("peers (one run; two nights: medians)", "ours", "restic", "borg",
-                                                   "ours/restic", "ours/borg"))
+        print("\n%-40s %10s %10s %10s %8s %8s" % (
+            "peers (one run; two nights: medians)", "ours", "restic", "borg", "ours/restic",
+            "ours/borg"))
         for label, ours, restic, borg in rows:
             print("%-40s %10.2f %10.2f %10.2f %7.2fx %7.2fx" % (
                 label, ours, restic, borg, ours / restic, ours / borg))
