@@ -484,7 +484,7 @@ def test_a_restored_volume_is_backed_up_from_the_archive_by_content(
 
 
 def test_a_name_with_a_line_break_keys_nothing_by_the_listing(helper_env, stocked_volume,
-                                                              tmp_path):
+                                                              tmp_path, capsys):
     # A first backup is tarred while it is listed: the record is keyed before the listing
     # turns out to hold a name that could forge a line of another file.
     in_volume(helper_env, stocked_volume, "printf x > \"/v/small/odd\n1 2 1 1 81a4 0 0 1 "
@@ -497,6 +497,13 @@ def test_a_name_with_a_line_break_keys_nothing_by_the_listing(helper_env, stocke
     assert all(block[6][1] is None for block in blocks if block[0] == "head")
     assert any(name.endswith("small/odd\n1 2 1 1 81a4 0 0 1 big.db")
                for name in testkit.archive_manifest(first))
+    # The next backup finds the helper's line for that name, plans nothing from the
+    # listing and reads the whole volume again.
+    testkit.next_second()
+    capsys.readouterr()
+    second = backup(stocked_volume, tmp_path / "backups")
+    assert "some names hold a line break; reading all of it" in capsys.readouterr().err
+    assert testkit.archive_manifest(second) == testkit.archive_manifest(first)
 
 
 def test_a_first_backup_of_a_volume_written_all_the_time_is_complete_and_restores(

@@ -54,6 +54,7 @@ from . import docker
 from .docker import Helper
 from .errors import ArchiveError, BackupError, DockerError, NoRoom, describe_os_error
 from .files import WORK_PREFIX, BatchedWriter, pipe_writer
+from .blocked import ODD_NAME_LINE
 from .tarstream import DIRECTORY, END_OF_ARCHIVE, FILE, SYMLINK, member_header, padding
 
 STREAM, PLAIN, FOLDERS, SYMLINKS, COMPLETE = \
@@ -72,9 +73,10 @@ BACKUP_SCRIPT = "tar -C /volume -cf /transfer/stream ."
 # so the names go as arguments through ``xargs -0``: one tar stream per batch, read as one
 # (``TarReader(concatenated=True)``); xargs says 123 when a tar ended with 1 (a file gone).
 # ``/bin/sh`` by path: busybox xargs runs a bare ``sh`` as its own applet, past any wrapper.
-# Names with a line break cannot be told apart in the listing: the plan is then a full tar.
-LISTING, LISTING_STARTED, LISTING_ERRORS, ODD_NAMES, GO, PLAN = \
-    "listing", "listing-started", "listing-errors", "odd-names", "go", "plan"
+# Names with a line break cannot be told apart in the listing (``blocked.ODD_NAME_LINE``): the
+# plan is then a full tar.
+LISTING, LISTING_STARTED, LISTING_ERRORS, GO, PLAN = \
+    "listing", "listing-started", "listing-errors", "go", "plan"
 LISTING_FORMAT = "%Z %i %h %s %f %u %g %Y %n"
 # An entry gone between readdir and stat is only a line on stderr (and exit 1), as on any
 # busy volume; a failure that says nothing is written down, so it is never taken for one.
@@ -88,10 +90,10 @@ PLANNED_BACKUP_SCRIPT = """cd /volume
 date +%%s > /transfer/listing-started
 errors=/transfer/listing-errors
 {
-  find . -exec stat -c '%s' {} + > /transfer/listing.part 2> $errors \\
-    || [ -s $errors ] || echo "find failed" >> $errors
   find . -name '*
-*' > /transfer/odd-names 2>> $errors || [ -s $errors ] || echo "find failed" >> $errors
+*' -exec echo '%s' \\; -o -name '*
+*' -o -exec stat -c '%s' {} + > /transfer/listing.part 2> $errors \\
+    || [ -s $errors ] || echo "find failed" >> $errors
   mv /transfer/listing.part /transfer/listing
 } &
 mode=$(cat /transfer/go)
@@ -105,7 +107,7 @@ else
   [ $status = 123 ] && status=1
 fi
 wait
-exit $status""" % LISTING_FORMAT
+exit $status""" % (ODD_NAME_LINE.decode(), LISTING_FORMAT)
 HELPER_POLL = 0.01  # how often a file the helper publishes is looked for
 LISTING_READ = 1 << 16  # how much of a growing listing is read at a time
 BACKUP_TO_STDOUT_SCRIPT = "tar -C /volume -cf - ."
@@ -275,15 +277,14 @@ class PlannedStream:
         self.folder, self.helper, self.what = folder, helper, what
 
     def wait_for_listing(self):
-        """Give ``(started, listing path, errors, odd names)`` once the listing is complete
-        (``errors`` or ``odd names`` non-empty: unusable); raises DockerError if the helper
-        ended without one."""
+        """Give ``(started, listing path, errors)`` once the listing is complete (``errors``
+        non-empty: unusable); raises DockerError if the helper ended without one."""
         _wait_for_file(self.folder, LISTING, self.helper, self.what, "listing the volume")
         found = []
-        for name in (LISTING_STARTED, LISTING_ERRORS, ODD_NAMES):
+        for name in (LISTING_STARTED, LISTING_ERRORS):
             with open(self.folder.file(name), "rb") as file:
                 found.append(file.read())
-        return found[0].strip(), self.folder.file(LISTING), found[1], found[2]
+        return found[0].strip(), self.folder.file(LISTING), found[1]
 
     def started(self):
         """Give the helper's start of the listing (its first step, before it reads anything)."""
