@@ -39,6 +39,7 @@ from .files import LISTING_SUFFIX, publish_text
 from .gzipstream import member_length
 from .tarstream import END_OF_ARCHIVE, FILE, HARDLINK, Member, TarReader, encode_header, \
     normalize, padding
+from .transfer import ODD_NAME_LINE
 from .unchanged import FORMAT as RECORD_FORMAT, archive_identity, checksum_of
 
 RUN_SIZE = 1 << 20  # a run member closes once it holds this much tar
@@ -112,12 +113,6 @@ class Listing:
     def __init__(self, path, started, digest, racy, problem=None):
         self.path, self.started, self.digest, self.racy = path, started, digest, racy
         self.problem = problem
-
-
-# A name with a line break could forge a listing line. The helper's find gives such an
-# entry no line of its own but this one, which no stat line can be, and one is enough to
-# distrust the whole listing (one walk: a second find for such names cost a third more).
-ODD_NAME_LINE = b"?"
 
 
 def _harmless(errors):

@@ -54,7 +54,6 @@ from . import docker
 from .docker import Helper
 from .errors import ArchiveError, BackupError, DockerError, NoRoom, describe_os_error
 from .files import WORK_PREFIX, BatchedWriter, pipe_writer
-from .blocked import ODD_NAME_LINE
 from .tarstream import DIRECTORY, END_OF_ARCHIVE, FILE, SYMLINK, member_header, padding
 
 STREAM, PLAIN, FOLDERS, SYMLINKS, COMPLETE = \
@@ -73,11 +72,14 @@ BACKUP_SCRIPT = "tar -C /volume -cf /transfer/stream ."
 # so the names go as arguments through ``xargs -0``: one tar stream per batch, read as one
 # (``TarReader(concatenated=True)``); xargs says 123 when a tar ended with 1 (a file gone).
 # ``/bin/sh`` by path: busybox xargs runs a bare ``sh`` as its own applet, past any wrapper.
-# Names with a line break cannot be told apart in the listing (``blocked.ODD_NAME_LINE``): the
-# plan is then a full tar.
+# Names with a line break cannot be told apart in the listing: the plan is then a full tar.
 LISTING, LISTING_STARTED, LISTING_ERRORS, GO, PLAN = \
     "listing", "listing-started", "listing-errors", "go", "plan"
 LISTING_FORMAT = "%Z %i %h %s %f %u %g %Y %n"
+# A name with a line break could forge a listing line. The listing's one find gives such
+# an entry no line of its own but this one, which no stat line can be, and one is enough
+# to distrust the whole listing (a second find only for such names cost a third more).
+ODD_NAME_LINE = b"?"
 # An entry gone between readdir and stat is only a line on stderr (and exit 1), as on any
 # busy volume; a failure that says nothing is written down, so it is never taken for one.
 # The listing runs in the background: a first backup (``full`` told at once) tars the volume
