@@ -23,6 +23,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench  # noqa: E402
+import engine  # noqa: E402
 import testkit  # noqa: E402  (bench put dev/ on the path)
 
 MiB = bench.MiB
@@ -249,12 +250,20 @@ def hourly_day(work, source, volume_name):
 
 
 def main():
-    testkit.build_helper_image()
-    os.environ["BACKUP_HELPER_IMAGE"] = bench.IMAGE
-    for program in ("restic", "borg", "mkfs.xfs"):
+    for program in ("restic", "borg", "mkfs.xfs", "mkfs.ext4"):
         if shutil.which(program) is None:
             raise SystemExit("bench: %s is missing (make prepare installs it)" % program)
     work = tempfile.mkdtemp(prefix="aisb-peers-", dir=os.environ.get("BENCH_DIR", "/var/tmp"))
+    try:
+        with engine.own_engine(work) as where:
+            bench_peers(work, where)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_peers(work, where):
+    testkit.build_helper_image()
+    os.environ["BACKUP_HELPER_IMAGE"] = bench.IMAGE
     os.environ["BACKUP_DIR"] = os.path.join(work, "backup-dir")
     bench.compiled_as_on_a_host(work)
     volume_name = "aisb-bench-peers-%d" % os.getpid()
@@ -264,8 +273,8 @@ def main():
     try:
         source = os.path.join(work, "stack")
         size = bench.make_stack_data(source)
-        print("peers: %d CPUs, stack data %.0f MB, %s, %s" % (
-            len(os.sched_getaffinity(0)), size / 1e6, *versions), flush=True)
+        print("peers: %d CPUs, stack data %.0f MB, %s, %s; %s" % (
+            len(os.sched_getaffinity(0)), size / 1e6, *versions, where), flush=True)
         results = two_nights(work, source, volume_name, rows)
         disks = many_nights(work, source, volume_name, rows)
         hourly_time, hourly_disk = hourly_day(work, source, volume_name)
@@ -282,7 +291,6 @@ def main():
                  disks["xfs", "ours"] / disks["xfs", "restic"]))
     finally:
         bench.volume_remove(volume_name)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ command -v mkfs.xfs >/dev/null 2>&1 || missing="$missing xfsprogs"
 if [ "${1:-}" = bench ]; then
     command -v restic >/dev/null 2>&1 || missing="$missing restic"
     command -v borg >/dev/null 2>&1 || missing="$missing borgbackup"
+    # mkfs.ext4: the bench's own engine keeps its volumes on an ext4 with a journal
+    command -v mkfs.ext4 >/dev/null 2>&1 || missing="$missing e2fsprogs"
 fi
 if [ -n "$missing" ]; then
     if [ "$(id -u)" != 0 ]; then

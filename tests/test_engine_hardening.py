@@ -569,8 +569,8 @@ def test_a_restore_removes_every_old_entry_and_follows_no_link(engine, make_volu
     for name in ("d1/d2/d3/deep", ".hidden", ".h/.inner/..x", "..dots/-rf/-f", "new\nline",
                  "d1/.x"):
         (old / name).write_text("old")
-    for index in range(300):  # more entries two levels down than one rm takes at once
-        (old / "many" / ("f%03d" % index)).write_text("old")
+    for index in range(1100):  # entries two levels down for three rm at once
+        (old / "many" / ("f%04d" % index)).write_text("old")
     for name, points_to in (("to-transfer", "/transfer"), ("d1/to-root", "/"),
                             ("d1/d2/to-transfer", "/transfer/")):
         os.symlink(points_to, old / name)
@@ -588,7 +588,7 @@ def test_a_restore_removes_every_old_entry_and_follows_no_link(engine, make_volu
     assert len(saved) == 1  # the old tree, symlinks as symlinks, in its safety copy
     with tarfile.open(os.path.join(work, saved[0])) as safety:
         assert safety.getmember("./d1/to-root").linkname == "/"
-        assert safety.getmember("./many/f299").isfile()
+        assert safety.getmember("./many/f1099").isfile()
 
 
 # --- volumes in use ----------------------------------------------------------------
