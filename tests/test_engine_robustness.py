@@ -279,6 +279,34 @@ def test_a_drill_finds_a_restore_that_lost_or_changed_files(engine, make_volume,
     assert drill_volumes() == scratch_before
 
 
+# Writes the volume as busybox does, then fails (the drill's read-back: ``tar -C /volume -cf``).
+FAILING_READ_BACK = (b'busybox tar "$@" || return $?; case "$*" in *" -cf "*) '
+                     b'echo "tar: read error" >&2; return 2;; esac')
+
+
+def test_a_drill_whose_read_back_fails_says_so_and_removes_its_volume(
+        engine, make_volume, tmp_path, own_backup_dir, monkeypatch):
+    """The helper that reads the scratch volume back empties it afterwards either way; the
+    drill fails on tar's status, not on the wipe's, and the volume is gone."""
+    monkeypatch.setenv("BACKUP_HELPER_IMAGE", engine)
+    volume = make_volume()
+    for index in range(40):
+        (tmp_path / "tree" / ("d%02d" % index)).mkdir(parents=True)
+        (tmp_path / "tree" / ("d%02d" % index) / "file").write_text(str(index))
+    testkit.fill_volume(volume, tmp_path / "tree")
+    assert cli.backup_docker_volume_main([volume, str(own_backup_dir), "--quiet"]) == 0
+    monkeypatch.setenv("BACKUP_HELPER_IMAGE", testkit.build_variant_image("failing-read-back",
+                                                                          FAILING_READ_BACK))
+    scratch_before = drill_volumes()
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        assert cli.drill_restore_main([volume, "--quiet"]) == 1
+    assert "DRILL FAILED %s" % volume in output.getvalue()
+    assert "reading back the drill volume %s" % drill.SCRATCH_PREFIX in output.getvalue()
+    assert "the helper exited with 2: tar: read error" in output.getvalue()
+    assert drill_volumes() == scratch_before
+
+
 def test_a_drill_restores_into_scratch_and_compares(helper_env, make_volume, tmp_path,
                                                     own_backup_dir, capsys):
     volume = make_volume()

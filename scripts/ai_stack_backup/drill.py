@@ -239,16 +239,17 @@ def _checked(members):
 
 
 def _compare_with_volume(comparison, image, volume, work_folder, databases, reporter):
-    """Read the restored volume back into the ``comparison``; give the difference in words,
-    or None."""
+    """Read the restored volume back into the ``comparison``, and have the helper empty it
+    then (it is removed next); give the difference in words, or None."""
     what = "reading back the drill volume %s" % volume
-    with transfer.volume_tar_stream(image, volume, work_folder, what) as (descriptor, helper):
+    with transfer.read_back_and_empty(image, volume, work_folder, what) as (descriptor, helper):
         reader = TarReader(transfer.stream_chunks(descriptor))
         for path, fingerprint in _fingerprints(_checked(reader), reader.data,
                                                comparison.fingerprint_of, databases):
             comparison.take(path, fingerprint)
+        difference = comparison.difference()  # while the helper empties the volume
         helper.finish(what, reporter)
-    return comparison.difference()
+    return difference
 
 
 def remove_abandoned_scratch_volumes(image, reporter):
@@ -289,18 +290,17 @@ def drill(volume, config, reporter, archive=None):
     scratch = SCRATCH_PREFIX + secrets.token_hex(6)
     quiet = reporter.silent()
     started = time.monotonic()
-    result = None
+    emptied = False
     try:
         with volume_lock(scratch):
             try:
-                result = _drill_into(scratch, volume, archive, config, quiet, started)
+                result, emptied = _drill_into(scratch, volume, archive, config, quiet, started)
                 return result
             finally:
                 try:
                     if docker.volume_exists(scratch):
                         transfer.remove_volume(config.helper_image, scratch, quiet,
-                                               result.members if result and
-                                               result.problem is None else None)
+                                               0 if emptied else None)
                 except BackupError as error:
                     reporter.error("the drill volume %s could not be removed: %s; remove it "
                                    "with: docker volume rm %s" % (scratch, error, scratch))
@@ -309,6 +309,7 @@ def drill(volume, config, reporter, archive=None):
 
 
 def _drill_into(scratch, volume, archive, config, quiet, started):
+    """Give ``(DrillResult, whether the scratch volume was read back and emptied)``."""
     try:
         work_folder = pipeline.work_folder_for(config, quiet)
         with _Comparison(work_folder) as comparison, DatabaseCheck(work_folder) as databases:
@@ -325,9 +326,9 @@ def _drill_into(scratch, volume, archive, config, quiet, started):
             damaged = [result.describe() for result in databases.results() if result.problem]
             members = comparison.members
         problem = difference or ("; ".join(damaged) if damaged else None)
-        return DrillResult(volume, archive, members, seconds, problem)
+        return DrillResult(volume, archive, members, seconds, problem), True
     except (BackupError, ArchiveError) as error:
-        return DrillResult(volume, archive, problem=str(error))
+        return DrillResult(volume, archive, problem=str(error)), False
 
 
 def drill_path(path, archive, config, reporter):
