@@ -476,12 +476,7 @@ class _Named:
 
 
 def main():
-    work = tempfile.mkdtemp(prefix="aisb-bench-", dir=os.environ.get("BENCH_DIR", "/var/tmp"))
-    try:
-        with engine.own_engine(work) as where:
-            bench_all(work, where)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    engine.run_in_own_engine("aisb-bench-", bench_all)
 
 
 def bench_all(work, where):

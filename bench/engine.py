@@ -15,8 +15,10 @@ loop file → mkfs.ext4 → mount → dockerd → DOCKER_HOST for all the bench 
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 SIZE = 48 << 30  # sparse: only what the bench writes takes disk
@@ -28,6 +30,17 @@ def _run(command):
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit("bench: %s failed: %s" % (" ".join(command), result.stderr.strip()))
+
+
+def run_in_own_engine(prefix, bench):
+    """Call ``bench(work, where)`` with a fresh work folder named ``prefix…`` (in BENCH_DIR,
+    default /var/tmp) and the bench's own engine running; remove both afterwards."""
+    work = tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("BENCH_DIR", "/var/tmp"))
+    try:
+        with own_engine(work) as where:
+            bench(work, where)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -253,12 +253,7 @@ def main():
     for program in ("restic", "borg", "mkfs.xfs", "mkfs.ext4"):
         if shutil.which(program) is None:
             raise SystemExit("bench: %s is missing (make prepare installs it)" % program)
-    work = tempfile.mkdtemp(prefix="aisb-peers-", dir=os.environ.get("BENCH_DIR", "/var/tmp"))
-    try:
-        with engine.own_engine(work) as where:
-            bench_peers(work, where)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    engine.run_in_own_engine("aisb-peers-", bench_peers)
 
 
 def bench_peers(work, where):
