@@ -250,6 +250,19 @@ def drill_volumes():
         drill.OWNER_LABEL, os.getpid())).split())
 
 
+def failed_drill(volume, variant, tar_function, monkeypatch):
+    """Drill ``volume`` with the helper variant whose tar is ``tar_function``: it must fail
+    (exit 1) and leave no scratch volume; give what it printed."""
+    monkeypatch.setenv("BACKUP_HELPER_IMAGE", testkit.build_variant_image(variant,
+                                                                          tar_function))
+    scratch_before = drill_volumes()
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        assert cli.drill_restore_main([volume, "--quiet"]) == 1
+    assert drill_volumes() == scratch_before
+    return output.getvalue()
+
+
 # Extracts as busybox does, then loses one file and changes another.
 LOSSY_EXTRACT = (b'busybox tar "$@" || return $?; case "$1" in -x*) rm -f /volume/a/one.txt; '
                  b'echo tampered >> /volume/b/three.txt;; esac')
@@ -268,15 +281,9 @@ def test_a_drill_finds_a_restore_that_lost_or_changed_files(engine, make_volume,
     testkit.fill_volume(volume, tmp_path / "tree")
     assert cli.backup_docker_volume_main([volume, str(own_backup_dir), "--quiet"]) == 0
     assert cli.drill_restore_main([volume, "--quiet"]) == 0
-    monkeypatch.setenv("BACKUP_HELPER_IMAGE", testkit.build_variant_image("lossy-extract",
-                                                                          LOSSY_EXTRACT))
-    scratch_before = drill_volumes()
-    output = io.StringIO()
-    with contextlib.redirect_stdout(output):
-        assert cli.drill_restore_main([volume, "--quiet"]) == 1
-    assert output.getvalue().endswith(": the restored tree differs: 1 missing (a/one.txt); "
-                                      "1 different (b/three.txt)\n"), output.getvalue()
-    assert drill_volumes() == scratch_before
+    printed = failed_drill(volume, "lossy-extract", LOSSY_EXTRACT, monkeypatch)
+    assert printed.endswith(": the restored tree differs: 1 missing (a/one.txt); "
+                            "1 different (b/three.txt)\n"), printed
 
 
 # Writes the volume as busybox does, then fails (the drill's read-back: ``tar -C /volume -cf``).
@@ -295,16 +302,10 @@ def test_a_drill_whose_read_back_fails_says_so_and_removes_its_volume(
         (tmp_path / "tree" / ("d%02d" % index) / "file").write_text(str(index))
     testkit.fill_volume(volume, tmp_path / "tree")
     assert cli.backup_docker_volume_main([volume, str(own_backup_dir), "--quiet"]) == 0
-    monkeypatch.setenv("BACKUP_HELPER_IMAGE", testkit.build_variant_image("failing-read-back",
-                                                                          FAILING_READ_BACK))
-    scratch_before = drill_volumes()
-    output = io.StringIO()
-    with contextlib.redirect_stdout(output):
-        assert cli.drill_restore_main([volume, "--quiet"]) == 1
-    assert "DRILL FAILED %s" % volume in output.getvalue()
-    assert "reading back the drill volume %s" % drill.SCRATCH_PREFIX in output.getvalue()
-    assert "the helper exited with 2: tar: read error" in output.getvalue()
-    assert drill_volumes() == scratch_before
+    printed = failed_drill(volume, "failing-read-back", FAILING_READ_BACK, monkeypatch)
+    assert "DRILL FAILED %s" % volume in printed
+    assert "reading back the drill volume %s" % drill.SCRATCH_PREFIX in printed
+    assert "the helper exited with 2: tar: read error" in printed
 
 
 def test_a_drill_restores_into_scratch_and_compares(helper_env, make_volume, tmp_path,

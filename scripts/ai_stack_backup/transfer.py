@@ -30,7 +30,8 @@ The restore script, step by step (into an existing volume, the same helper
 first publishes ``probe`` and waits for ``go``):
 
 1. fd 4 opens ``plain.tar`` if it exists, else the FIFO ``stream``;
-2. the volume is emptied, hidden entries included, many entries at once;
+2. the volume is emptied, hidden entries included, up to sixteen of its top
+   folders at once (never names through xargs -P: see ``WIPE_SCRIPT``);
 3. tar extracts fd 4 with numeric owners;
 4. without ``complete`` the stream ended early: exit 4 (the volume is then
    rolled back by the caller);
