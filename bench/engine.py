@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -35,6 +36,9 @@ def _run(command):
 def run_in_own_engine(prefix, bench):
     """Call ``bench(work, where)`` with a fresh work folder named ``prefix…`` (in BENCH_DIR,
     default /var/tmp) and the bench's own engine running; remove both afterwards."""
+    # A SIGTERM (make stopped, a timeout) unwinds like Ctrl-C: the engine is stopped and the
+    # filesystem unmounted, never left behind.
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
     work = tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("BENCH_DIR", "/var/tmp"))
     try:
         with own_engine(work) as where:
