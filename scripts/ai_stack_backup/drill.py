@@ -299,8 +299,7 @@ def drill(volume, config, reporter, archive=None):
             finally:
                 try:
                     if docker.volume_exists(scratch):
-                        transfer.remove_volume(config.helper_image, scratch, quiet,
-                                               0 if emptied else None)
+                        transfer.remove_volume(config.helper_image, scratch, quiet, emptied)
                 except BackupError as error:
                     reporter.error("the drill volume %s could not be removed: %s; remove it "
                                    "with: docker volume rm %s" % (scratch, error, scratch))

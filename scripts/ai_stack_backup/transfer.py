@@ -484,14 +484,11 @@ def stream_chunks(descriptor, progress=None):
         yield chunk
 
 
-MANY_ENTRIES = 5000  # a volume with fewer goes faster without a helper than with one
-
-
-def remove_volume(image, volume, reporter, entries=None):
-    """Remove ``volume``; one of many ``entries`` (or an unknown number) is emptied first by
-    a helper (``WIPE_SCRIPT``: several times faster than the engine's removal of many
-    files). Raises BackupError if it cannot be removed."""
-    if entries is None or entries >= MANY_ENTRIES:
+def remove_volume(image, volume, reporter, emptied=False):
+    """Remove ``volume``; unless a helper already ``emptied`` it, a helper empties it first
+    (``WIPE_SCRIPT``: several times faster than the engine's removal of many files). Raises
+    BackupError if it cannot be removed."""
+    if not emptied:
         try:
             wipe_volume(image, volume, reporter)
         except BackupError:
