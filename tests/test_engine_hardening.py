@@ -14,7 +14,7 @@ import tarfile
 import pytest
 
 import testkit
-from ai_stack_backup import cli, files
+from ai_stack_backup import cli, files, pipeline
 from ai_stack_backup.names import archive_name
 from conftest import SCRIPTS
 from test_tarstream import HOSTILE, HOSTILE_RULES, entry, raw_tar
@@ -527,8 +527,9 @@ def _docker_runs_counted(tmp_path, monkeypatch):
 
 def test_a_restore_looks_at_an_existing_volume_and_restores_it_in_one_helper(
         helper_env, make_volume, tmp_path, monkeypatch, capsys):
-    """The helper that measures an existing volume then waits, and restores it: one container
-    into an empty volume, two over a full one (the safety copy's and the restore's)."""
+    """The helper that measures an existing volume then waits, lists and tars it for the
+    safety copy, and restores it: one container into an empty volume, and one over a full
+    one."""
     source = make_volume()
     testkit.fill_volume(source, testkit.make_tricky_tree(tmp_path / "tricky").decode())
     archive = backup_of(source, tmp_path / "archives")
@@ -540,11 +541,63 @@ def test_a_restore_looks_at_an_existing_volume_and_restores_it_in_one_helper(
     assert cli.restore_docker_volume_main([target, archive, "--force", "--quiet"]) == 0
     assert runs() == 1
     assert testkit.volume_state(target) == testkit.volume_state(source)
+    (tmp_path / "today").mkdir()
+    (tmp_path / "today" / "today.txt").write_text("written since the restore")
+    testkit.fill_volume(target, tmp_path / "today")  # no docker run
+    before = testkit.volume_state(target)
     assert cli.restore_docker_volume_main([target, archive, "--force", "--quiet"]) == 0
-    assert runs() == 2
+    assert runs() == 1
     assert testkit.volume_state(target) == testkit.volume_state(source)
-    assert "Safety backup of the current contents" in capsys.readouterr().out
+    [saved] = re.findall(r"^Safety backup of the current contents: (\S+)$",
+                         capsys.readouterr().out, re.M)
+    copy = make_volume()  # the safety copy holds what the volume held
+    assert cli.restore_docker_volume_main([copy, saved, "--force", "--quiet"]) == 0
+    assert testkit.volume_state(copy) == before
     assert testkit.helper_containers(target) == []
+
+
+@pytest.mark.parametrize("changed", [True, False], ids=["written copy", "linked copy"])
+def test_a_safety_copy_whose_name_is_taken_is_made_a_second_later(
+        helper_env, make_volume, tmp_path, monkeypatch, capsys, changed):
+    """The safety copy's name is taken (an archive of the same second), which is found before
+    anything is tarred (a written copy) or linked (a link to the archive, the volume being
+    unchanged since): the restore's helper, still waiting to be told what to tar, is
+    stopped; fresh helpers make the copy a second later and restore (three containers in
+    all), and the restore goes through."""
+    volume = make_volume()
+    (tmp_path / "tree" / "sub").mkdir(parents=True)  # no hard link: a link needs none
+    (tmp_path / "tree" / "a.txt").write_text("a")
+    (tmp_path / "tree" / "sub" / "b.bin").write_bytes(os.urandom(3 << 20))
+    testkit.fill_volume(volume, tmp_path / "tree")
+    testkit.next_second()  # a listing with no racy entry: the record can prove "unchanged"
+    archive = backup_of(volume, tmp_path / "archives")
+    restored = testkit.volume_state(volume)
+    if changed:
+        (tmp_path / "today").mkdir()
+        (tmp_path / "today" / "today.txt").write_text("written since the backup")
+        testkit.fill_volume(volume, tmp_path / "today")
+    before = testkit.volume_state(volume)
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    taken = work / archive_name(volume, "20300101T000000Z")
+    taken.write_bytes(b"an archive of the same second")
+    monkeypatch.setenv("BACKUP_DIR", str(work))
+    stamps = iter(["20300101T000000Z", "20300101T000001Z"])
+    monkeypatch.setattr(pipeline, "utc_timestamp", lambda: next(stamps))
+    runs = _docker_runs_counted(tmp_path, monkeypatch)
+    testkit.next_second()  # no ctime as new as the copy's listing
+    capsys.readouterr()
+    assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet"]) == 0
+    assert runs() == 3
+    [saved] = re.findall(r"^Safety backup of the current contents: (\S+)$",
+                         capsys.readouterr().out, re.M)
+    assert saved == str(work / archive_name(volume, "20300101T000001Z"))
+    assert taken.read_bytes() == b"an archive of the same second"
+    assert testkit.volume_state(volume) == restored
+    copy = make_volume()
+    assert cli.restore_docker_volume_main([copy, saved, "--force", "--quiet"]) == 0
+    assert testkit.volume_state(copy) == before
+    assert testkit.helper_containers(volume) == []
 
 
 # busybox 1.35's ``xargs -0 -P`` hands its commands pieces of names, ``/`` among them (a few

@@ -22,12 +22,18 @@ The transfer folder (``.ai_stack_backup-transfer-…``, 0700, flocked while in u
                what ``stat`` said (anything there: the listing is unusable).
 ``probe``      Restore into an existing volume: its free and used space,
                whether it is empty, its root folder; published once complete.
-``go``         FIFO. The word that starts a waiting helper's next step (a
-               backup's plan, or the restore of a probed volume).
+``go``         FIFO. The word that tells a listing helper what to tar (its
+               plan, everything, or nothing).
+``step``       FIFO. The word that starts a probed volume's next step: its
+               safety copy, or the restore.
+``saved``      The safety copy's step ended: its exit status, published once
+               written; ``saved-errors`` holds what the step said on stderr.
 =============  ==============================================================
 
 The restore script, step by step (into an existing volume, the same helper
-first publishes ``probe`` and waits for ``go``):
+first publishes ``probe`` and waits on ``step``; told ``save``, it lists and
+tars the volume for the safety copy as a backup's helper does, publishes
+``saved`` and waits again):
 
 1. fd 4 opens ``plain.tar`` if it exists, else the FIFO ``stream``;
 2. the volume is emptied, hidden entries included, up to sixteen of its top
@@ -284,9 +290,9 @@ def _wait_for_file(folder, name, helper, what, doing):
         time.sleep(HELPER_POLL)
 
 
-def _tell(folder, helper, what, mode):
-    """Hand a helper waiting on the FIFO ``go`` its next step (one word)."""
-    descriptor = _open_fifo_for_writing(folder.file(GO), helper, what)
+def _tell(folder, helper, what, mode, fifo=GO):
+    """Hand a helper waiting on the FIFO ``fifo`` its next step (one word)."""
+    descriptor = _open_fifo_for_writing(folder.file(fifo), helper, what)
     try:
         os.write(descriptor, mode.encode() + b"\n")
     finally:
@@ -417,17 +423,30 @@ class VolumeProbe:
         self.free, self.held, self.empty, self.root = free, held, empty, root
 
 
-# A restore of an existing volume runs one helper, not a probe and then a restore: it
-# publishes the probe, then waits on ``go`` while the archive is checked and the volume
-# saved: ``go`` restores, anything else (or the FIFO closed unwritten) ends it.
+# A restore of an existing volume runs one helper, not a probe, a safety copy's helper and
+# then a restore: it publishes the probe, then waits on ``step`` while the archive is
+# checked. ``save`` runs the safety copy's listing and tar (``PLANNED_BACKUP_SCRIPT``, told
+# on ``go`` what to tar) with its stderr and exit status in files of their own, and waits
+# again; ``go`` restores; anything else (or the FIFO closed unwritten) ends it. The step
+# runs as a background job only so that ``set -e`` holds inside it (it would not on the
+# left of ``||``). It waits on ``step``, not ``go``: a word for the step's ``go`` must never
+# reach a read of the helper's own that has not closed the FIFO yet.
 PROBED_RESTORE_SCRIPT = """{
 %s
 } > /transfer/probe.part
 mv /transfer/probe.part /transfer/probe
-read mode < /transfer/go
+read mode < /transfer/step
+while [ "$mode" = save ]; do
+  (%s) 2> /transfer/saved-errors &
+  status=0
+  wait $! || status=$?
+  echo $status > /transfer/saved.part
+  mv /transfer/saved.part /transfer/saved
+  read mode < /transfer/step
+done
 [ "$mode" = go ] || exit 0
-%s""" % (PROBE_SCRIPT, RESTORE_SCRIPT)
-PROBE = "probe"
+%s""" % (PROBE_SCRIPT, PLANNED_BACKUP_SCRIPT, RESTORE_SCRIPT)
+PROBE, STEP, SAVED, SAVED_ERRORS = "probe", "step", "saved", "saved-errors"
 
 
 @contextlib.contextmanager
@@ -435,16 +454,102 @@ def probed_restore(image, volume, folder):
     """Start the helper that restores an existing volume through the transfer ``folder``;
     give ``(VolumeProbe, helper)`` once it has looked at the volume.
 
-    The helper then waits for ``fill_volume(…, waiting=helper)``; leaving the
-    block stops it if it was not used. Raises DockerError.
+    The helper then waits for ``planned_step`` (the safety copy) and for
+    ``fill_volume(…, waiting=helper)``; leaving the block stops it if it was
+    not used. Raises DockerError.
     """
     what = "measuring volume %s" % volume
-    os.mkfifo(folder.file(GO), 0o600)
+    os.mkfifo(folder.file(STEP), 0o600)
     with Helper(image, volume, PROBED_RESTORE_SCRIPT, transfer_path=folder.path) as helper:
         _wait_for_file(folder, PROBE, helper, what, "measuring the volume")
         with open(folder.file(PROBE), "rb") as file:
             probe = _read_probe(file.read(), what)
         yield probe, helper
+
+
+class HelperStep:
+    """The safety copy's step of a restore's waiting helper, as a caller of a ``Helper``
+    sees one: running, its exit status and its stderr are those of the step alone (the
+    files ``saved`` and ``saved-errors``), while the container goes on."""
+
+    def __init__(self, helper, folder):
+        self._helper, self._folder = helper, folder
+
+    def _status(self):
+        try:
+            with open(self._folder.file(SAVED), "rb") as file:
+                return int(file.read())
+        except FileNotFoundError:
+            return None
+
+    def running(self):
+        return self._helper.running() and not os.path.exists(self._folder.file(SAVED))
+
+    def wait(self, timeout=None):
+        """Wait for the step to end; give its exit status (the container's, if that ended
+        within the step; None if ``timeout`` ran out)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self._status()
+            if status is not None:
+                return status
+            if not self._helper.running():
+                status = self._status()
+                return self._helper.wait() if status is None else status
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(HELPER_POLL)
+
+    def _lines(self):
+        with contextlib.suppress(FileNotFoundError):
+            with open(self._folder.file(SAVED_ERRORS), "rb") as file:
+                return [line.decode("utf-8", "replace").rstrip("\n") for line in file]
+        return []
+
+    def warnings(self):
+        """Give every stderr line of the step, or None when there were too many to keep."""
+        lines = self._lines()
+        return lines if len(lines) <= docker.STDERR_KEEP_LINES else None
+
+    def error_output(self):
+        lines = self._lines()
+        if self._status() is None and not self._helper.running():
+            return self._helper.error_output()  # the container ended within the step
+        return " / ".join(lines[-docker.STDERR_TAIL_LINES:]) or "no error output"
+
+    def failed(self, what, returncode=None):
+        if returncode is None:
+            returncode = self.wait(timeout=docker.HELPER_EXIT_GRACE)
+        return DockerError("%s failed" % what, "the helper exited with %s: %s"
+                           % (returncode, self.error_output()))
+
+
+@contextlib.contextmanager
+def planned_step(folder, helper, what):
+    """Have a restore's helper waiting in ``probed_restore`` list the volume and tar what it
+    is told, as ``planned_tar_stream``'s helper does, and wait again afterwards; give the
+    PlannedStream.
+
+    A block left by an error before the step ended (say, while the step waits
+    to be told what to tar) stops the helper, and so does a step that does not
+    end soon after the block: it can then neither hang nor meet a later step's
+    files, and what follows (a second try at the copy, the restore) starts
+    helpers of its own.
+    """
+    folder.discard(SAVED, SAVED_ERRORS, LISTING, LISTING + ".part", LISTING_STARTED,
+                   LISTING_ERRORS, PLAN)
+    if not os.path.exists(folder.file(GO)):
+        os.mkfifo(folder.file(GO), 0o600)
+    _tell(folder, helper, what, "save", STEP)
+    step = HelperStep(helper, folder)
+    try:
+        yield PlannedStream(folder, step, what)
+    except BaseException:
+        if step.wait(timeout=0) is None:
+            helper.stop()
+        raise
+    if step.wait(timeout=docker.HELPER_EXIT_GRACE) is None:
+        helper.stop()
 
 
 def _read_probe(output, what):
@@ -627,7 +732,7 @@ def fill_volume(image, volume, archive, transfer, staged, reporter, checked_befo
     with waiting or Helper(image, volume, RESTORE_SCRIPT, transfer_path=transfer.path) \
             as helper:
         if waiting is not None:
-            _tell(transfer, helper, what, "go")
+            _tell(transfer, helper, what, "go", STEP)
         if not staged:
             with reporter.progress("Restoring %s" % volume, total=archive.size) as progress:
                 descriptor = _open_fifo_for_writing(transfer.fifo, helper, what)

@@ -90,16 +90,19 @@ class _RulesOfRestore:
 
 class VolumeSource:
     """A volume to back up, captured by ``consistency`` (see ``capture``: live, stop, sqlite,
-    auto)."""
+    auto). ``waiting``: the transfer folder and helper of a restore of this volume, waiting
+    in ``transfer.probed_restore`` (its safety copy is then listed and tarred by that helper,
+    one container start less)."""
 
     kind = "volume"
     uses_work_folder = True
 
-    def __init__(self, volume, config, consistency="live", exclusions=NONE):
+    def __init__(self, volume, config, consistency="live", exclusions=NONE, waiting=None):
         self.name = self.archive_source = volume
         self.exclusions = exclusions
         self.image = config.helper_image
         self.consistency = consistency
+        self.waiting = waiting
 
     def check(self):
         docker.check_volume_name(self.name)
@@ -124,8 +127,12 @@ class VolumeSource:
         """Start the helper that lists the volume and then tars what the plan names; give its
         ``transfer.PlannedStream``, for ``write_planned``."""
         what = "backing up volume %s" % self.name
-        with transfer.planned_tar_stream(self.image, self.name, work_folder, what) as stream:
-            yield stream
+        if self.waiting is not None and self.waiting[1].running():
+            stream = transfer.planned_step(self.waiting[0], self.waiting[1], what)
+        else:  # none waits, or it was stopped (``planned_step``)
+            stream = transfer.planned_tar_stream(self.image, self.name, work_folder, what)
+        with stream as planned:
+            yield planned
 
     @staticmethod
     def listing(planned):
@@ -310,14 +317,17 @@ class VolumeTarget:
                 else contextlib.nullcontext():
             snapshot = None
             if not self._nothing_to_lose and self.safety_copy:
-                snapshot = self._save_current(reporter, save_copy, archive.name)
+                snapshot = self._save_current(reporter, save_copy, archive.name, staged)
             if not self.existed:
                 docker.create_volume(self.name, self.labels)
             reporter.status("WARNING: deleting existing volume data")
+            # The safety copy's step may have had to stop the waiting helper.
+            waiting = staged.helper if staged.helper is not None and staged.helper.running() \
+                else None
             try:
                 transfer.fill_volume(self.image, self.name, archive, staged.folder,
                                      staged.staged, reporter, not staged.one_pass,
-                                     VolumeShape() if staged.one_pass else None, staged.helper,
+                                     VolumeShape() if staged.one_pass else None, waiting,
                                      self.seen)
             except BaseException as error:
                 if staged.one_pass and isinstance(error, ArchiveError):
@@ -344,14 +354,16 @@ class VolumeTarget:
                 return self._roll_back(staged.work_folder, snapshot, undo_reporter)
         return Restored(closing, undo)
 
-    def _save_current(self, reporter, save_copy, archive_path):
-        """Save the volume as an ordinary archive (in the work folder); give its path.
+    def _save_current(self, reporter, save_copy, archive_path, staged):
+        """Save the volume as an ordinary archive (in the work folder), listed and tarred by
+        the helper that waits to restore it (``staged``); give its path.
 
         Raises BackupError when it cannot be written: the restore then stops
         before anything changed.
         """
         try:
-            result = save_copy(VolumeSource(self.name, self.config),
+            result = save_copy(VolumeSource(self.name, self.config,
+                                            waiting=(staged.folder, staged.helper)),
                                archive_path if archive_path != "-" else None)
         except BackupError as error:
             raise BackupError("cannot save the current contents of volume %s before the "
