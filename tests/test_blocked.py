@@ -5,13 +5,15 @@ read again next time (no engine: a tar stream and a listing made here)."""
 import gzip
 import hashlib
 import io
+import os
 import tarfile
+import zlib
 
 import pytest
 
 from ai_stack_backup import blocked
 from ai_stack_backup.exclusions import NONE
-from ai_stack_backup.gzipstream import MemberWriter
+from ai_stack_backup.gzipstream import MemberWriter, compress_member
 from ai_stack_backup.tarstream import ArchiveRules
 
 STARTED = 1000
@@ -155,3 +157,22 @@ def test_a_listing_that_turns_out_unusable_keys_nothing(small_runs):
     assert all(key[2] is None for key in keys(made, "run"))
     assert all(key[1] is None for key in keys(made, "head"))
     assert all(key[2] for key in keys(made, "piece"))  # a piece is keyed by its bytes
+
+
+@pytest.mark.parametrize("content, reused", [
+    (bytes(10240), True),  # an end padded to a tar record
+    (bytes(1024), True),  # busybox's own end
+    (bytes(512), False),  # not an end-of-archive marker
+    (bytes(1023) + b"x", False),  # not zeros
+])
+def test_only_an_end_of_zeros_is_copied_from_the_previous_archive(tmp_path, content, reused):
+    member = compress_member(6, content)
+    path = tmp_path / "previous.tar.gz"
+    path.write_bytes(member)
+    end = blocked.Block("end", 0, len(member), zlib.crc32(content), len(content),
+                        zlib.crc32(member), [])
+    previous = blocked.Previous(str(path), os.open(str(path), os.O_RDONLY), [end])
+    try:
+        assert (previous.end_member() == member) if reused else previous.end_member() is None
+    finally:
+        previous.close()

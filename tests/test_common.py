@@ -68,6 +68,68 @@ def test_atomic_archive_publishes_without_overwriting(tmp_path):
     assert sorted(os.listdir(str(tmp_path))) == ["a__20260118T120000Z.tar.gz", "b.tar.gz"]
 
 
+def _written(tmp_path, name, steps, link_identical=True):
+    """Publish ``name`` from ``steps`` (("copy", offset, length) of the file ``old``, or
+    ("write", bytes)) through an AtomicArchive; give (its path, the archive)."""
+    old = tmp_path / "old"
+    descriptor = os.open(str(old), os.O_RDONLY)
+    try:
+        with AtomicArchive(str(tmp_path / name)) as archive:
+            for step in steps:
+                if step[0] == "copy":
+                    archive.output.copy(descriptor, step[1], os.pread(descriptor, step[2],
+                                                                       step[1]))
+                else:
+                    archive.output.write(step[1])
+            archive.publish(checksum=True, link_identical=link_identical)
+    finally:
+        os.close(descriptor)
+    return tmp_path / name, archive
+
+
+def _checksum_is_right(path):
+    with open(str(path) + ".sha256") as file:
+        digest, name = file.read().split()
+    return name == path.name and digest == files.file_sha256(str(path))
+
+
+def test_an_archive_that_is_the_file_it_was_copied_from_is_a_link_to_it(tmp_path):
+    old = tmp_path / "old"
+    data = os.urandom(300000)
+    old.write_bytes(data)
+    # Copied in three members at their own offsets, and one written equal to its bytes.
+    path, archive = _written(tmp_path, "same.tar.gz", [
+        ("copy", 0, 1000), ("copy", 1000, 200000), ("write", data[201000:250000]),
+        ("copy", 250000, 50000)])
+    assert os.path.samefile(str(path), str(old)) and archive.linked == str(old)
+    assert _checksum_is_right(path)
+    assert not [name for name in os.listdir(str(tmp_path)) if name.startswith(".")]
+    # Not asked to (the runbook command, BACKUP_SKIP_UNCHANGED=0): a file of its own.
+    path, archive = _written(tmp_path, "own.tar.gz", [("copy", 0, 300000)],
+                             link_identical=False)
+    assert not os.path.samefile(str(path), str(old)) and archive.linked is None
+    assert path.read_bytes() == data and _checksum_is_right(path)
+
+
+@pytest.mark.parametrize("steps, expected", [
+    # A prefix of the file, then something else: what was held back is written first.
+    ([("copy", 0, 5000), ("write", b"new")], lambda data: data[:5000] + b"new"),
+    ([("copy", 0, 5000), ("copy", 7000, 100)], lambda data: data[:5000] + data[7000:7100]),
+    ([("copy", 0, 5000), ("write", b"\0" * 10)], lambda data: data[:5000] + b"\0" * 10),
+    # All of it but one byte, or all of it and more: not that file.
+    ([("copy", 0, 8191)], lambda data: data[:8191]),
+    ([("copy", 0, 8192), ("write", b"x")], lambda data: data + b"x"),
+    ([("write", b"first"), ("copy", 0, 8192)], lambda data: b"first" + data),
+])
+def test_an_archive_that_differs_from_the_file_it_copies_from_is_written_out(
+        tmp_path, steps, expected):
+    data = os.urandom(8192)
+    (tmp_path / "old").write_bytes(data)
+    path, archive = _written(tmp_path, "new.tar.gz", steps)
+    assert archive.linked is None and os.stat(str(path)).st_nlink == 1
+    assert path.read_bytes() == expected(data) and _checksum_is_right(path)
+
+
 def test_failure_before_publish_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         with AtomicArchive(str(tmp_path / "x.tar.gz")) as archive:

@@ -465,6 +465,40 @@ def test_a_volume_unchanged_since_the_archive_is_saved_under_an_archive_name(
     assert testkit.volume_state(stocked_volume) == state
 
 
+def test_a_safety_copy_that_is_the_archive_byte_for_byte_is_a_link_to_it(
+        helper_env, stocked_volume, make_volume, tmp_path, monkeypatch, capsys):
+    """A volume restored from an archive holds it in new files (new inodes and ctimes: no
+    listing proves it unchanged), so its safety copy is built from the archive by content;
+    when that comes out byte for byte the archive, nothing is written: it is a hard link."""
+    in_volume(helper_env, stocked_volume, "rm /v/hard")  # a second name is read every time
+    testkit.next_second()
+    archive = backup(stocked_volume, tmp_path / "archives")
+    target = make_volume()
+    assert restore_docker_volume_main([target, archive, "--force", "--quiet"]) == 0
+    state = testkit.volume_state(target)
+    work = tmp_path / "work"
+    monkeypatch.setenv("BACKUP_DIR", str(work))
+    testkit.next_second()  # the restore's ctimes lie before the copy's listing
+    capsys.readouterr()
+    assert restore_docker_volume_main([target, archive, "--force"]) == 0
+    captured = capsys.readouterr()
+    [saved] = re.findall(r"^Safety backup of the current contents: (\S+)$", captured.out, re.M)
+    assert os.path.samefile(saved, archive) and os.path.dirname(saved) == str(work)
+    assert "its archive is byte for byte %s, so it is published as a hard link to it" \
+        % archive in captured.err
+    copied, written = copied_and_written(captured.err, archive)
+    assert copied > 0 and written == 0.0
+    with open(saved + ".sha256") as checksum, open(archive + ".sha256") as original:
+        assert checksum.read().split() == [original.read().split()[0],
+                                           os.path.basename(saved)]
+    # Its record is the restored volume's listing: unchanged since, the next copy is a
+    # link by that listing alone.
+    assert record_of(saved)["listing"] != record_of(archive)["listing"]
+    assert restore_docker_volume_main([target, saved, "--force", "--quiet"]) == 0
+    assert testkit.volume_state(target) == state
+    assert verify_backup_main([saved]) == 0
+
+
 def test_a_restored_volume_is_backed_up_from_the_archive_by_content(
         helper_env, stocked_volume, make_volume, tmp_path, capsys):
     folder = tmp_path / "backups"

@@ -46,6 +46,7 @@ RUN_SIZE = 1 << 20  # a run member closes once it holds this much tar
 LARGE_FILE = 1 << 20  # a file this large gets its own members, one per piece
 PIECE_SIZE = 1 << 20
 RECORD_SIZE = 20 * 512
+END_LIMIT = 1 << 20  # an end member of zeros is copied only up to this size
 FORMAT = "ai_stack_backup blocked 1"
 
 
@@ -191,6 +192,7 @@ class Previous:
         self.contents = {}  # (first path, count) -> the run Block whose tar bytes' SHA-256 is known
         self.heads = {}  # path -> (head Block, [piece Blocks])
         self.pieces = {}  # path -> {index: piece Block}
+        self.end = None  # the end member's Block
         for block in blocks:
             if block.kind == "run":
                 if block.key[2] is not None:
@@ -206,6 +208,8 @@ class Previous:
                 if path_ in self.heads:
                     self.heads[path_][1].append(block)
                     self.pieces[path_][block.key[1]] = block
+            elif block.kind == "end":
+                self.end = block
 
     def member(self, block):
         """Give the member ``block`` names, read and checked; raises ArchiveError."""
@@ -216,6 +220,20 @@ class Previous:
                                "does not match its record" % (self.path, block.offset),
                                "gzip-crc")
         return data
+
+    def end_member(self):
+        """Give the end member, read and checked, if it inflates to zeros only, at least an
+        end-of-archive marker's worth (any such end will do for any archive); else None.
+        Raises ArchiveError."""
+        if self.end is None or self.end.size < len(END_OF_ARCHIVE) or \
+                self.end.size > END_LIMIT:
+            return None
+        member = self.member(self.end)
+        try:
+            data = zlib.decompress(member, 16 + zlib.MAX_WBITS)
+        except zlib.error:
+            return None
+        return member if len(data) == self.end.size and not data.strip(b"\0") else None
 
     def check(self):
         """Read and check every member the record names; raises ArchiveError at the first
@@ -457,11 +475,22 @@ class Assembler:
         The end is two zero blocks and zeros up to a whole tar record, or up to ``length``
         bytes of tar (a tar stream passed on whole: its own end, as long as it was)."""
         self._close_run()
-        if length is not None and length - self._position >= len(END_OF_ARCHIVE):
-            end = bytes(length - self._position)
+        # The previous archive's end is copied where it is zeros (any such end will do): an
+        # archive of what the previous one holds, laid out the same, is then that archive
+        # byte for byte, and published as a link to it (``files.AtomicArchive``).
+        reused = self.previous.end_member() if self.previous is not None and length is None \
+            else None
+        if reused is not None:
+            block = self.previous.end
+            self.writer.copy(self.previous.descriptor, block.offset, block.bytes_crc, reused,
+                             self._placed("end", []))
         else:
-            end = END_OF_ARCHIVE + bytes(-(self._position + len(END_OF_ARCHIVE)) % RECORD_SIZE)
-        self.writer.compress(end, self._placed("end", []))
+            if length is not None and length - self._position >= len(END_OF_ARCHIVE):
+                end = bytes(length - self._position)
+            else:
+                end = END_OF_ARCHIVE + bytes(-(self._position + len(END_OF_ARCHIVE))
+                                             % RECORD_SIZE)
+            self.writer.compress(end, self._placed("end", []))
         self.writer.close()
         return self.result
 

@@ -135,7 +135,13 @@ def file_sha256(path):
 
 class _HashingWriter:
     """Passes writes on to ``file`` and keeps the SHA-256 of what was written, taken by a
-    thread of its own (hashlib lets go of the GIL), in order; ``hexdigest()`` waits for it."""
+    thread of its own (hashlib lets go of the GIL), in order; ``hexdigest()`` waits for it.
+
+    While everything given so far is the start of one other file (copied from it at the
+    same offsets, or written equal to its bytes there), nothing is written: an archive
+    that turns out to be that file byte for byte (``identical_to()``) need not be written
+    at all. ``materialize()`` writes what was held back, with one copy.
+    """
 
     def __init__(self, file):
         self.file = file
@@ -143,6 +149,9 @@ class _HashingWriter:
         self._pending = queue.Queue(32)  # bounds the bytes held for hashing
         self._thread = threading.Thread(target=self._hash, name="sha256", daemon=True)
         self._thread.start()
+        self._same_source = None  # the descriptor whose start everything so far equals
+        self._held = 0  # bytes given but not written: the source's first ones
+        self._broken = False  # something given differed: all is written as it comes
 
     def _hash(self):
         while True:
@@ -151,10 +160,49 @@ class _HashingWriter:
                 return
             self._digest.update(data)
 
+    def _holds(self, source, offset, data):
+        """Whether ``data``, given at the current end, is ``source``'s bytes there too (a
+        copy at that offset, or, ``source`` None, written bytes that equal the held-back
+        file's); if so, it is held back as well."""
+        if self._broken or offset != self._held:
+            return False
+        if source is None:
+            if self._same_source is None or \
+                    os.pread(self._same_source, len(data), offset) != data:
+                return False
+        elif self._same_source not in (None, source):
+            return False
+        else:
+            self._same_source = source
+        self._held += len(data)
+        return True
+
+    def materialize(self):
+        """Write what was held back (the held-back file's first bytes), and stop holding."""
+        if self._broken:
+            return
+        self._broken = True
+        if self._held:
+            self._copy_range(self._same_source, 0, self._held, None)
+
+    def identical_to(self):
+        """Give the descriptor of the file everything given is byte for byte (None if there
+        is none): its whole length was given and nothing else."""
+        if self._broken or not self._held:
+            return None
+        if os.fstat(self._same_source).st_size != self._held:
+            return None
+        return self._same_source
+
     def write(self, data):
+        whole = isinstance(data, bytes)
+        if not self._broken and self._holds(None, self._held, data):
+            self._pending.put(data if whole else bytes(data))
+            return len(data)
+        self.materialize()
         written = self.file.write(data)
         # Kept as it is when it cannot change any more; a view of a buffer is copied.
-        whole = isinstance(data, bytes) and written == len(data)
+        whole = whole and written == len(data)
         self._pending.put(data if whole else bytes(memoryview(data)[:written]))
         return written
 
@@ -163,17 +211,33 @@ class _HashingWriter:
         ``offset``: by ``copy_file_range``, so that filesystems that can (XFS, btrfs) share
         the blocks instead of writing them again; by ``write`` where the kernel cannot."""
         self._pending.put(data)
+        if not self._broken and self._holds(source, offset, data):
+            return
+        self.materialize()
+        self._copy_range(source, offset, len(data), data)
+
+    def _copy_range(self, source, offset, length, data):
+        """Append ``length`` bytes of ``source`` from ``offset`` (``data``: those bytes, if
+        at hand; else they are read where the kernel cannot copy)."""
         target = self.file.fileno()
         done = 0
         with contextlib.suppress(OSError, AttributeError):  # AttributeError: no such call
-            while done < len(data):
-                copied = os.copy_file_range(source, target, len(data) - done, offset + done)
+            while done < length:
+                copied = os.copy_file_range(source, target, length - done, offset + done)
                 if not copied:
                     break
                 done += copied
-        view = memoryview(data)[done:]
-        while view:
-            view = view[self.file.write(view):]
+        while done < length:
+            piece = data[done:done + (1 << 20)] if data is not None else \
+                os.pread(source, min(1 << 20, length - done), offset + done)
+            if not piece:
+                raise OSError(errno.EIO, "%d bytes short reading what was held back"
+                              % (length - done))
+            view = memoryview(piece)
+            while view:
+                written = self.file.write(view)
+                view = view[written:]
+                done += written
 
     def hexdigest(self):
         self.close()
@@ -251,6 +315,7 @@ class AtomicArchive:
         self.file = os.fdopen(descriptor, "wb", buffering=0)
         self.output = _HashingWriter(self.file)  # what the archive's writer writes to
         self.checksum_problem = None
+        self.linked = None  # the path of the file it equals, if published as a link to it
 
     def __enter__(self):
         return self
@@ -263,19 +328,31 @@ class AtomicArchive:
         status = os.fstat(self.file.fileno())
         return status.st_dev, status.st_ino
 
-    def publish(self, checksum=False):
+    def publish(self, checksum=False, link_identical=False):
         """Make the archive durable and visible under its final name; give its size.
 
-        With ``checksum``, ``<archive>.sha256`` of what went through ``output``
-        is published right after it; if that fails, ``checksum_problem`` says
-        why (the archive stands). Raises ArchiveExists when the name was taken
+        With ``link_identical``, an archive that is byte for byte the file it
+        was copied from (say, the safety copy of a volume restored from the very
+        archive being restored) is published as a hard link to that file
+        (``linked``), where the filesystem allows one; else the held-back bytes
+        are written now. With
+        ``checksum``, ``<archive>.sha256`` of what went through ``output`` is
+        published right after it; if that fails, ``checksum_problem`` says why
+        (the archive stands). Raises ArchiveExists when the name was taken
         meanwhile, BackupError otherwise.
         """
-        try:
-            os.fsync(self.file.fileno())
-        except OSError as error:
-            raise BackupError("cannot write %s: %s" % (self.final_path, describe_os_error(error)))
-        _publish_by_link(self.temp_path, self.final_path)
+        same = self.output.identical_to() if link_identical else None
+        if same is not None and self._link_to(same):
+            size = os.fstat(same).st_size
+        else:
+            try:
+                self.output.materialize()
+                os.fsync(self.file.fileno())
+            except OSError as error:
+                raise BackupError("cannot write %s: %s" % (self.final_path,
+                                                           describe_os_error(error)))
+            _publish_by_link(self.temp_path, self.final_path)
+            size = os.fstat(self.file.fileno()).st_size
         self.published = True
         if checksum:
             try:
@@ -283,7 +360,26 @@ class AtomicArchive:
             except BackupError as error:  # the archive itself is complete and published
                 self.checksum_problem = str(error)
         fsync_directory(self.folder)
-        return os.fstat(self.file.fileno()).st_size
+        return size
+
+    def _link_to(self, descriptor):
+        """Publish the open file ``descriptor`` under the final name by a hard link to its
+        path (which /proc names); give whether it was. The link must be the very file that
+        was read: one to whatever took that path since is removed again. Raises
+        ArchiveExists when the name is taken."""
+        try:
+            target = os.readlink("/proc/self/fd/%d" % descriptor)
+            os.link(target, self.final_path, follow_symlinks=False)
+        except FileExistsError:
+            raise ArchiveExists("%s already exists; not overwriting it" % self.final_path)
+        except OSError:  # another filesystem, protected_hardlinks, no /proc: write it out
+            return False
+        read, linked = os.fstat(descriptor), os.lstat(self.final_path)
+        if (read.st_dev, read.st_ino) != (linked.st_dev, linked.st_ino):
+            os.unlink(self.final_path)
+            return False
+        self.linked = target
+        return True
 
     def _publish_checksum(self):
         """Publish ``<archive>.sha256`` (``sha256sum`` format) the way the archive was."""

@@ -87,13 +87,14 @@ def _write_gzip_tar(source, output, config, reporter, work_folder=None, exclude=
     return members
 
 
-def write_archive(source, folder, produce, reporter, timestamp):
+def write_archive(source, folder, produce, reporter, timestamp, link_identical=False):
     """Write ``folder/<source>__<timestamp>.tar.gz`` atomically; give a BackupResult.
 
     No status lines: ``backup`` frames this. ``produce(output, exclude)`` writes
     the gzip stream (never archiving the files ``exclude`` names, the archive
-    itself) and gives the member count. Raises ArchiveExists when the name is
-    taken, BackupError otherwise.
+    itself) and gives the member count. With ``link_identical`` (skip-if-unchanged), an
+    archive that is byte for byte the one it was copied from is a hard link to it
+    (``linked_to``). Raises ArchiveExists when the name is taken, BackupError otherwise.
     """
     started = time.monotonic()
     path = os.path.join(folder, archive_name(source.archive_source, timestamp))
@@ -102,10 +103,16 @@ def write_archive(source, folder, produce, reporter, timestamp):
             members = produce(archive.output, {archive.identity()})
         except OSError as error:
             raise BackupError("cannot write %s: %s" % (path, describe_os_error(error)))
-        size = archive.publish(checksum=True)
+        size = archive.publish(checksum=True, link_identical=link_identical)
+        if archive.linked:
+            reporter.log("%s %s: its archive is byte for byte %s, so it is published as a "
+                         "hard link to it" % (source.kind, source.name, archive.linked))
         if archive.checksum_problem:
             reporter.warn(archive.checksum_problem)
-    return BackupResult(source.archive_source, path, size, members, time.monotonic() - started)
+    result = BackupResult(source.archive_source, path, size, members,
+                          time.monotonic() - started)
+    result.linked_to = archive.linked
+    return result
 
 
 def work_folder_for(config, reporter, given=None):
@@ -254,7 +261,8 @@ def _write_planned(source, folder, config, reporter, work_folder, timestamp, hel
                                                            exclude)
                 made.append(blocks)
                 return members
-            result = write_archive(source, folder, produce, reporter, timestamp)
+            result = write_archive(source, folder, produce, reporter, timestamp,
+                                   skip_unchanged)
     finally:
         if checked is not None:
             checked.finish()
