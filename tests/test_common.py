@@ -130,6 +130,26 @@ def test_an_archive_that_differs_from_the_file_it_copies_from_is_written_out(
     assert path.read_bytes() == expected(data) and _checksum_is_right(path)
 
 
+@pytest.mark.parametrize("link_identical", [True, False])
+def test_a_file_written_to_while_it_was_held_back_is_never_published(tmp_path,
+                                                                    link_identical):
+    old = tmp_path / "old"
+    data = os.urandom(8192)
+    old.write_bytes(data)
+    descriptor = os.open(str(old), os.O_RDONLY)
+    try:
+        with AtomicArchive(str(tmp_path / "new.tar.gz")) as archive:
+            archive.output.copy(descriptor, 0, data)  # checked as read; not written yet
+            time.sleep(0.01)  # a ctime that can differ
+            with open(str(old), "r+b") as file:  # then bit rot, or a bad process, writes
+                file.write(b"X")
+            with pytest.raises(BackupError, match="changed while it was read"):
+                archive.publish(checksum=True, link_identical=link_identical)
+    finally:
+        os.close(descriptor)
+    assert sorted(os.listdir(str(tmp_path))) == ["old"]
+
+
 def test_failure_before_publish_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         with AtomicArchive(str(tmp_path / "x.tar.gz")) as archive:

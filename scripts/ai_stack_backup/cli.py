@@ -144,8 +144,9 @@ def backup_docker_volume_main(argv=None):
     parser.add_argument("--skip-unchanged", action="store_true",
                         help="if nothing in the volume changed since its newest archive here "
                              "(checked by a listing of every entry), publish the new name as a "
-                             "hard link to that archive: no compression, no new disk "
-                             "(backup_all does this by default)")
+                             "hard link to that archive: no compression, no new disk; so too "
+                             "if the new archive comes out byte for byte that one (a volume "
+                             "restored from it) (backup_all does this by default)")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     def validate(args):

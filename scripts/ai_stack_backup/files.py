@@ -133,6 +133,11 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
+def _stamp(status):
+    """What changes whenever a file is written to: size, mtime and ctime."""
+    return status.st_size, status.st_mtime_ns, status.st_ctime_ns
+
+
 class _HashingWriter:
     """Passes writes on to ``file`` and keeps the SHA-256 of what was written, taken by a
     thread of its own (hashlib lets go of the GIL), in order; ``hexdigest()`` waits for it.
@@ -150,6 +155,7 @@ class _HashingWriter:
         self._thread = threading.Thread(target=self._hash, name="sha256", daemon=True)
         self._thread.start()
         self._same_source = None  # the descriptor whose start everything so far equals
+        self._source_stamp = None  # its size, mtime and ctime when holding began
         self._held = 0  # bytes given but not written: the source's first ones
         self._broken = False  # something given differed: all is written as it comes
 
@@ -172,27 +178,42 @@ class _HashingWriter:
                 return False
         elif self._same_source not in (None, source):
             return False
-        else:
-            self._same_source = source
+        elif self._same_source is None:
+            self._same_source, self._source_stamp = source, _stamp(os.fstat(source))
         self._held += len(data)
         return True
 
+    def _source_unchanged(self):
+        return _stamp(os.fstat(self._same_source)) == self._source_stamp
+
     def materialize(self):
-        """Write what was held back (the held-back file's first bytes), and stop holding."""
+        """Write what was held back (the held-back file's first bytes), and stop holding.
+
+        Raises BackupError if that file was written to since holding began (its ctime,
+        which no one can set back, moved): the bytes checked then may not be there now.
+        """
         if self._broken:
             return
         self._broken = True
         if self._held:
+            if not self._source_unchanged():
+                raise BackupError("the archive this one is built from changed while it was "
+                                  "read; nothing was published")
             self._copy_range(self._same_source, 0, self._held, None)
 
     def identical_to(self):
         """Give the descriptor of the file everything given is byte for byte (None if there
-        is none): its whole length was given and nothing else."""
-        if self._broken or not self._held:
+        is none): its whole length was given and nothing else, and it was not written to
+        since."""
+        if self._broken or not self._held or not self._source_unchanged():
             return None
-        if os.fstat(self._same_source).st_size != self._held:
+        if self._source_stamp[0] != self._held:
             return None
         return self._same_source
+
+    def identical_stamp(self):
+        """Give the size and mtime of the file ``identical_to`` names, as it was read."""
+        return self._source_stamp[:2]
 
     def write(self, data):
         whole = isinstance(data, bytes)
@@ -375,7 +396,9 @@ class AtomicArchive:
         except OSError:  # another filesystem, protected_hardlinks, no /proc: write it out
             return False
         read, linked = os.fstat(descriptor), os.lstat(self.final_path)
-        if (read.st_dev, read.st_ino) != (linked.st_dev, linked.st_ino):
+        # The link itself moves the ctime; size and mtime still say the data is as read.
+        if (read.st_dev, read.st_ino) != (linked.st_dev, linked.st_ino) or \
+                _stamp(linked)[:2] != self.output.identical_stamp():
             os.unlink(self.final_path)
             return False
         self.linked = target
