@@ -356,11 +356,10 @@ class AtomicArchive:
         was copied from (say, the safety copy of a volume restored from the very
         archive being restored) is published as a hard link to that file
         (``linked``), where the filesystem allows one; else the held-back bytes
-        are written now. With
-        ``checksum``, ``<archive>.sha256`` of what went through ``output`` is
-        published right after it; if that fails, ``checksum_problem`` says why
-        (the archive stands). Raises ArchiveExists when the name was taken
-        meanwhile, BackupError otherwise.
+        are written now. With ``checksum``, ``<archive>.sha256`` of what went
+        through ``output`` is published right after it; if that fails,
+        ``checksum_problem`` says why (the archive stands). Raises ArchiveExists
+        when the name was taken meanwhile, BackupError otherwise.
         """
         same = self.output.identical_to() if link_identical else None
         if same is not None and self._link_to(same):
