@@ -132,6 +132,26 @@ def test_a_volume_tarred_while_listed_gets_the_record_a_planned_backup_gives(
     assert gzip.decompress(archive) == tar
 
 
+def test_entries_written_just_before_the_listing_share_runs_of_their_own(small_runs,
+                                                                        tmp_path):
+    """Racy entries in a row (say, files written in the second the listing began) share one
+    run, not a member apiece; the entries around them stay keyed by their lines."""
+    tar = volume_tar(FILES)
+    racy = ["./a/f%03d" % index for index in range(10, 16)]
+    lines = lines_of(FILES, **{name: {"ctime": STARTED} for name in racy})
+    for made, archive in (while_listed(tar, lines), planned(tar, lines, tmp_path)):
+        assert gzip.decompress(archive) == tar and made.members == len(FILES)
+        runs = keys(made, "run")
+        unkeyed = [key for key in runs if key[2] is None]
+        # Six of 3.5 KiB of tar each: two runs, as a run closes at RUN_SIZE (8 KiB here).
+        assert [(bytes.fromhex(key[0]), key[1]) for key in unkeyed] == [(b"a/f010", 3),
+                                                                       (b"a/f013", 3)]
+        assert keyed_by_their_own_lines(made, FILES, lines)
+        before, after = runs.index(unkeyed[0]) - 1, runs.index(unkeyed[-1]) + 1
+        assert runs[before][2] is not None and runs[after][2] is not None
+        assert bytes.fromhex(runs[after][0]) == b"a/f016"
+
+
 def test_members_the_walks_disagree_on_are_read_again_and_the_archive_is_the_tar(
         small_runs):
     tar = volume_tar(FILES)

@@ -418,15 +418,18 @@ class Assembler:
                 self.result.members += 1
 
     def small(self, entry, header, data, trusted):
-        """Add one small entry (its header, and its data with tar's padding) to the run; one
-        that is not ``trusted`` gets a member of its own."""
-        if not trusted:
-            self._close_run()  # read every time: its neighbours need not be
+        """Add one small entry (its header, and its data with tar's padding) to the run.
+        Entries that are not ``trusted`` go in runs of their own, several in a row sharing
+        one: they are read every time, their neighbours need not be (and a burst of them,
+        files written just before the listing, costs no member apiece)."""
         current = self._run
+        if current.count and current.trusted != trusted:
+            self._close_run()
+            current = self._run
         current.add(entry, header, trusted)
         current.data += data
         self.result.members += 1
-        if not trusted or len(current.data) >= RUN_SIZE:
+        if len(current.data) >= RUN_SIZE:
             self._close_run()
 
     def gone(self):
