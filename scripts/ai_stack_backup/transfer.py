@@ -517,11 +517,8 @@ class HelperStep:
             return self._helper.error_output()  # the container ended within the step
         return " / ".join(lines[-docker.STDERR_TAIL_LINES:]) or "no error output"
 
-    def failed(self, what, returncode=None):
-        if returncode is None:
-            returncode = self.wait(timeout=docker.HELPER_EXIT_GRACE)
-        return DockerError("%s failed" % what, "the helper exited with %s: %s"
-                           % (returncode, self.error_output()))
+    # A Helper's own, which asks only ``wait`` and ``error_output``: here, the step's.
+    failed = docker.Helper.failed
 
 
 @contextlib.contextmanager
