@@ -379,9 +379,12 @@ def test_a_swapped_staging_folder_redirects_nothing(tricky, tmp_path, monkeypatc
     evil = tmp_path / "evil"
     evil.mkdir()
     os.symlink(str(victim), str(evil / "tree"))
-    swapped = threading.Event()
+    swapped, extracting = threading.Event(), threading.Event()
 
     def thief():
+        # Once the restore holds the staging folder open and extracts: a swap before that
+        # (between its mkdir and its open) is refused outright, which is not this case.
+        extracting.wait(10)
         while not swapped.is_set():
             for name in os.listdir(str(parent)):
                 if name.startswith(files.WORK_PREFIX + "restore-"):
@@ -392,6 +395,7 @@ def test_a_swapped_staging_folder_redirects_nothing(tricky, tmp_path, monkeypatc
     original_create = hostpath._HostExtractor.create
 
     def create_after_the_swap(self, member, data):
+        extracting.set()
         assert swapped.wait(10), "the thief never saw the staging folder"
         return original_create(self, member, data)
     monkeypatch.setattr(hostpath._HostExtractor, "create", create_after_the_swap)
