@@ -77,13 +77,23 @@ def while_listed(tar, lines, piece=7):
     return made, output.getvalue()
 
 
-def planned(tar, lines, tmp_path):
+class Output(io.BytesIO):
+    """An archive in memory; members copied from a previous archive are written out."""
+
+    def copy(self, source, offset, data):
+        self.write(data)
+
+
+def planned(tar, lines, tmp_path, previous=None):
+    """Assemble the archive planned from ``lines`` (and ``previous``), ``tar`` holding the
+    entries it does not copy."""
     path = tmp_path / "listing"
     path.write_bytes(b"".join(line + b"\n" for line in lines))
     listing = blocked.Listing(str(path), STARTED, None, False)
-    output = io.BytesIO()
-    items = lambda: blocked.plan(blocked.entries(listing, NONE, set()), None, {})  # noqa: E731
-    made = blocked.assemble(items(), iter([tar]), MemberWriter(output), None, {}, STARTED,
+    output = Output()
+    items = lambda: blocked.plan(blocked.entries(listing, NONE, set()), previous,  # noqa: E731
+                                 {})
+    made = blocked.assemble(items(), iter([tar]), MemberWriter(output), previous, {}, STARTED,
                             ArchiveRules().check, Progress())
     return made, output.getvalue()
 
@@ -196,3 +206,37 @@ def test_only_an_end_of_zeros_is_copied_from_the_previous_archive(tmp_path, cont
         assert (previous.end_member() == member) if reused else previous.end_member() is None
     finally:
         previous.close()
+
+
+def test_runs_after_a_removed_entry_are_cut_as_before_and_copied_by_their_content(
+        small_runs, tmp_path):
+    """Every line new (a restored volume: new inodes and ctimes) and one file fewer: nothing
+    is planned from the listing, yet only the run that held the removed file is compressed
+    again; the runs after it close where the previous archive's did and are copied."""
+    first, archive = planned(volume_tar(FILES), lines_of(FILES), tmp_path)
+    path = tmp_path / "previous.tar.gz"
+    path.write_bytes(archive)
+    previous = blocked.Previous(str(path), os.open(str(path), os.O_RDONLY),
+                                [blocked.Block(*saved) for saved in first.blocks])
+    files = {name: data for name, data in FILES.items() if name != "./a/f020"}
+    tar = volume_tar(files)
+    try:
+        made, archive = planned(tar, lines_of(files, **{name: {"ctime": STARTED - 2}
+                                                         for name in files}), tmp_path, previous)
+    finally:
+        previous.close()
+    # The end is the previous archive's (zeros to its tar record), the members the tar's.
+    content = gzip.decompress(archive)
+    assert content.rstrip(b"\0") == tar.rstrip(b"\0") and made.members == len(files)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as opened:
+        assert [member.name for member in opened] == [
+            name.rstrip("/") if name != "./" else "." for name in files]
+    old_runs = {(key[0], key[1]): key[3] for key in keys(first, "run")}
+    runs = keys(made, "run")
+    changed = [key for key in runs if old_runs.get((key[0], key[1])) != key[3]]
+    # f021 and f022: the run that held f020, one file short. Every other run, the big
+    # file's pieces and the end are the previous archive's bytes (its head is written:
+    # a head is copied by its line only).
+    assert [(bytes.fromhex(key[0]), key[1]) for key in changed] == [(b"a/f021", 2)]
+    assert made.written == 2 * (512 + 3072) + 512
+    assert made.reused == len(content) - made.written

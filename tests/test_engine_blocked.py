@@ -517,6 +517,35 @@ def test_a_restored_volume_is_backed_up_from_the_archive_by_content(
     assert restored_state(make_volume, second) == expected
 
 
+def test_a_restored_volume_with_a_file_fewer_compresses_only_the_run_that_held_it(
+        helper_env, stocked_volume, make_volume, tmp_path, capsys):
+    folder = tmp_path / "backups"
+    first = backup(stocked_volume, folder)
+    assert restore_docker_volume_main([stocked_volume, first, "--force", "--quiet"]) == 0
+    # A file goes from a run followed by another of many files: the later one, and every
+    # run after it until the next hard link's, would begin one file later.
+    runs = [block for block in record_of(first)["blocks"] if block[0] == "run"]
+    with tarfile.open(first) as archive:
+        names = [member.name[2:] for member in archive]
+    starts = [names.index(bytes.fromhex(run[6][0]).decode()) for run in runs] + [len(names)]
+    at = next(index for index in range(len(runs) - 1)
+              if runs[index][6][1] > 2 and runs[index + 1][6][1] > 2)
+    gone = [name for name in names[starts[at]:starts[at + 1]] if name.startswith("small/f")][-1]
+    # Its folder's mtime changes too: the run with the folder's header is read again.
+    holder = max(index for index in range(len(runs)) if starts[index] <= names.index("small"))
+    bound = sum(runs[index][4] for index in {at, holder}) / 2 ** 20
+    in_volume(helper_env, stocked_volume, "rm /v/%s" % gone)
+    expected = testkit.volume_state(stocked_volume)
+    testkit.next_second()
+    capsys.readouterr()
+    second = backup(stocked_volume, folder)
+    copied, written = copied_and_written(capsys.readouterr().err, first)
+    # Those runs and the neighbours of the hard link, as for a restored volume: the runs after
+    # the file are cut where the first archive's were and copied.
+    assert written is not None and written < bound + 0.05 * copied
+    assert restored_state(make_volume, second) == expected
+
+
 def test_a_name_with_a_line_break_keys_nothing_by_the_listing(helper_env, stocked_volume,
                                                               tmp_path, capsys):
     # A first backup is tarred while it is listed: the record is keyed before the listing

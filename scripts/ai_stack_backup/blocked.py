@@ -190,11 +190,13 @@ class Previous:
         self._all = blocks
         self.runs = collections.defaultdict(list)  # first path -> run Blocks
         self.contents = {}  # (first path, count) -> the run Block whose tar bytes' SHA-256 is known
+        self.starts = set()  # the first path of every run
         self.heads = {}  # path -> (head Block, [piece Blocks])
         self.pieces = {}  # path -> {index: piece Block}
         self.end = None  # the end member's Block
         for block in blocks:
             if block.kind == "run":
+                self.starts.add(bytes.fromhex(block.key[0]))
                 if block.key[2] is not None:
                     self.runs[bytes.fromhex(block.key[0])].append(block)
                 if len(block.key) > 3 and block.key[3]:
@@ -421,9 +423,13 @@ class Assembler:
         """Add one small entry (its header, and its data with tar's padding) to the run.
         Entries that are not ``trusted`` go in runs of their own, several in a row sharing
         one: they are read every time, their neighbours need not be (and a burst of them,
-        files written just before the listing, costs no member apiece)."""
+        files written just before the listing, costs no member apiece).
+
+        A run also closes where one of the previous archive's began, so the runs after an
+        entry added or removed are cut as before and can be copied by their content."""
         current = self._run
-        if current.count and current.trusted != trusted:
+        if current.count and (current.trusted != trusted or self.previous is not None and
+                              entry.path in self.previous.starts):
             self._close_run()
             current = self._run
         current.add(entry, header, trusted)
