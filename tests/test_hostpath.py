@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import json
 import os
 import re
 import shutil
@@ -466,3 +467,45 @@ def test_a_path_backup_copies_what_did_not_change_from_the_previous_archive(tmp_
     linked = pipeline.backup(PathSource(source), str(folder), Config(threads=1),
                              Reporter(io.StringIO(), io.StringIO()), skip_unchanged=True)
     assert linked.linked_to == second
+
+
+def test_path_entries_the_walk_cannot_vouch_for_are_read_again(tmp_path, monkeypatch, capsys):
+    """A file changed in the second the listing began, and a file with a second name, are
+    never keyed by their lines: the next backup reads them again and copies the rest."""
+    source = str(tmp_path / "src" / "output")
+    os.makedirs(source)
+    for index in range(900):  # four run members of transcripts
+        testkit._write(os.path.join(source, "day1-%03d.txt" % index),
+                       b"transcript %d " % index * 400)
+    os.link(os.path.join(source, "day1-100.txt"), os.path.join(source, "second-name.txt"))
+    testkit.next_second()
+    racy = os.path.join(source, "day1-500.txt")
+    os.chmod(racy, 0o640)  # its ctime: the second the listing begins in, below
+
+    class ListedInTheSecondOfTheChange(hostpath._Lines):
+        def __init__(self):
+            super().__init__()
+            self.started = os.stat(racy).st_ctime_ns // 1000000000
+
+    monkeypatch.setattr(hostpath, "_Lines", ListedInTheSecondOfTheChange)
+    folder = tmp_path / "backups"
+    assert cli.backup_path_main([source, str(folder), "--quiet"]) == 0
+    monkeypatch.undo()
+    first = testkit.archives_in(folder)[-1]
+    with open(first + ".listing") as file:
+        runs = [block[6] for block in json.load(file)["blocks"] if block[0] == "run"]
+    assert sorted((bytes.fromhex(key[0]).decode(), key[1]) for key in runs
+                  if key[2] is None) == [("output/day1-100.txt", 1), ("output/day1-500.txt", 1),
+                                         ("output/second-name.txt", 1)]
+    testkit.next_second()
+    capsys.readouterr()
+    assert cli.backup_path_main([source, str(folder), "--quiet"]) == 0
+    second = testkit.archives_in(folder)[-1]
+    found = re.search(r"([0-9.]+) MiB copied from %s, ([0-9.]+) MiB read"
+                      % re.escape(first), capsys.readouterr().err)
+    # Those three files (5 KiB each) are read again; everything else is copied.
+    assert found and float(found.group(1)) >= 3.0 and float(found.group(2)) <= 0.05
+    target = tmp_path / "restored" / "output"
+    target.parent.mkdir()
+    assert cli.restore_path_main([second, str(target), "--force"]) == 0
+    assert testkit.tree_state(str(target)) == testkit.tree_state(source)

@@ -54,6 +54,17 @@ def _sha(data):
     return hashlib.sha256(data).hexdigest()
 
 
+def path_of(name):
+    """Give a listed name's normalised path; raises ArchiveError (see ``normalize``)."""
+    # The helper's names are "./a/b": cut the "./" unless normalising has more to do.
+    plain = b"/." not in name and b"//" not in name and not name.endswith(b"/")
+    if plain and name.startswith(b"./"):
+        return name[2:]
+    if plain and not name.startswith((b".", b"/")) and name:  # a path's "output/a"
+        return name
+    return normalize(name)
+
+
 class Entry:
     """One line of the helper's listing (``transfer.LISTING_FORMAT``)."""
 
@@ -67,15 +78,8 @@ class Entry:
         self._fields = fields  # inode, owner and mtime are read only where needed
         self.ctime, self.links, self.size = int(fields[0]), int(fields[2]), int(fields[3])
         self.mode = int(fields[4], 16)
-        self.name = name = fields[8]
-        # The helper's names are "./a/b": cut the "./" unless normalising has more to do.
-        plain = b"/." not in name and b"//" not in name and not name.endswith(b"/")
-        if plain and name.startswith(b"./"):
-            self.path = name[2:]
-        elif plain and not name.startswith((b".", b"/")) and name:  # a path's "output/a"
-            self.path = name
-        else:
-            self.path = normalize(name)
+        self.name = fields[8]
+        self.path = path_of(fields[8])
 
     @property
     def folder(self):

@@ -80,9 +80,32 @@ class _Lines:
 
 
 class _TreeEntry(blocked.Entry):
-    """A listing Entry made from the walk, with where it is (``source``) and its ``status``."""
+    """A listing Entry made from the walk, with where it is (``source``) and its ``status``:
+    its fields are the status's, not parsed back from its ``line``."""
 
     __slots__ = ("source", "status")
+
+    def __init__(self, line, name, source, status):
+        self.line, self.name, self.path = line, name, blocked.path_of(name)
+        self.source, self.status = source, status
+        self.ctime, self.links = status.st_ctime_ns // 1000000000, status.st_nlink
+        self.size, self.mode = status.st_size, status.st_mode
+
+    @property
+    def inode(self):
+        return self.status.st_ino
+
+    @property
+    def uid(self):
+        return self.status.st_uid
+
+    @property
+    def gid(self):
+        return self.status.st_gid
+
+    @property
+    def mtime(self):
+        return self.status.st_mtime_ns // 1000000000
 
 
 class _Captured:
@@ -197,8 +220,7 @@ class PathSource:
                 line = listing_line(arcname, status)
                 if lines is not None:
                     lines.add(arcname, line, status)
-                entry = _TreeEntry(line[:-1])
-                entry.source, entry.status = path, status
+                entry = _TreeEntry(line[:-1], arcname, path, status)
                 yield entry
         try:
             for kind, value in blocked.plan(walked(), previous, {}):
