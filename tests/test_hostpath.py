@@ -471,7 +471,8 @@ def test_a_path_backup_copies_what_did_not_change_from_the_previous_archive(tmp_
 
 def test_path_entries_the_walk_cannot_vouch_for_are_read_again(tmp_path, monkeypatch, capsys):
     """A file changed in the second the listing began, and a file with a second name, are
-    never keyed by their lines: the next backup reads them again and copies the rest."""
+    never keyed by their lines, and such a listing proves no tree unchanged: the next backup
+    reads them again and copies the rest; once listed after the change, the tree links."""
     source = str(tmp_path / "src" / "output")
     os.makedirs(source)
     for index in range(900):  # four run members of transcripts
@@ -493,7 +494,9 @@ def test_path_entries_the_walk_cannot_vouch_for_are_read_again(tmp_path, monkeyp
     monkeypatch.undo()
     first = testkit.archives_in(folder)[-1]
     with open(first + ".listing") as file:
-        runs = [block[6] for block in json.load(file)["blocks"] if block[0] == "run"]
+        saved = json.load(file)
+    assert saved["listing"] is None  # a listing taken while an entry changed proves nothing
+    runs = [block[6] for block in saved["blocks"] if block[0] == "run"]
     assert sorted((bytes.fromhex(key[0]).decode(), key[1]) for key in runs
                   if key[2] is None) == [("output/day1-100.txt", 1), ("output/day1-500.txt", 1),
                                          ("output/second-name.txt", 1)]
@@ -509,3 +512,8 @@ def test_path_entries_the_walk_cannot_vouch_for_are_read_again(tmp_path, monkeyp
     target.parent.mkdir()
     assert cli.restore_path_main([second, str(target), "--force"]) == 0
     assert testkit.tree_state(str(target)) == testkit.tree_state(source)
+    # Listed after the change, the tree is proven unchanged: skip-if-unchanged links to it.
+    testkit.next_second()
+    linked = pipeline.backup(PathSource(source), str(folder), Config(threads=1),
+                             Reporter(io.StringIO(), io.StringIO()), skip_unchanged=True)
+    assert linked.linked_to == second
