@@ -13,6 +13,7 @@ import pytest
 import testkit
 from ai_stack_backup import metrics, monitor, notify
 from ai_stack_backup.cli import backup_all_main, drill_restore_main, report_failure_main
+from ai_stack_backup.errors import BackupError
 from conftest import SCRIPTS
 
 SECRET = "s3cr3t-t0ken"
@@ -379,3 +380,32 @@ def test_a_metrics_file_that_cannot_be_written_fails_the_run(helper_env, make_vo
     assert re.search(r"^ok +volume %s: " % volume, captured.out, re.M)  # the backup is fine
     assert "cannot write the metrics file %s" % (tmp_path / "no-such-folder" /
                                                  "ai_stack_backup.prom") in captured.err
+
+
+class _Clock:
+    """time for notify: a clock that moves only when an attempt waits or the sender sleeps."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+def test_a_send_gives_all_its_attempts_no_more_than_its_deadline(monkeypatch):
+    clock, given = _Clock(), []
+
+    def hanging(url, body, headers, seconds):  # each attempt waits as long as it may
+        given.append(seconds)
+        clock.now += seconds
+        raise TimeoutError("no complete answer within %g s" % seconds)
+    monkeypatch.setattr(notify, "time", clock)
+    monkeypatch.setattr(notify, "_post", hanging)
+    with pytest.raises(BackupError, match=r"could not send to http://monitor\.invalid/… "
+                                          r"after 2 attempts: no complete answer within"):
+        notify.send("http://monitor.invalid/hook", "body", attempts=10, deadline=15)
+    # 10 s (an attempt's own limit), 1 s of waiting, then the 4 s left; no third attempt.
+    assert given == [10, 4] and clock.now - 1000.0 == 15

@@ -222,6 +222,24 @@ def test_a_symlinked_metrics_file_is_never_read_through(metrics_folder, tmp_path
         open(path).read()
 
 
+def test_a_fifo_planted_as_the_metrics_file_feeds_no_samples(metrics_folder):
+    """Anyone may write the folder: a FIFO under the file's name, held open with samples
+    waiting in it, is never read, and the new file holds none of them."""
+    path = os.path.join(metrics_folder, "ai_stack_backup.prom")
+    os.mkfifo(path)
+    feeder = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        os.write(feeder, b'ai_stack_backup_members{source="planted"} 99\n')
+        log = io.StringIO()
+        _update(path, log)
+    finally:
+        os.close(feeder)
+    assert "not read (not a regular file); starting it afresh" in log.getvalue()
+    with open(path) as file:
+        text = file.read()
+    assert "planted" not in text and 'ai_stack_backup_members{source="v"} 3' in text
+
+
 def test_a_foreign_metrics_file_is_named_without_its_text(metrics_folder):
     path = os.path.join(metrics_folder, "ai_stack_backup.prom")
     with open(path, "w") as file:
