@@ -111,6 +111,26 @@ def test_an_archive_that_is_the_file_it_was_copied_from_is_a_link_to_it(tmp_path
     assert path.read_bytes() == data and _checksum_is_right(path)
 
 
+def test_a_link_to_another_file_that_took_the_path_is_removed_and_the_archive_written(
+        tmp_path, monkeypatch):
+    """Between reading the path /proc names for the copied file and linking it, another file
+    with the same bytes, size and mtime took that path: the link to it is removed again."""
+    old, decoy = tmp_path / "old", tmp_path / "decoy"
+    data = os.urandom(8192)
+    old.write_bytes(data)
+    decoy.write_bytes(data)
+    read = os.stat(str(old))
+    os.utime(str(decoy), ns=(read.st_atime_ns, read.st_mtime_ns))
+    readlink = os.readlink
+    monkeypatch.setattr(os, "readlink", lambda path: str(decoy)
+                        if str(path).startswith("/proc/self/fd/") else readlink(path))
+    path, archive = _written(tmp_path, "new.tar.gz", [("copy", 0, 8192)])
+    monkeypatch.undo()
+    assert archive.linked is None and os.stat(str(path)).st_nlink == 1
+    assert os.stat(str(decoy)).st_nlink == 1 and os.stat(str(old)).st_nlink == 1
+    assert path.read_bytes() == data and _checksum_is_right(path)
+
+
 @pytest.mark.parametrize("steps, expected", [
     # A prefix of the file, then something else: what was held back is written first.
     ([("copy", 0, 5000), ("write", b"new")], lambda data: data[:5000] + b"new"),
