@@ -165,6 +165,42 @@ def test_a_taker_that_lost_the_file_takes_the_new_one(lock_folder):
     os.close(stale)
 
 
+def test_a_taker_whose_file_was_replaced_before_its_flock_meets_the_new_holder(
+        lock_folder, monkeypatch):
+    """Between its open and its flock the holder let go (removing the file) and a new taker
+    made and locked a new one: the flock on the old file must not count."""
+    opened, new = locks.open_lock_file, []
+
+    def opened_then_replaced(path, mode, dir_fd=None):
+        descriptor = opened(path, mode, dir_fd)
+        if not new:
+            os.unlink(path)
+            new.append(opened(path, mode, dir_fd))
+            fcntl.flock(new[0], fcntl.LOCK_EX)
+        return descriptor
+    monkeypatch.setattr(locks, "open_lock_file", opened_then_replaced)
+    try:
+        with pytest.raises(Locked, match=r"\(PID %d\) holds the lock" % os.getpid()):
+            with locks.volume_lock("owui-data", lock_folder):
+                pass
+    finally:
+        os.close(new[0])
+
+
+def test_letting_go_leaves_the_file_a_new_taker_made(lock_folder):
+    """The holder's file was removed by hand and a new taker made and holds a new one: the
+    first holder's letting go must not remove it, or a third would lock beside the second."""
+    path = locks.host_lock_path("owui-data", lock_folder)
+    first = locks.volume_lock("owui-data", lock_folder).__enter__()
+    os.unlink(path)
+    with locks.volume_lock("owui-data", lock_folder) as second:
+        first.__exit__(None, None, None)
+        assert locks._names(path, second.descriptor)
+        with pytest.raises(Locked):
+            with locks.volume_lock("owui-data", lock_folder):
+                pass
+
+
 def test_the_lock_folder_is_host_wide_or_refused(tmp_path):
     assert locks.host_lock_folder(("/nonexistent-a", str(tmp_path))) == str(tmp_path)
     with pytest.raises(locks.LockRefused, match="no host-wide lock folder.*install -d -m 1777"):
