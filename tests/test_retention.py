@@ -150,3 +150,12 @@ def test_backup_all_reads_retention_hourly(monkeypatch):
     with pytest.raises(ConfigError) as refused:
         Config.from_environment(os.environ, backup_all=True)
     assert "RETENTION_HOURLY" in str(refused.value)
+
+
+def test_within_n_days_means_at_most_n_days_old(tmp_path):
+    # As the README says: an archive exactly N days old is kept, one a second older is not.
+    for stamp in ("20261201T140000Z", "20261117T150000Z", "20261117T145959Z"):
+        (tmp_path / archive_name("tm-data", stamp)).write_bytes(b"x")
+    assert _kept(tmp_path, retention.Policy(14, 1), "tm-data") == {
+        "20261201T140000Z": ["newest 1", "within 14 days"],
+        "20261117T150000Z": ["within 14 days"]}
