@@ -312,6 +312,20 @@ def test_reader_refuses_a_member_whose_length_field_lies():
     assert refused.value.rule in ("gzip-corrupt", "gzip-crc", "gzip-length", "truncated")
 
 
+def test_reader_refuses_a_member_whose_length_field_takes_in_the_next_one():
+    """gzip(1) reads both members; a reader that took the second as the end of the first
+    would see less than every other reader."""
+    stream, placements = blocked_stream([b"first member " * 20, b"second member " * 20])
+    (offset, length), second = placements[0][:2], placements[1][1]
+    assert offset == 0 and placements[1][0] == length and len(stream) == length + second
+    lying = bytearray(stream)
+    lying[16:24] = struct.pack("<Q", length + second)
+    assert gzip.decompress(bytes(lying)) == b"first member " * 20 + b"second member " * 20
+    with pytest.raises(ArchiveError) as refused:
+        gunzip_all(bytes(lying))
+    assert refused.value.rule == "gzip-corrupt"
+
+
 @pytest.mark.parametrize("where", ["deflate", "crc", "length"])
 def test_parallel_reader_checks_every_member(where):
     stream, placements = blocked_stream([text_like(300000), text_like(300000, seed=5)])
