@@ -1,6 +1,7 @@
 """Names, timestamps, atomic archives, leftovers of killed runs, retention and the lock."""
 
 import fcntl
+import hashlib
 import os
 import re
 import stat
@@ -340,6 +341,24 @@ def test_only_vanished_files_are_forgiven():
                               "tar: ./x: Permission denied"]) is None
     assert vanished_files(2, ["tar: ./a: No such file or directory"]) is None
     assert vanished_files(1, [delayed]) is None and vanished_files(1, None) is None
+
+
+def test_a_drill_tells_members_apart_by_every_field_a_restore_sets():
+    """A restore that got one thing wrong (a mode, an owner, an mtime, a symlink's target,
+    the content) must not pass the drill's comparison."""
+    from ai_stack_backup.drill import _fingerprint
+    from ai_stack_backup.tarstream import DIRECTORY, FILE, SYMLINK, Member
+
+    def fingerprint(kind=FILE, content=b"data", **fields):
+        member = Member(b"./x", kind, **dict(dict(mode=0o644, uid=1000, gid=1000,
+                                                  mtime=1700000000, size=4), **fields))
+        return _fingerprint(member, hashlib.sha256(content) if kind == FILE else None, None)
+    variants = [fingerprint(), fingerprint(mode=0o600), fingerprint(uid=0), fingerprint(gid=0),
+                fingerprint(mtime=1700000001), fingerprint(size=5), fingerprint(content=b"date"),
+                fingerprint(DIRECTORY, size=0), fingerprint(SYMLINK, size=0, linkname=b"a"),
+                fingerprint(SYMLINK, size=0, linkname=b"b")]
+    assert len(set(variants)) == len(variants)
+    assert fingerprint() == fingerprint()
 
 
 def test_a_drill_names_what_differs(tmp_path, monkeypatch):

@@ -267,6 +267,9 @@ def failed_drill(volume, variant, tar_function, monkeypatch):
 LOSSY_EXTRACT = (b'busybox tar "$@" || return $?; case "$1" in -x*) rm -f /volume/a/one.txt; '
                  b'echo tampered >> /volume/b/three.txt;; esac')
 
+METADATA_LOSING_EXTRACT = (b'busybox tar "$@" || return $?; case "$1" in -x*) '
+                           b'chmod 600 /volume/a/two.txt; touch -d @0 /volume/b/three.txt;; esac')
+
 
 def test_a_drill_finds_a_restore_that_lost_or_changed_files(engine, make_volume, tmp_path,
                                                             own_backup_dir, monkeypatch):
@@ -284,6 +287,11 @@ def test_a_drill_finds_a_restore_that_lost_or_changed_files(engine, make_volume,
     printed = failed_drill(volume, "lossy-extract", LOSSY_EXTRACT, monkeypatch)
     assert printed.endswith(": the restored tree differs: 1 missing (a/one.txt); "
                             "1 different (b/three.txt)\n"), printed
+    # The content intact, but a mode and an mtime not as archived.
+    printed = failed_drill(volume, "metadata-losing-extract", METADATA_LOSING_EXTRACT,
+                           monkeypatch)
+    assert printed.endswith(": the restored tree differs: 2 different (a/two.txt, "
+                            "b/three.txt)\n"), printed
 
 
 # Writes the volume as busybox does, then fails (the drill's read-back: ``tar -C /volume -cf``).
