@@ -242,6 +242,31 @@ def test_shrink_guard_keeps_everything_when_a_volume_was_emptied(helper_env, mak
     assert len(testkit.archives_in(folder)) == 1 and good not in testkit.archives_in(folder)
 
 
+@pytest.mark.parametrize("members, data_bytes, shrunk", [
+    (22, 400000, False),  # as before
+    (11, 200000, False),  # half: at the limit, not below it
+    (22, 20000, True),  # the same files, nearly empty: the bytes alone
+    (2, 400000, True),  # one big file where there were twenty: the members alone
+])
+def test_the_shrink_guard_weighs_bytes_and_members_each_alone(tmp_path, members, data_bytes,
+                                                              shrunk):
+    from ai_stack_backup.archive import ArchiveSummary
+    from ai_stack_backup.backupall import _shrunk
+    from ai_stack_backup.report import Reporter
+    previous = tmp_path / "v__20261201T020000Z.tar.gz"
+    with tarfile.open(str(previous), "w:gz") as archive:
+        for index in range(22):
+            info = tarfile.TarInfo("./file%d" % index)
+            info.size = 400000 // 22 + (400000 % 22 if index == 0 else 0)
+            archive.addfile(info, io.BytesIO(bytes(info.size)))
+    summary = ArchiveSummary(members, data_bytes, 0, 0)
+    said = _shrunk(summary, str(tmp_path / "v__20261202T020000Z.tar.gz"), str(previous), 50,
+                   Reporter(io.StringIO(), io.StringIO()))
+    assert bool(said) == shrunk
+    if shrunk:
+        assert "the previous v__20261201T020000Z.tar.gz held 22 members" in said
+
+
 def test_exclude_is_in_each_backup_scripts_help():
     for script in ("backup_docker_volume.py", "backup_path.py"):
         result = subprocess.run([sys.executable, os.path.join(SCRIPTS, script), "--help"],
