@@ -40,6 +40,17 @@ def test_at_picks_the_set_of_an_older_night():
     assert picked(point) == [("a", NIGHT - 86400), ("b", NIGHT - 86400 + 60)]
 
 
+def test_at_the_time_of_an_archive_and_a_spread_as_wide_as_allowed_take_that_set():
+    # The time list_backups shows for an archive, given as --at, names that archive's set;
+    # a set exactly RESTORE_MAX_SPREAD wide is within it.
+    found = found_of([("a", NIGHT - 86400), ("b", NIGHT - 86400 + 60),
+                      ("a", NIGHT), ("b", NIGHT + 120)])
+    point = recovery.recovery_point(found, ["a", "b"], NIGHT + 120, 120)
+    assert picked(point) == [("a", NIGHT), ("b", NIGHT + 120)]
+    point = recovery.recovery_point(found, ["a", "b"], NIGHT + 120, 119)
+    assert picked(point) == [("a", NIGHT - 86400), ("b", NIGHT - 86400 + 60)]
+
+
 def test_a_source_that_failed_last_night_moves_the_point_to_the_night_before():
     # b's backup failed last night: its newest archive is a day older than a's.
     found = found_of([("a", NIGHT - 86400), ("b", NIGHT - 86400 + 60), ("a", NIGHT)])
