@@ -399,3 +399,24 @@ def test_skip_unchanged_is_backup_alls_default_only():
     assert Config.from_environment({}).skip_unchanged is False  # the runbook's single backups
     with pytest.raises(ConfigError, match="BACKUP_SKIP_UNCHANGED must be 1 or 0"):
         Config.from_environment({"BACKUP_SKIP_UNCHANGED": "maybe"}, backup_all=True)
+
+
+@pytest.mark.parametrize("free, held, data_bytes, members, room", [
+    (10 << 20, 0, 9 << 20, 256, True),  # 9 MiB and 1 MiB of blocks: just fits
+    (10 << 20, 0, 9 << 20, 257, False),  # one member more: each takes a block at least
+    (5 << 20, 5 << 20, 10 << 20, 0, True),  # what the volume holds goes first: counted free
+    (5 << 20, 5 << 20, 10 << 20, 1, False),
+])
+def test_a_restore_needs_room_for_the_data_and_a_block_a_member(free, held, data_bytes,
+                                                               members, room):
+    from ai_stack_backup.archive import ArchiveSummary
+    from ai_stack_backup.errors import NoRoom
+    from ai_stack_backup.transfer import VolumeProbe, space_check
+    probe = VolumeProbe(free, held, held == 0, (0, 0, 0o755, 0))
+    summary = ArchiveSummary(members, data_bytes, 0, 0)
+    if room:
+        space_check(probe, "owui-data", summary)
+    else:
+        with pytest.raises(NoRoom, match=r"volume owui-data has room for about 10 MiB .* "
+                                         r"nothing was changed"):
+            space_check(probe, "owui-data", summary)
