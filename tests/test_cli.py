@@ -202,13 +202,15 @@ def test_backup_all_dry_run_changes_nothing(tmp_path, capsys, monkeypatch):
     assert sorted(os.listdir(str(folder))) == sorted(before + [files.LOCK_NAME])
 
 
-def test_a_bad_setting_is_named_before_anything_happens(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("BACKUP_GZIP_LEVEL", "fast")
+@pytest.mark.parametrize("level", ["fast", "0", "10"])
+def test_a_bad_setting_is_named_before_anything_happens(tmp_path, capsys, monkeypatch, level):
+    monkeypatch.setenv("BACKUP_GZIP_LEVEL", level)
     (tmp_path / "src").mkdir()
     assert cli.backup_path_main([str(tmp_path / "src"), str(tmp_path / "b")]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert "BACKUP_GZIP_LEVEL must be a whole number from 1 to 9, not 'fast'" in captured.err
+    assert "BACKUP_GZIP_LEVEL must be a whole number from 1 to 9, not '%s'" % level \
+        in captured.err
     assert not (tmp_path / "b").exists()
 
 
