@@ -19,7 +19,7 @@ import time
 import pytest
 
 import testkit
-from ai_stack_backup import drill, locks, metrics, notify
+from ai_stack_backup import drill, locks, metrics, notify, offsite
 from ai_stack_backup.cli import backup_all_main, drill_restore_main, report_failure_main
 from ai_stack_backup.report import Reporter
 from conftest import SCRIPTS
@@ -104,6 +104,20 @@ def test_planted_secrets_of_every_shape_reach_no_output_channel(
     for channel, text in channels.items():
         for shape, secret in s.items():
             assert secret not in text, (channel, shape)
+
+
+@pytest.mark.parametrize("command, name", [
+    ("AWS_SECRET_ACCESS_KEY=x API_TOKEN=y sh -c 'upload'", "sh"),
+    ("env -i TOKEN=x rclone copy - remote:backups", "rclone"),
+    ("exec /usr/local/bin/upload-to-s3.sh --bucket b", "upload-to-s3.sh"),
+    # Whatever is not a plain program name may be a secret: the setting's name stands in.
+    ("send:SECRETVALUE --to remote", "OFFSITE_COMMAND"),
+    ("ghp_0123456789abcdefghijklmnopqrstuvwxyzABCD --push", "OFFSITE_COMMAND"),
+    ("'unbalanced quote", "OFFSITE_COMMAND"),
+    ("", "OFFSITE_COMMAND"),
+])
+def test_an_offsite_command_is_shown_by_its_program_name_only(command, name):
+    assert offsite.Settings(command).name == name
 
 
 def test_an_escaped_child_cannot_outlast_offsite_timeout(tmp_path, output_root, no_docker_path,
