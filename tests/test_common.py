@@ -1,5 +1,6 @@
 """Names, timestamps, atomic archives, leftovers of killed runs, retention and the lock."""
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -149,6 +150,21 @@ def test_an_archive_that_differs_from_the_file_it_copies_from_is_written_out(
     path, archive = _written(tmp_path, "new.tar.gz", steps)
     assert archive.linked is None and os.stat(str(path)).st_nlink == 1
     assert path.read_bytes() == expected(data) and _checksum_is_right(path)
+
+
+def test_where_the_kernel_cannot_copy_the_bytes_are_written(tmp_path, monkeypatch):
+    """No copy_file_range between these files (an old kernel, another filesystem): what was
+    held back is read and written, and so is every later copy, in pieces of at most 1 MiB."""
+    def refused(*arguments):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+    monkeypatch.setattr(os, "copy_file_range", refused)
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    (tmp_path / "old").write_bytes(data)
+    path, archive = _written(tmp_path, "new.tar.gz", [
+        ("copy", 0, 2 * 1024 * 1024 + 3), ("write", b"other"), ("copy", 7, len(data) - 7)])
+    assert archive.linked is None
+    assert path.read_bytes() == data[:2 * 1024 * 1024 + 3] + b"other" + data[7:]
+    assert _checksum_is_right(path)
 
 
 @pytest.mark.parametrize("link_identical", [True, False])

@@ -217,7 +217,7 @@ class _HashingWriter:
 
     def write(self, data):
         whole = isinstance(data, bytes)
-        if not self._broken and self._holds(None, self._held, data):
+        if self._holds(None, self._held, data):
             self._pending.put(data if whole else bytes(data))
             return len(data)
         self.materialize()
@@ -232,7 +232,7 @@ class _HashingWriter:
         ``offset``: by ``copy_file_range``, so that filesystems that can (XFS, btrfs) share
         the blocks instead of writing them again; by ``write`` where the kernel cannot."""
         self._pending.put(data)
-        if not self._broken and self._holds(source, offset, data):
+        if self._holds(source, offset, data):
             return
         self.materialize()
         self._copy_range(source, offset, len(data), data)
@@ -249,7 +249,7 @@ class _HashingWriter:
                     break
                 done += copied
         while done < length:
-            piece = data[done:done + (1 << 20)] if data is not None else \
+            piece = memoryview(data)[done:done + (1 << 20)] if data is not None else \
                 os.pread(source, min(1 << 20, length - done), offset + done)
             if not piece:
                 raise OSError(errno.EIO, "%d bytes short reading what was held back"
