@@ -200,11 +200,12 @@ class Previous:
         self.end = None  # the end member's Block
         for block in blocks:
             if block.kind == "run":
-                self.starts.add(bytes.fromhex(block.key[0]))
+                first = bytes.fromhex(block.key[0])
+                self.starts.add(first)
                 if block.key[2] is not None:
-                    self.runs[bytes.fromhex(block.key[0])].append(block)
+                    self.runs[first].append(block)
                 if len(block.key) > 3 and block.key[3]:
-                    self.contents[(bytes.fromhex(block.key[0]), block.key[1])] = block
+                    self.contents[(first, block.key[1])] = block
             elif block.kind == "head":
                 path_ = bytes.fromhex(block.key[0])
                 self.heads[path_] = (block, [])
