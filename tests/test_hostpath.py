@@ -19,6 +19,7 @@ import testkit
 from ai_stack_backup import cli, files, hostpath, pipeline
 from ai_stack_backup.config import Config
 from ai_stack_backup.hostpath import PathSource
+from ai_stack_backup.hosttree import TreeWriter
 from ai_stack_backup.report import Reporter
 from conftest import SCRIPTS
 
@@ -517,3 +518,67 @@ def test_path_entries_the_walk_cannot_vouch_for_are_read_again(tmp_path, monkeyp
     linked = pipeline.backup(PathSource(source), str(folder), Config(threads=1),
                              Reporter(io.StringIO(), io.StringIO()), skip_unchanged=True)
     assert linked.linked_to == second
+
+
+class _Warnings:
+    def __init__(self):
+        self.said = []
+
+    def warn(self, text):
+        self.said.append(text)
+
+
+def _member_of(tar_bytes):
+    """Give the (TarInfo, data) of the one member in ``tar_bytes``, read by tarfile."""
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes + bytes(1024)), mode="r:") as archive:
+        info = archive.next()
+        return info, archive.extractfile(info).read() if info.isfile() else None
+
+
+@pytest.mark.parametrize("size", [10, 3 * 1024 * 1024])  # read whole; streamed by add()
+def test_a_file_that_shrinks_while_it_is_read_is_filled_with_zeros_and_said(tmp_path, size):
+    """tar's rule: the header's size holds, the missing bytes are zeros, a warning says so;
+    the member stays readable."""
+    path = tmp_path / "shrinking"
+    path.write_bytes(b"x" * size)
+
+    class Shrinking(TreeWriter):
+        def open_file(self, name):
+            found = super().open_file(name)
+            os.truncate(name, 3)  # after the fstat that gave the header its size
+            return found
+
+    said = _Warnings()
+    output = io.BytesIO()
+    tree = Shrinking(output, said)
+    assert tree.add(os.fsencode(path), b"shrinking", os.lstat(str(path))) is False
+    tree.flush()
+    assert len(output.getvalue()) == 512 + size + -size % 512  # the next member's place
+    info, data = _member_of(output.getvalue())
+    assert (info.name, info.size, data) == ("shrinking", size, b"xxx" + bytes(size - 3))
+    assert said.said == ["%s shrank by %d bytes while it was read; the rest is zeros"
+                         % (path, size - 3)]
+    assert tree.members == 1 and tree.data_bytes == size
+
+
+def test_an_entry_gone_or_replaced_after_its_lstat_is_skipped_and_said(tmp_path):
+    """Between the walk's lstat and the read a file can vanish, or its name be taken by a
+    FIFO or a symlink: nothing of it is archived, nothing is followed or read, a warning
+    says which."""
+    said = _Warnings()
+    tree = TreeWriter(None, said)
+    statuses = {}
+    for name in ("gone", "now-a-fifo", "now-a-symlink"):
+        (tmp_path / name).write_bytes(b"data")
+        statuses[name] = os.lstat(str(tmp_path / name))
+        os.unlink(str(tmp_path / name))
+    os.mkfifo(str(tmp_path / "now-a-fifo"))
+    (tmp_path / "elsewhere").write_bytes(b"not to be read")
+    os.symlink(str(tmp_path / "elsewhere"), str(tmp_path / "now-a-symlink"))
+    for name, status in statuses.items():
+        assert tree.member(os.fsencode(tmp_path / name), name.encode(), status) == b""
+    assert said.said == [
+        "%s vanished while it was backed up; skipped" % (tmp_path / "gone"),
+        "%s changed type while it was backed up; skipped" % (tmp_path / "now-a-fifo"),
+        "%s vanished while it was backed up; skipped" % (tmp_path / "now-a-symlink")]
+    assert tree.members == 0

@@ -8,7 +8,7 @@ import pytest
 
 from ai_stack_backup.errors import ArchiveError
 from ai_stack_backup.tarstream import DIRECTORY, END_OF_ARCHIVE, FIFO, FILE, HARDLINK, SYMLINK, \
-    ArchiveRules, Member, TarReader, _PathTable, member_header, normalize
+    ArchiveRules, Member, TarReader, _PathTable, encode_header, member_header, normalize
 
 
 def entry(name, kind=tarfile.REGTYPE, data=b"", linkname="", mode=0o644, uid=0, gid=0,
@@ -313,6 +313,40 @@ def tarfile_header(member):
     elif member.kind == SYMLINK:
         info.linkname = member.linkname.decode("utf-8", "surrogateescape")
     return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
+OWNED_CASES = [  # owner names and short link targets: the parts of a header made once
+    (b"a", FILE, b"", b"root", b"root"),
+    (b"b", FILE, b"", b"www-data", b"adm"),
+    (b"c", FILE, b"", b"", b"root"),
+    (b"c2", FILE, b"", b"root", b"adm"),
+    (b"d/", DIRECTORY, b"", b"root", b"root"),
+    (b"e", SYMLINK, b"target-one", b"root", b"root"),
+    (b"f", SYMLINK, b"target-two", b"root", b"root"),
+    (b"g", HARDLINK, b"a", b"www-data", b"adm"),
+    (b"h", FIFO, b"", b"n" * 40, b"g" * 40),  # cut to 32 bytes, as tarfile does
+]
+
+
+def test_headers_with_owner_names_are_what_tarfile_writes_each_time():
+    kinds = {FILE: tarfile.REGTYPE, DIRECTORY: tarfile.DIRTYPE, SYMLINK: tarfile.SYMTYPE,
+             HARDLINK: tarfile.LNKTYPE, FIFO: tarfile.FIFOTYPE}
+    # Twice round, in turns: a header made from what an earlier one kept must not differ.
+    for _ in range(2):
+        for name, kind, linkname, uname, gname in OWNED_CASES:
+            size = 7 if kind == FILE else 0
+            ours = encode_header(name, kind, 0o640, 33, 4, 1_600_000_000, size, linkname,
+                                 uname, gname)
+            info = tarfile.TarInfo(name.decode())
+            info.type, info.mode, info.uid, info.gid = kinds[kind], 0o640, 33, 4
+            info.mtime, info.size, info.linkname = 1_600_000_000, size, linkname.decode()
+            info.uname, info.gname = uname.decode(), gname.decode()
+            theirs = info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+            if sys.version_info >= (3, 9):  # 3.8's tarfile writes octal zeros as device numbers
+                assert ours == theirs, name
+            parsed = tarfile.open(fileobj=io.BytesIO(ours + bytes(512 + 1024)), mode="r:").next()
+            assert (parsed.name, parsed.linkname, parsed.uname, parsed.gname, parsed.size) == \
+                (info.name.rstrip("/"), info.linkname, info.uname[:32], info.gname[:32], size)
 
 
 @pytest.mark.parametrize("path, kind, fields", HEADER_CASES)

@@ -346,7 +346,7 @@ class _Run:
         self.data = bytearray()
         self.first = None
         self.count = 0
-        self.digest = hashlib.sha256()
+        self.lines = []
         self.trusted = True
 
     def add(self, entry, member_bytes, trusted):
@@ -354,8 +354,13 @@ class _Run:
             self.first = entry.path
         self.data += member_bytes
         self.count += 1
-        self.digest.update(entry.line + b"\n")
+        self.lines.append(entry.line)
         self.trusted = self.trusted and trusted
+
+    def digest(self):
+        """Give the SHA-256 of the entries' listing lines, each with its line break, as
+        ``plan`` computes it for a run it may copy."""
+        return _sha(b"\n".join(self.lines) + b"\n")
 
 
 class Assembler:
@@ -401,7 +406,7 @@ class Assembler:
         current = self._run
         if current.count:
             first, count = current.first, current.count
-            listed = current.digest.hexdigest() if current.trusted else None
+            listed = current.digest() if current.trusted else None
             data = bytes(current.data)
             old = self.previous.contents.get((first, count)) if self.previous else None
             self.writer.compress(data, self._placed("run", lambda digest: [

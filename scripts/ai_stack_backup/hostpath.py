@@ -108,42 +108,6 @@ class _TreeEntry(blocked.Entry):
         return self.status.st_mtime_ns // 1000000000
 
 
-class _Captured:
-    """An output that keeps what is written, to be taken entry by entry."""
-
-    def __init__(self):
-        self.data = bytearray()
-
-    def write(self, data):
-        self.data += data
-        return len(data)
-
-    def take(self):
-        taken, self.data = bytes(self.data), bytearray()
-        return taken
-
-
-def _file_chunks(descriptor, size, shown, warn):
-    """Yield ``size`` bytes of an open file in pieces; a file that shrank while it was read
-    is filled up with zeros, as tar does, and a warning says so."""
-    remaining = size
-    while remaining:
-        try:
-            chunk = os.read(descriptor, min(remaining, blocked.PIECE_SIZE))
-        except OSError as error:
-            raise BackupError("cannot read %s: %s" % (shown, describe_os_error(error)))
-        if not chunk:
-            warn("%s shrank by %d bytes while it was read; the rest is zeros"
-                 % (shown, remaining))
-            while remaining:
-                filler = min(remaining, blocked.PIECE_SIZE)
-                yield bytes(filler)
-                remaining -= filler
-            return
-        remaining -= len(chunk)
-        yield chunk
-
-
 class PathSource:
     """A host folder or file to back up; the archive holds one entry, its basename."""
 
@@ -209,8 +173,7 @@ class PathSource:
         """Walk the tree and write its archive (``lines``: a _Lines that takes its listing
         on the way); give ``(members, blocks)``."""
         top = self.name.rstrip("/")
-        captured = _Captured()
-        tree = TreeWriter(captured, reporter)
+        tree = TreeWriter(None, reporter)  # gives each member's bytes: it writes nothing
         assembler = blocked.Assembler(MemberWriter(output, config.gzip_level, config.threads),
                                       previous, progress)
 
@@ -227,7 +190,7 @@ class PathSource:
                 if kind == blocked.REUSE:
                     assembler.copy(value)
                     continue
-                self._add(value, tree, captured, assembler, started, reporter)
+                self._add(value, tree, assembler, started, reporter)
             made = assembler.finish()
         except BaseException:
             assembler.writer.abort()
@@ -239,42 +202,30 @@ class PathSource:
         return made.members, made.blocks
 
     @staticmethod
-    def _add(entry, tree, captured, made, started, reporter):
+    def _add(entry, tree, made, started, reporter):
         """Write one entry the plan did not copy: a large file in pieces (read as it goes),
         anything else whole into the run."""
         status, trusted = entry.status, entry.trusted(started)
         large = stat.S_ISREG(status.st_mode) and status.st_size >= blocked.LARGE_FILE and \
             (status.st_nlink == 1 or tree.seen_as(status) is None)
         if not large:
-            tree.add(entry.source, entry.name, status)
-            tree.flush()
-            member = captured.take()
+            member = tree.member(entry.source, entry.name, status)
             if member:
                 made.small(entry, member, b"", trusted)
             else:
                 made.gone()  # vanished or skipped (a socket); tree said so
             return
-        shown = os.fsdecode(entry.source)
+        found = tree.open_file(entry.source)
+        if found is None:
+            made.gone()
+            return
+        descriptor, opened = found
         try:
-            descriptor = os.open(entry.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK |
-                                 os.O_CLOEXEC)
-        except OSError as error:
-            if error.errno in (errno.ENOENT, errno.ELOOP):
-                reporter.warn("%s vanished while it was backed up; skipped" % shown)
-                made.gone()
-                return
-            raise BackupError("cannot read %s: %s" % (shown, describe_os_error(error)))
-        try:
-            opened = os.fstat(descriptor)
-            if not stat.S_ISREG(opened.st_mode):
-                reporter.warn("%s changed type while it was backed up; skipped" % shown)
-                made.gone()
-                return
             if opened.st_nlink > 1:
                 tree.first_seen(opened, entry.name)
             header = tree.header_bytes(entry.name, opened, FILE, size=opened.st_size)
             made.large(entry, header, opened.st_size,
-                       _file_chunks(descriptor, opened.st_size, shown, reporter.warn), trusted)
+                       tree.chunks(descriptor, entry.source, opened.st_size), trusted)
         finally:
             os.close(descriptor)
 

@@ -49,29 +49,33 @@ def walk(path, arcname, warn, exclusions=NONE, exclude=()):
     yield path, arcname, status
     if not stat.S_ISDIR(status.st_mode):
         return
-    stack = [(path, arcname, b"", iter(_names(path)))]
+    # A folder is held as the prefixes of its children's path, name and relative name
+    # (for the exclusions): each child's is then one concatenation.
+    stack = [(path if path.endswith(b"/") else path + b"/", arcname + b"/", b"",
+              iter(_names(path)))]
     while stack:
         folder, folder_arcname, relative, names = stack[-1]
-        name = next(names, None)
-        if name is None:
+        for name in names:
+            child = folder + name
+            try:
+                status = os.lstat(child)
+            except FileNotFoundError:
+                warn("%s vanished while it was backed up; skipped" % os.fsdecode(child))
+                continue
+            if exclude and (status.st_dev, status.st_ino) in exclude:
+                continue
+            is_folder = stat.S_ISDIR(status.st_mode)
+            # What is above was matched already: an excluded folder is never entered.
+            if exclusions and exclusions.matches(relative + name, is_folder):
+                continue
+            child_arcname = folder_arcname + name
+            yield child, child_arcname, status
+            if is_folder:
+                stack.append((child + b"/", child_arcname + b"/", relative + name + b"/",
+                              iter(_names(child))))
+                break  # its children come first; this folder's iterator goes on after them
+        else:
             stack.pop()
-            continue
-        child = os.path.join(folder, name)
-        try:
-            status = os.lstat(child)
-        except FileNotFoundError:
-            warn("%s vanished while it was backed up; skipped" % os.fsdecode(child))
-            continue
-        if (status.st_dev, status.st_ino) in exclude:
-            continue
-        child_relative = relative + b"/" + name if relative else name
-        # What is above was matched already: an excluded folder is never entered.
-        if exclusions and exclusions.matches(child_relative, stat.S_ISDIR(status.st_mode)):
-            continue
-        child_arcname = folder_arcname + b"/" + name
-        yield child, child_arcname, status
-        if stat.S_ISDIR(status.st_mode):
-            stack.append((child, child_arcname, child_relative, iter(_names(child))))
 
 
 def listing_line(arcname, status):
@@ -84,7 +88,8 @@ def listing_line(arcname, status):
 
 
 class TreeWriter:
-    """Writes tar members for a file tree into ``output`` (anything with ``write``).
+    """Writes tar members for a file tree into ``output`` (anything with ``write``), or gives
+    them one by one (``member``).
 
     Paths are bytes throughout, so any name survives unchanged. ``exclude``
     holds ``(st_dev, st_ino)`` pairs never to archive (the archive being
@@ -100,12 +105,12 @@ class TreeWriter:
         self.warn = reporter.warn
         self.members = 0
         self.data_bytes = 0
-        self._output = BatchedWriter(output.write)
-        self._emit = self._output.write
         self._first_path = {}
         self._users = {}
         self._groups = {}
-        self._buffer = bytearray(READ_SIZE)
+        if output is not None:  # None: a writer asked only for members (``member``)
+            self._output = BatchedWriter(output.write)
+            self._emit = self._output.write
 
     @staticmethod
     def _cached_name(cache, lookup, number):
@@ -130,73 +135,121 @@ class TreeWriter:
                              status.st_mtime_ns // 1000000000, size, linkname,
                              self._user(status.st_uid), self._group(status.st_gid))
 
-    def _header(self, arcname, status, kind, linkname=b"", size=0):
-        self._emit(self.header_bytes(arcname, status, kind, linkname, size))
-        self.members += 1
-
-    def _copy_file(self, path, arcname, status):
+    def open_file(self, path):
+        """Open a file the walk found, for reading; give ``(descriptor, status)``, or None
+        with a warning when it vanished or is no longer a regular file. Raises BackupError."""
         try:
             descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as error:
             if error.errno in (errno.ENOENT, errno.ELOOP):
                 self.warn("%s vanished while it was backed up; skipped" % os.fsdecode(path))
-                return
+                return None
             raise BackupError("cannot read %s: %s" % (os.fsdecode(path), describe_os_error(error)))
         try:
             opened = os.fstat(descriptor)
-            if not stat.S_ISREG(opened.st_mode):
-                self.warn("%s changed type while it was backed up; skipped" % os.fsdecode(path))
-                return
-            self._header(arcname, opened, FILE, size=opened.st_size)
-            remaining = opened.st_size
-            view = memoryview(self._buffer)
-            while remaining:
-                try:
-                    count = os.readv(descriptor, [view[:min(remaining, READ_SIZE)]])
-                except OSError as error:
-                    raise BackupError("cannot read %s: %s"
-                                      % (os.fsdecode(path), describe_os_error(error)))
-                if not count:
-                    self.warn("%s shrank by %d bytes while it was read; the rest is zeros"
-                         % (os.fsdecode(path), remaining))
-                    while remaining:
-                        filler = min(remaining, READ_SIZE)
-                        self._emit(bytes(filler))
-                        remaining -= filler
-                    break
-                self._emit(view[:count])
-                remaining -= count
-                if self.progress is not None:
-                    self.progress.advance(count)
-            self._emit(padding(opened.st_size))
-            self.data_bytes += opened.st_size
-        finally:
+        except BaseException:
             os.close(descriptor)
+            raise
+        if not stat.S_ISREG(opened.st_mode):
+            os.close(descriptor)
+            self.warn("%s changed type while it was backed up; skipped" % os.fsdecode(path))
+            return None
+        return descriptor, opened
 
-    def add(self, path, arcname, status):
-        """Archive one entry (not its children); give True when it is a folder to descend into."""
+    def _read(self, descriptor, path, size):
+        try:
+            return os.read(descriptor, size)
+        except OSError as error:
+            raise BackupError("cannot read %s: %s" % (os.fsdecode(path), describe_os_error(error)))
+
+    def chunks(self, descriptor, path, size):
+        """Yield ``size`` bytes of an open file, READ_SIZE at most at a time; a file that
+        shrank while it was read is filled up with zeros, as tar does, and a warning says
+        so. Raises BackupError."""
+        remaining = size
+        while remaining:
+            chunk = self._read(descriptor, path, min(remaining, READ_SIZE))
+            if not chunk:
+                self.warn("%s shrank by %d bytes while it was read; the rest is zeros"
+                          % (os.fsdecode(path), remaining))
+                while remaining:
+                    filler = min(remaining, READ_SIZE)
+                    yield bytes(filler)
+                    remaining -= filler
+                return
+            remaining -= len(chunk)
+            if self.progress is not None:
+                self.progress.advance(len(chunk))
+            yield chunk
+
+    def member(self, path, arcname, status):
+        """Give the whole tar member of one entry (header, data, padding) as bytes: ``b""``
+        for an entry skipped with a warning (vanished, changed type, a socket or a device
+        file). A file is read whole: ``add`` streams those of READ_SIZE bytes or more."""
         mode = status.st_mode
         if stat.S_ISREG(mode):
             if status.st_nlink > 1:
-                key = (status.st_dev, status.st_ino)
-                if key in self._first_path:
-                    self._header(arcname, status, HARDLINK, linkname=self._first_path[key])
-                    return False
-                self._first_path[key] = arcname
-            self._copy_file(path, arcname, status)
-        elif stat.S_ISDIR(mode):
-            self._header(arcname, status, DIRECTORY)
-            return True
-        elif stat.S_ISLNK(mode):
-            self._header(arcname, status, SYMLINK, linkname=os.readlink(path))
-        elif stat.S_ISFIFO(mode):
-            self._header(arcname, status, FIFO)  # never opened, never read
-        elif stat.S_ISSOCK(mode):
+                first = self.seen_as(status)
+                if first is not None:
+                    return self._counted(self.header_bytes(arcname, status, HARDLINK,
+                                                           linkname=first))
+                self.first_seen(status, arcname)
+            found = self.open_file(path)
+            if found is None:
+                return b""
+            descriptor, opened = found
+            size = opened.st_size
+            try:
+                data = self._read(descriptor, path, size)  # a small file whole, at once
+                if self.progress is not None:
+                    self.progress.advance(len(data))
+                if len(data) < size:
+                    data = b"".join([data, *self.chunks(descriptor, path, size - len(data))])
+            finally:
+                os.close(descriptor)
+            self.data_bytes += size
+            return self._counted(self.header_bytes(arcname, opened, FILE, size=size), data,
+                                 padding(size))
+        if stat.S_ISDIR(mode):
+            return self._counted(self.header_bytes(arcname, status, DIRECTORY))
+        if stat.S_ISLNK(mode):
+            return self._counted(self.header_bytes(arcname, status, SYMLINK,
+                                                   linkname=os.readlink(path)))
+        if stat.S_ISFIFO(mode):
+            return self._counted(self.header_bytes(arcname, status, FIFO))  # never opened
+        if stat.S_ISSOCK(mode):
             self.warn("%s is a socket; skipped" % os.fsdecode(path))
         else:
             self.warn("%s is a device file; skipped (restore refuses device files)"
-                 % os.fsdecode(path))
-        return False
+                      % os.fsdecode(path))
+        return b""
+
+    def _counted(self, header, data=b"", data_padding=b""):
+        self.members += 1
+        return header + data + data_padding if data else header
+
+    def add(self, path, arcname, status):
+        """Archive one entry (not its children); give True when it is a folder to descend into.
+        A file of READ_SIZE bytes or more is written as it is read."""
+        if stat.S_ISREG(status.st_mode) and status.st_size >= READ_SIZE and \
+                (status.st_nlink == 1 or self.seen_as(status) is None):
+            if status.st_nlink > 1:
+                self.first_seen(status, arcname)
+            found = self.open_file(path)
+            if found is not None:
+                descriptor, opened = found
+                try:
+                    self._emit(self._counted(self.header_bytes(arcname, opened, FILE,
+                                                               size=opened.st_size)))
+                    for chunk in self.chunks(descriptor, path, opened.st_size):
+                        self._emit(chunk)
+                    self._emit(padding(opened.st_size))
+                    self.data_bytes += opened.st_size
+                finally:
+                    os.close(descriptor)
+            return False
+        self._emit(self.member(path, arcname, status))
+        return stat.S_ISDIR(status.st_mode)
 
     def add_tree(self, path, arcname):
         """Archive ``path`` (followed if a symlink) and everything below it, as ``arcname``."""

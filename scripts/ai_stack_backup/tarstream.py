@@ -636,6 +636,24 @@ _TYPEFLAG = {FILE: b"0", DIRECTORY: b"5", SYMLINK: b"2", FIFO: b"6", HARDLINK: b
 _OCTAL_FIELDS = b"%07o\0%07o\0%07o\0%011o\0%011o\0"  # mode, uid, gid, size, mtime
 
 
+_TAILS = {}  # (typeflag, uname, gname) -> the header from its typeflag on, with its byte sum
+
+
+def _tail(typeflag, linkname, uname, gname):
+    """Give the header's bytes from the typeflag on, and their sum. Without a link target
+    they are the same for every member of a kind and owner: those are made once."""
+    key = None if linkname else (typeflag, uname, gname)
+    found = _TAILS.get(key)
+    if found is None:
+        tail = b"".join((typeflag, linkname.ljust(100, b"\0"), b"ustar  \0",
+                         uname[:32].ljust(32, b"\0"), gname[:32].ljust(32, b"\0"),
+                         bytes(183)))  # device numbers (never written: no devices) and padding
+        found = tail, _byte_sum(bytes(156) + tail)
+        if key is not None and len(_TAILS) < 1024:
+            _TAILS[key] = found
+    return found
+
+
 def _header_block(name, typeflag, mode, uid, gid, size, mtime, linkname, uname=b"",
                   gname=b""):
     if 0 <= mode < 0o10000000 and 0 <= uid < 0o10000000 and 0 <= gid < 0o10000000 and \
@@ -644,11 +662,12 @@ def _header_block(name, typeflag, mode, uid, gid, size, mtime, linkname, uname=b
     else:
         numbers = b"".join((_octal(mode, 8), _octal(uid, 8), _octal(gid, 8), _octal(size, 12),
                             _octal(mtime, 12)))
-    block = b"".join((
-        name.ljust(100, b"\0"), numbers, b"        ", typeflag, linkname.ljust(100, b"\0"),
-        b"ustar  \0", uname[:32].ljust(32, b"\0"), gname[:32].ljust(32, b"\0"),
-        bytes(183)))  # device numbers (never written: no devices) and padding
-    return block[:148] + b"%06o\0 " % _byte_sum(block) + block[156:]
+    head = name.ljust(100, b"\0") + numbers
+    tail, tail_sum = _tail(typeflag, linkname, uname, gname)
+    # 148 bytes never sum past 65521: Adler-32's low half is then 1 + their sum, exactly.
+    # The checksum field itself counts as eight spaces.
+    checksum = (adler32(head) & 0xFFFF) - 1 + 8 * 32 + tail_sum
+    return head + b"%06o\0 " % checksum + tail
 
 
 def _long_record(typeflag, value):
