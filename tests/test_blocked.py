@@ -240,3 +240,49 @@ def test_runs_after_a_removed_entry_are_cut_as_before_and_copied_by_their_conten
     assert [(bytes.fromhex(key[0]), key[1]) for key in changed] == [(b"a/f021", 2)]
     assert made.written == 2 * (512 + 3072) + 512
     assert made.reused == len(content) - made.written
+
+
+@pytest.mark.parametrize("over, makes", [(0, 1), (1, 2)])
+def test_a_plan_naming_few_entries_is_made_once_and_a_larger_one_again(
+        small_runs, tmp_path, monkeypatch, over, makes):
+    """A night's plan, mostly copies, is walked once for the helper's names and kept for the
+    assembly; a plan naming more than HELD_ENTRIES entries (copies not counted) is made
+    again from the listing instead of held. Either way the assembly gets the same items."""
+    first, archive = planned(volume_tar(FILES), lines_of(FILES), tmp_path)
+    path = tmp_path / "previous.tar.gz"
+    path.write_bytes(archive)
+    previous = blocked.Previous(str(path), os.open(str(path), os.O_RDONLY),
+                                [blocked.Block(*saved) for saved in first.blocks])
+    changed = lines_of(FILES, **{"./a/f020": {"ctime": STARTED - 3}})
+    listing_path = tmp_path / "night-2"
+    listing_path.write_bytes(b"".join(line + b"\n" for line in changed))
+    listing = blocked.Listing(str(listing_path), STARTED, None, False)
+    made = []
+
+    def make():
+        made.append(1)
+        return blocked.plan(blocked.entries(listing, NONE, set()), previous, {})
+    try:
+        expected = list(make())
+        fresh = [value.name for kind, value in expected if kind == blocked.FRESH]
+        # The run that held f020 is read again, and only that run.
+        assert b"./a/f020" in fresh and len(fresh) < 5
+        monkeypatch.setattr(blocked, "HELD_ENTRIES", len(fresh) - over)
+        plan = blocked.HeldPlan(make)
+        assert list(plan.names_to_tar()) == fresh
+        items = list(plan.items())
+    finally:
+        previous.close()
+    assert len(made) == 1 + makes
+
+    def shown(items):
+        return [(kind, [block.offset for block in value] if kind == blocked.REUSE
+                 else value.line) for kind, value in items]
+    assert shown(items) == shown(expected)
+    assert [kind for kind, _ in items].count(blocked.REUSE) >= 3  # copied runs, held or not
+
+
+def test_a_plan_never_walked_for_names_is_made_for_the_assembly():
+    """Where the helper is told every name (nothing to copy), the plan is made once, then."""
+    plan = blocked.HeldPlan(lambda: iter([(blocked.FRESH, "entry")]))
+    assert list(plan.items()) == [(blocked.FRESH, "entry")]

@@ -686,11 +686,36 @@ def forget_listing(blocks):
             saved[6][1] = None
 
 
-def names_to_tar(items):
-    """Give the names the helper is to tar: the FRESH entries', in order."""
-    for kind, value in items:
-        if kind == FRESH:
-            yield value.name
+HELD_ENTRIES = 10000  # a plan naming more entries is made twice, not held: 740 bytes each
+
+
+class HeldPlan:
+    """A plan walked once for the names the helper is to tar and kept for the assembly, as
+    long as it names few entries (copied runs are one item each): a night's plan, mostly
+    copies, is then made once, not twice. A larger plan is made again from the listing
+    (``items``), so memory stays flat at any size."""
+
+    def __init__(self, make):
+        self._make = make  # gives the plan's items, the same every time
+        self._kept = None  # the items, once walked whole and few enough
+
+    def names_to_tar(self):
+        """Give the names the helper is to tar: the FRESH entries', in order."""
+        kept, named = [], 0
+        for item in self._make():
+            if kept is not None and item[0] != REUSE:
+                named += 1
+                if named > HELD_ENTRIES:
+                    kept = None
+            if kept is not None:
+                kept.append(item)
+            if item[0] == FRESH:
+                yield item[1].name
+        self._kept = kept
+
+    def items(self):
+        """Give the plan's items: those kept, or made anew."""
+        return iter(self._kept) if self._kept is not None else self._make()
 
 
 def every_name(listing):

@@ -149,15 +149,14 @@ class VolumeSource:
         snapshots = held.snapshots if held else {}
         left_out = {path + suffix for path in snapshots for suffix in capture.COMPANION_SUFFIXES}
 
-        def items():
-            return blocked.plan(blocked.entries(listing, self.exclusions, left_out), previous,
-                                snapshots)
+        plan = blocked.HeldPlan(lambda: blocked.plan(
+            blocked.entries(listing, self.exclusions, left_out), previous, snapshots))
         everything = previous is None and not snapshots and not self.exclusions
         planned.send("plan", blocked.every_name(listing) if everything
-                     else blocked.names_to_tar(items()))
+                     else plan.names_to_tar())
         made = self._assembled(output, config, reporter, planned, snapshots,
                                lambda chunks, writer, check: blocked.assemble(
-                                   items(), chunks, writer, previous, snapshots,
+                                   plan.items(), chunks, writer, previous, snapshots,
                                    listing.started, check, progress))
         line = blocked.describe(made, previous, "volume %s" % self.name)
         if line:
