@@ -12,7 +12,7 @@ import zlib
 import pytest
 
 from ai_stack_backup import blocked
-from ai_stack_backup.exclusions import NONE
+from ai_stack_backup.exclusions import NONE, Exclusions
 from ai_stack_backup.gzipstream import MemberWriter, compress_member
 from ai_stack_backup.tarstream import ArchiveRules
 
@@ -268,9 +268,9 @@ def test_a_plan_naming_few_entries_is_made_once_and_a_larger_one_again(
         # The run that held f020 is read again, and only that run.
         assert b"./a/f020" in fresh and len(fresh) < 5
         monkeypatch.setattr(blocked, "HELD_ENTRIES", len(fresh) - over)
-        plan = blocked.HeldPlan(make)
-        assert list(plan.names_to_tar()) == fresh
-        items = list(plan.items())
+        plan = blocked.HeldPlan(previous)
+        assert list(plan.names_to_tar(make())) == fresh
+        items = list(plan.items(make))
     finally:
         previous.close()
     assert len(made) == 1 + makes
@@ -284,5 +284,32 @@ def test_a_plan_naming_few_entries_is_made_once_and_a_larger_one_again(
 
 def test_a_plan_never_walked_for_names_is_made_for_the_assembly():
     """Where the helper is told every name (nothing to copy), the plan is made once, then."""
-    plan = blocked.HeldPlan(lambda: iter([(blocked.FRESH, "entry")]))
-    assert list(plan.items()) == [(blocked.FRESH, "entry")]
+    plan = blocked.HeldPlan(None)
+    assert list(plan.items(lambda: iter([(blocked.FRESH, "entry")]))) == [(blocked.FRESH,
+                                                                            "entry")]
+
+
+@pytest.mark.parametrize("piece", [1, 7, 4096])
+def test_a_listing_read_as_it_is_written_gives_the_entries_of_the_whole_file(tmp_path, piece):
+    """Lines cut anywhere between reads give the same entries as the complete listing, with
+    the same exclusions and left-out paths."""
+    lines = lines_of(FILES)
+    text = b"".join(line + b"\n" for line in lines)
+    path = tmp_path / "listing"
+    path.write_bytes(text)
+    listing = blocked.Listing(str(path), STARTED, None, False)
+    left_out = {b"z03"}
+    exclusions = Exclusions(["a/f01*"])
+
+    def shown(entries):
+        return [entry.line for entry in entries]
+    whole = shown(blocked.entries(listing, exclusions, left_out))
+    assert shown(blocked.entries_as_written(in_pieces(text, piece), exclusions,
+                                            left_out)) == whole
+    assert len(whole) == len(lines) - 10 - 1  # a/f010…a/f019 excluded, z03 left out
+
+
+def test_a_listing_read_as_it_is_written_stops_at_a_line_of_a_name_with_a_line_break():
+    text = b"".join(line + b"\n" for line in lines_of(FILES)[:5]) + b"?\n"
+    with pytest.raises(ValueError):
+        list(blocked.entries_as_written(in_pieces(text, 3), NONE, set()))

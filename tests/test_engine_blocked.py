@@ -598,3 +598,37 @@ def test_a_first_backup_of_a_volume_written_all_the_time_is_complete_and_restore
     restored_quiet = {name: value for name, value in restored_state(make_volume, second).items()
                       if b"churn" not in name}
     assert restored_quiet == quiet
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_a_night_is_planned_once_while_the_helper_lists(helper_env, stocked_volume, make_volume,
+                                                        tmp_path, monkeypatch, capsys, held):
+    """With an archive to copy from, the plan is made from the listing as the helper writes
+    it, once: the helper is told it when the listing ends, and the assembly takes the same
+    plan, kept (a night's few names) or made again from the listing (past HELD_ENTRIES)."""
+    folder = tmp_path / "backups"
+    first = backup(stocked_volume, folder)
+    in_volume(helper_env, stocked_volume, "echo new > /v/small/new.txt")
+    testkit.next_second()
+    planned, read_whole = [], []
+    real_plan, real_entries = blocked.plan, blocked.entries
+
+    def plan(listed, previous, snapshots):
+        planned.append(previous is not None)
+        return real_plan(listed, previous, snapshots)
+
+    def entries(*arguments):
+        read_whole.append(1)
+        return real_entries(*arguments)
+    monkeypatch.setattr(blocked, "plan", plan)
+    monkeypatch.setattr(blocked, "entries", entries)
+    if not held:
+        monkeypatch.setattr(blocked, "HELD_ENTRIES", 0)
+    capsys.readouterr()
+    second = backup(stocked_volume, folder)
+    log = capsys.readouterr().err
+    # Once from the listing as written; a plan not kept once more from the whole file.
+    assert planned == [True] * (1 if held else 2) and len(read_whole) == (0 if held else 1)
+    copied, written = copied_and_written(log, first)
+    assert copied > 5 and written <= 2 * blocked.RUN_SIZE / (1 << 20) + 0.1, log
+    assert restored_state(make_volume, second) == testkit.volume_state(stocked_volume)

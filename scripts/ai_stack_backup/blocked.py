@@ -118,6 +118,7 @@ class Listing:
     def __init__(self, path, started, digest, racy, problem=None):
         self.path, self.started, self.digest, self.racy = path, started, digest, racy
         self.problem = problem
+        self.plan = None  # a HeldPlan made while the listing was written, if any
 
 
 def _harmless(errors):
@@ -155,13 +156,37 @@ def entries(listing, exclusions, left_out):
     """Yield the listing's Entries in order, without the excluded ones and ``left_out``
     (normalised paths: the companions of snapshotted databases)."""
     with open(listing.path, "rb") as file:
-        for line in file:
-            entry = Entry(line.rstrip(b"\n"))
-            if exclusions and entry.path and exclusions.excludes(entry.path, entry.folder):
-                continue
-            if entry.path in left_out:
-                continue
-            yield entry
+        yield from _kept_entries((line.rstrip(b"\n") for line in file), exclusions, left_out)
+
+
+def entries_as_written(read, exclusions, left_out):
+    """Yield the Entries of a listing the helper is still writing, as ``entries`` does:
+    ``read()`` gives its next bytes, b"" once it is complete. Raises ValueError or
+    ArchiveError at a line no Entry is made of (a name with a line break: such a listing is
+    unusable, ``read_listing`` says so)."""
+    def lines():
+        rest = b""
+        while True:
+            data = read()
+            if not data:
+                break
+            lines = (rest + data).split(b"\n")
+            rest = lines.pop()
+            yield from lines
+        if rest:
+            yield rest
+    return _kept_entries(lines(), exclusions, left_out)
+
+
+def _kept_entries(lines, exclusions, left_out):
+    excluding = bool(exclusions)
+    for line in lines:
+        entry = Entry(line)
+        if excluding and entry.path and exclusions.excludes(entry.path, entry.folder):
+            continue
+        if entry.path in left_out:
+            continue
+        yield entry
 
 
 # --- the previous archive ---------------------------------------------------------------
@@ -690,19 +715,20 @@ HELD_ENTRIES = 10000  # a plan naming more entries is made twice, not held: 740 
 
 
 class HeldPlan:
-    """A plan walked once for the names the helper is to tar and kept for the assembly, as
-    long as it names few entries (copied runs are one item each): a night's plan, mostly
-    copies, is then made once, not twice. A larger plan is made again from the listing
-    (``items``), so memory stays flat at any size."""
+    """A plan walked once for the names the helper is to tar (``names_to_tar``) and kept
+    for the assembly (``items``) while it names few entries (copied runs are one item
+    each): a night's plan, mostly copies, is then made once, not twice. A larger plan is
+    made again for the assembly, so memory stays flat at any size. ``previous``: the
+    archive it copies from."""
 
-    def __init__(self, make):
-        self._make = make  # gives the plan's items, the same every time
+    def __init__(self, previous):
+        self.previous = previous
         self._kept = None  # the items, once walked whole and few enough
 
-    def names_to_tar(self):
-        """Give the names the helper is to tar: the FRESH entries', in order."""
+    def names_to_tar(self, items):
+        """Give the names of the FRESH entries among ``items``, in order, keeping the items."""
         kept, named = [], 0
-        for item in self._make():
+        for item in items:
             if kept is not None and item[0] != REUSE:
                 named += 1
                 if named > HELD_ENTRIES:
@@ -713,9 +739,9 @@ class HeldPlan:
                 yield item[1].name
         self._kept = kept
 
-    def items(self):
-        """Give the plan's items: those kept, or made anew."""
-        return iter(self._kept) if self._kept is not None else self._make()
+    def items(self, make):
+        """Give the plan's items: those kept, or ``make()``'s (the same plan, made anew)."""
+        return iter(self._kept) if self._kept is not None else make()
 
 
 def every_name(listing):

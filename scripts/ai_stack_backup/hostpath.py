@@ -139,8 +139,9 @@ class PathSource:
                                                 reporter))
 
     @staticmethod
-    def listing(planned):
-        """Give the tree's ``blocked.Listing``, taken by the tool itself."""
+    def listing(planned, previous=None, held=None):
+        """Give the tree's ``blocked.Listing``, taken by the tool itself (the writing walk
+        plans for itself: nothing is planned from it)."""
         return planned.listing()
 
     @staticmethod

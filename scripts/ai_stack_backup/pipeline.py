@@ -9,8 +9,9 @@ differs: ``kind``, ``name``, ``archive_source``, ``check()``,
 ``prepare(reporter)``, ``captured(reporter, work_folder)`` (a context manager
 giving an object whose ``describe()`` says how the copy was made consistent),
 ``planned(reporter, work_folder)`` (a context manager giving a
-``transfer.PlannedStream`` or its like), ``listing(planned)`` (the
-``blocked.Listing``, once complete), ``write_planned(output, config,
+``transfer.PlannedStream`` or its like), ``listing(planned, previous, held)`` (the
+``blocked.Listing``, once complete, with the plan made from it as it was
+written, if any), ``write_planned(output, config,
 progress, reporter, planned, listing, previous, held, exclude)`` and
 ``write_tar(output, progress, reporter, work_folder, exclude, held, listed)``, which
 are handed the capture (state travels as arguments, never parked on the
@@ -228,7 +229,7 @@ def _write_planned(source, folder, config, reporter, work_folder, timestamp, hel
                 if listing.racy and skip_unchanged:
                     reporter.log(_RACY % (source.kind, source.name, source.kind))
                 return _recorded(result, listing, made_by, blocks, reporter)
-            listing = source.listing(planned)
+            listing = source.listing(planned, previous, held)
             if listing.problem is not None:
                 reporter.log("%s %s: %s; reading all of it" % (source.kind, source.name,
                                                               listing.problem))

@@ -339,13 +339,20 @@ class PlannedStream:
         """Give a ListingAsWritten of this helper's listing (close it after use)."""
         return ListingAsWritten(self)
 
-    def send(self, mode, names=()):
-        if mode == "plan":
-            with open(self.folder.file(PLAN), "wb") as file:
-                writer = BatchedWriter(file.write)
-                for name in names:
-                    writer.write(name + b"\0")
-                writer.flush()
+    def write_plan(self, names):
+        """Write the plan's NUL-separated ``names``, for a later ``send("plan")``; the
+        helper reads them only then, so they may be written while it still lists."""
+        with open(self.folder.file(PLAN), "wb") as file:
+            writer = BatchedWriter(file.write)
+            for name in names:
+                writer.write(name + b"\0")
+            writer.flush()
+
+    def send(self, mode, names=None):
+        """Tell the helper ``mode``; for ``plan``, ``names`` are written first (None: they
+        were, by ``write_plan``)."""
+        if names is not None:
+            self.write_plan(names)
         _tell(self.folder, self.helper, self.what, mode)
 
     @contextlib.contextmanager

@@ -71,6 +71,12 @@ def _finish_tar(helper, what, reporter, left_out=(), exclusions=NONE):
         reporter.warn("%s: %s" % (what, line))
 
 
+def _left_out(snapshots):
+    """Give the paths a backup leaves out for ``snapshots``: the companions (journal, WAL)
+    of the databases it snapshotted."""
+    return {path + suffix for path in snapshots for suffix in capture.COMPANION_SUFFIXES}
+
+
 class _RulesOfRestore:
     """The restore's rules, applied to a backup as it is made: nothing is published that a
     restore would refuse (a device node, say). Raises Unrestorable naming the member."""
@@ -134,10 +140,31 @@ class VolumeSource:
         with stream as planned:
             yield planned
 
-    @staticmethod
-    def listing(planned):
-        """Give the helper's listing (a ``blocked.Listing``) once it is complete."""
-        return blocked.read_listing(*planned.wait_for_listing())
+    def listing(self, planned, previous=None, held=None):
+        """Give the helper's listing (a ``blocked.Listing``) once it is complete.
+
+        With a ``previous`` archive to copy from, the plan is made from the
+        listing while the helper still writes it, and its names are handed to
+        the helper's plan file as they come (the helper reads that file only
+        when told): the Listing's ``plan`` holds it for ``write_planned``. The
+        two then run at once, on two cores, and the plan is ready when the
+        listing is.
+        """
+        early = None
+        if previous is not None:
+            snapshots = held.snapshots if held else {}
+            early = blocked.HeldPlan(previous)
+            with contextlib.closing(planned.listing_as_written()) as growing:
+                try:
+                    planned.write_plan(early.names_to_tar(blocked.plan(
+                        blocked.entries_as_written(growing.read, self.exclusions,
+                                                   _left_out(snapshots)),
+                        previous, snapshots)))
+                except (ValueError, ArchiveError):
+                    early = None  # a line no entry is made of: read_listing tells why
+        listing = blocked.read_listing(*planned.wait_for_listing())
+        listing.plan = early  # a listing with a problem is planned from by nobody
+        return listing
 
     def write_planned(self, output, config, progress, reporter, planned, listing, previous,
                       held, exclude=()):
@@ -147,16 +174,21 @@ class VolumeSource:
         list). A listing with a problem is never planned from: the pipeline has the whole
         volume tarred instead."""
         snapshots = held.snapshots if held else {}
-        left_out = {path + suffix for path in snapshots for suffix in capture.COMPANION_SUFFIXES}
 
-        plan = blocked.HeldPlan(lambda: blocked.plan(
-            blocked.entries(listing, self.exclusions, left_out), previous, snapshots))
-        everything = previous is None and not snapshots and not self.exclusions
-        planned.send("plan", blocked.every_name(listing) if everything
-                     else plan.names_to_tar())
+        def make():
+            return blocked.plan(blocked.entries(listing, self.exclusions, _left_out(snapshots)),
+                                previous, snapshots)
+        plan = listing.plan
+        if plan is not None and plan.previous is previous:
+            planned.send("plan")  # its names went to the helper while it listed
+        else:
+            plan = blocked.HeldPlan(previous)
+            everything = previous is None and not snapshots and not self.exclusions
+            planned.send("plan", blocked.every_name(listing) if everything
+                         else plan.names_to_tar(make()))
         made = self._assembled(output, config, reporter, planned, snapshots,
                                lambda chunks, writer, check: blocked.assemble(
-                                   plan.items(), chunks, writer, previous, snapshots,
+                                   plan.items(make), chunks, writer, previous, snapshots,
                                    listing.started, check, progress))
         line = blocked.describe(made, previous, "volume %s" % self.name)
         if line:
