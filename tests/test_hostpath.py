@@ -16,7 +16,7 @@ import threading
 import pytest
 
 import testkit
-from ai_stack_backup import cli, files, hostpath, pipeline
+from ai_stack_backup import cli, files, hostpath, hosttree, pipeline
 from ai_stack_backup.config import Config
 from ai_stack_backup.hostpath import PathSource
 from ai_stack_backup.hosttree import TreeWriter
@@ -582,3 +582,52 @@ def test_an_entry_gone_or_replaced_after_its_lstat_is_skipped_and_said(tmp_path)
         "%s changed type while it was backed up; skipped" % (tmp_path / "now-a-fifo"),
         "%s vanished while it was backed up; skipped" % (tmp_path / "now-a-symlink")]
     assert tree.members == 0
+
+
+class _Reads(TreeWriter):
+    """A TreeWriter that records how much each read asked for."""
+
+    def __init__(self, *arguments):
+        super().__init__(*arguments)
+        self.asked = []
+
+    def _read(self, descriptor, path, size):
+        self.asked.append(size)
+        return super()._read(descriptor, path, size)
+
+
+def test_a_small_file_grown_large_after_its_lstat_is_streamed_not_held(tmp_path):
+    """The walk saw a small file; a large one took its name before it was opened (say, a
+    rename over it). Its member is the large file's, read READ_SIZE at most at a time, both
+    by the streaming writer and by a path backup's walk (which makes it a large file's
+    members)."""
+    path = tmp_path / "replaced"
+    path.write_bytes(b"small")
+    seen = os.lstat(str(path))
+    grown = os.urandom(3 * hosttree.READ_SIZE + 5)
+    path.write_bytes(grown)
+    output = io.BytesIO()
+    tree = _Reads(output, _Warnings())
+    assert tree.add(os.fsencode(path), b"replaced", seen) is False
+    tree.flush()
+    info, data = _member_of(output.getvalue())
+    assert (info.size, data) == (len(grown), grown)
+    assert tree.asked and max(tree.asked) <= hosttree.READ_SIZE
+
+    made = []
+
+    class Made:
+        def small(self, entry, member, data, trusted):
+            made.append(("small", len(member)))
+
+        def large(self, entry, header, size, chunks, trusted):
+            made.append(("large", size, b"".join(chunks)))
+
+        def gone(self):
+            made.append(("gone",))
+    walker = _Reads(None, _Warnings())
+    line = hosttree.listing_line(b"replaced", seen)
+    entry = hostpath._TreeEntry(line[:-1], b"replaced", os.fsencode(path), seen)
+    PathSource._add(entry, walker, Made(), seen.st_ctime + 10, _Warnings())
+    assert made == [("large", len(grown), grown)]
+    assert max(walker.asked) <= hosttree.READ_SIZE

@@ -209,12 +209,12 @@ class PathSource:
         status, trusted = entry.status, entry.trusted(started)
         large = stat.S_ISREG(status.st_mode) and status.st_size >= blocked.LARGE_FILE and \
             (status.st_nlink == 1 or tree.seen_as(status) is None)
-        if not large:
-            member = tree.member(entry.source, entry.name, status)
-            if member:
-                made.small(entry, member, b"", trusted)
-            else:
-                made.gone()  # vanished or skipped (a socket); tree said so
+        member = None if large else tree.member(entry.source, entry.name, status)
+        if member:
+            made.small(entry, member, b"", trusted)
+            return
+        if member is not None:
+            made.gone()  # vanished or skipped (a socket); tree said so
             return
         found = tree.open_file(entry.source)
         if found is None:

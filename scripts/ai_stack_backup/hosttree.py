@@ -185,7 +185,8 @@ class TreeWriter:
     def member(self, path, arcname, status):
         """Give the whole tar member of one entry (header, data, padding) as bytes: ``b""``
         for an entry skipped with a warning (vanished, changed type, a socket or a device
-        file). A file is read whole: ``add`` streams those of READ_SIZE bytes or more."""
+        file); None for a file of READ_SIZE bytes or more once open (grown or replaced
+        since the walk's ``lstat``), which is never held whole: stream it instead."""
         mode = status.st_mode
         if stat.S_ISREG(mode):
             if status.st_nlink > 1:
@@ -200,6 +201,8 @@ class TreeWriter:
             descriptor, opened = found
             size = opened.st_size
             try:
+                if size >= READ_SIZE:
+                    return None
                 data = self._read(descriptor, path, size)  # a small file whole, at once
                 if self.progress is not None:
                     self.progress.advance(len(data))
@@ -231,25 +234,32 @@ class TreeWriter:
     def add(self, path, arcname, status):
         """Archive one entry (not its children); give True when it is a folder to descend into.
         A file of READ_SIZE bytes or more is written as it is read."""
-        if stat.S_ISREG(status.st_mode) and status.st_size >= READ_SIZE and \
-                (status.st_nlink == 1 or self.seen_as(status) is None):
-            if status.st_nlink > 1:
-                self.first_seen(status, arcname)
-            found = self.open_file(path)
-            if found is not None:
-                descriptor, opened = found
-                try:
-                    self._emit(self._counted(self.header_bytes(arcname, opened, FILE,
-                                                               size=opened.st_size)))
-                    for chunk in self.chunks(descriptor, path, opened.st_size):
-                        self._emit(chunk)
-                    self._emit(padding(opened.st_size))
-                    self.data_bytes += opened.st_size
-                finally:
-                    os.close(descriptor)
-            return False
-        self._emit(self.member(path, arcname, status))
+        member = None
+        if not (stat.S_ISREG(status.st_mode) and status.st_size >= READ_SIZE and
+                (status.st_nlink == 1 or self.seen_as(status) is None)):
+            member = self.member(path, arcname, status)
+        if member is None:
+            self._stream_file(path, arcname, status)
+        else:
+            self._emit(member)
         return stat.S_ISDIR(status.st_mode)
+
+    def _stream_file(self, path, arcname, status):
+        if status.st_nlink > 1:
+            self.first_seen(status, arcname)
+        found = self.open_file(path)
+        if found is None:
+            return
+        descriptor, opened = found
+        try:
+            self._emit(self._counted(self.header_bytes(arcname, opened, FILE,
+                                                       size=opened.st_size)))
+            for chunk in self.chunks(descriptor, path, opened.st_size):
+                self._emit(chunk)
+            self._emit(padding(opened.st_size))
+            self.data_bytes += opened.st_size
+        finally:
+            os.close(descriptor)
 
     def add_tree(self, path, arcname):
         """Archive ``path`` (followed if a symlink) and everything below it, as ``arcname``."""
