@@ -1,7 +1,7 @@
 """Blocked archives built mostly from the previous one's bytes (a volume's nightly backup).
 
-listing → plan (the record proves what is unchanged) → helper tars the rest →
-  assemble: members copied from the previous archive ‖ new members (parallel gzip) → record
+listing ‖ plan (the record proves what is unchanged; lines as they come) → helper tars the rest
+  → assemble: members copied from the previous archive ‖ new members (parallel gzip) → record
 first backup: helper tars everything ‖ lists → assemble_while_listing (lines as they come)
 
 An archive is a complete ``.tar.gz`` whose gzip stream is a sequence of
@@ -745,8 +745,8 @@ class HeldPlan:
 
 
 def every_name(listing):
-    """Give every name of the listing, in order: what ``names_to_tar`` gives when nothing is
-    copied, excluded or snapshotted, without taking each line apart."""
+    """Give every name of the listing, in order: what ``HeldPlan.names_to_tar`` gives when
+    nothing is copied, excluded or snapshotted, without taking each line apart."""
     with open(listing.path, "rb") as file:
         for line in file:
             yield line.rstrip(b"\n").split(b" ", 8)[8]
