@@ -631,3 +631,28 @@ def test_a_small_file_grown_large_after_its_lstat_is_streamed_not_held(tmp_path)
     PathSource._add(entry, walker, Made(), seen.st_ctime + 10, _Warnings())
     assert made == [("large", len(grown), grown)]
     assert max(walker.asked) <= hosttree.READ_SIZE
+
+
+def test_a_second_name_never_links_to_a_first_that_was_not_archived(tmp_path):
+    """A file with two names whose first name is moved away between the walk's lstat and
+    its open: the second name is archived with the data, not as a hard link to a name the
+    archive does not hold (a restore would refuse such a link)."""
+    (tmp_path / "a").write_bytes(b"shared data")
+    os.link(str(tmp_path / "a"), str(tmp_path / "b"))
+    first = os.lstat(str(tmp_path / "a"))
+    (tmp_path / "elsewhere").mkdir()
+    os.rename(str(tmp_path / "a"), str(tmp_path / "elsewhere" / "a"))  # still two names
+    said = _Warnings()
+    output = io.BytesIO()
+    tree = TreeWriter(output, said)
+    tree.add(os.fsencode(tmp_path / "a"), b"a", first)
+    tree.add(os.fsencode(tmp_path / "b"), b"b", os.lstat(str(tmp_path / "b")))
+    tree.flush()
+    info, data = _member_of(output.getvalue())
+    assert (info.name, info.isfile(), data) == ("b", True, b"shared data")
+    assert said.said == ["%s vanished while it was backed up; skipped" % (tmp_path / "a")]
+    # Archived under its first name, it is that name a later one links to.
+    again = TreeWriter(io.BytesIO(), said)
+    again.add(os.fsencode(tmp_path / "b"), b"b", os.lstat(str(tmp_path / "b")))
+    assert again.member(os.fsencode(tmp_path / "elsewhere" / "a"), b"elsewhere/a",
+                        os.lstat(str(tmp_path / "elsewhere" / "a")))[156:157] == b"1"

@@ -222,8 +222,7 @@ class PathSource:
             return
         descriptor, opened = found
         try:
-            if opened.st_nlink > 1:
-                tree.first_seen(opened, entry.name)
+            tree.archived(opened, entry.name)
             header = tree.header_bytes(entry.name, opened, FILE, size=opened.st_size)
             made.large(entry, header, opened.st_size,
                        tree.chunks(descriptor, entry.source, opened.st_size), trusted)

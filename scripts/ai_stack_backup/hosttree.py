@@ -194,7 +194,6 @@ class TreeWriter:
                 if first is not None:
                     return self._counted(self.header_bytes(arcname, status, HARDLINK,
                                                            linkname=first))
-                self.first_seen(status, arcname)
             found = self.open_file(path)
             if found is None:
                 return b""
@@ -203,6 +202,7 @@ class TreeWriter:
             try:
                 if size >= READ_SIZE:
                     return None
+                self.archived(opened, arcname)
                 data = self._read(descriptor, path, size)  # a small file whole, at once
                 if self.progress is not None:
                     self.progress.advance(len(data))
@@ -239,19 +239,18 @@ class TreeWriter:
                 (status.st_nlink == 1 or self.seen_as(status) is None)):
             member = self.member(path, arcname, status)
         if member is None:
-            self._stream_file(path, arcname, status)
+            self._stream_file(path, arcname)
         else:
             self._emit(member)
         return stat.S_ISDIR(status.st_mode)
 
-    def _stream_file(self, path, arcname, status):
-        if status.st_nlink > 1:
-            self.first_seen(status, arcname)
+    def _stream_file(self, path, arcname):
         found = self.open_file(path)
         if found is None:
             return
         descriptor, opened = found
         try:
+            self.archived(opened, arcname)
             self._emit(self._counted(self.header_bytes(arcname, opened, FILE,
                                                        size=opened.st_size)))
             for chunk in self.chunks(descriptor, path, opened.st_size):
@@ -272,12 +271,17 @@ class TreeWriter:
         self._output.flush()
 
     def seen_as(self, status):
-        """Give the name a file with more than one link was first archived under, or None;
-        remember ``arcname`` when it is the first (see ``first_seen``)."""
+        """Give the name a file with more than one link was archived under, or None (see
+        ``archived``)."""
         return self._first_path.get((status.st_dev, status.st_ino))
 
-    def first_seen(self, status, arcname):
-        self._first_path[(status.st_dev, status.st_ino)] = arcname
+    def archived(self, opened, arcname):
+        """Remember a file with more than one name as archived under ``arcname``, by the file
+        opened (``opened``: its fstat), once its data is being written: a later name is a
+        hard link only to data the archive holds, never to a name that vanished or changed
+        before its open."""
+        if opened.st_nlink > 1:
+            self._first_path[(opened.st_dev, opened.st_ino)] = arcname
 
     def finish(self):
         """Write the end-of-archive marker, padded to a whole record like tar does."""
