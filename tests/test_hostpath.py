@@ -136,6 +136,21 @@ def test_a_single_file_can_be_backed_up(tmp_path):
         assert listing.getnames() == ["notes.txt"]
 
 
+@pytest.mark.parametrize("size", [4, 3 * 1024 * 1024])  # a run's member; a large file's
+def test_a_symlinked_single_file_backs_up_its_target(tmp_path, capsys, size):
+    """As for a folder, a source that is a symlink to a file is followed: the archive holds
+    the file's content under the link's name (it held nothing, with a warning that the
+    file vanished)."""
+    content = os.urandom(size)
+    (tmp_path / "real.db").write_bytes(content)
+    os.symlink(str(tmp_path / "real.db"), str(tmp_path / "current.db"))
+    archive = backup(str(tmp_path / "current.db"), tmp_path / "b")
+    assert "vanished" not in capsys.readouterr().err
+    with tarfile.open(archive) as listing:
+        assert listing.getnames() == ["current.db"]
+        assert listing.extractfile("current.db").read() == content
+
+
 def test_stdout_stream_is_the_file_form(tmp_path):
     source = tmp_path / "src"
     source.mkdir()
@@ -656,3 +671,58 @@ def test_a_second_name_never_links_to_a_first_that_was_not_archived(tmp_path):
     again.add(os.fsencode(tmp_path / "b"), b"b", os.lstat(str(tmp_path / "b")))
     assert again.member(os.fsencode(tmp_path / "elsewhere" / "a"), b"elsewhere/a",
                         os.lstat(str(tmp_path / "elsewhere" / "a")))[156:157] == b"1"
+
+
+def _swap_for_symlink(folder, target):
+    os.rename(str(folder), str(folder) + "-moved")
+    os.symlink(str(target), str(folder))
+
+
+def _swap_for_folder(folder, other):
+    os.rename(str(folder), str(folder) + "-moved")
+    os.rename(str(other), str(folder))
+
+
+@pytest.mark.parametrize("swap", [_swap_for_symlink, _swap_for_folder])
+def test_a_folder_swapped_during_the_walk_leads_nowhere_else(tmp_path, swap):
+    """The walk saw a folder; before it was listed, a symlink to a folder outside the tree,
+    or another folder moved in, took its name. Nothing of the other is listed, the folder's
+    contents are skipped with a warning, and the walk goes on with the rest."""
+    top = tmp_path / "output"
+    (top / "sub").mkdir(parents=True)
+    (top / "sub" / "kept.txt").write_text("inside")
+    (top / "z-after.txt").write_text("after")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("not the tree's")
+    said = _Warnings()
+    seen = []
+    for _path, arcname, _status in hosttree.walk(str(top), "output", said.warn):
+        seen.append(arcname)
+        if arcname == b"output/sub":
+            swap(top / "sub", outside)
+    assert seen == [b"output", b"output/sub", b"output/z-after.txt"]
+    assert said.said == ["%s vanished or changed while it was backed up; its contents are "
+                         "skipped" % (top / "sub")]
+
+
+def test_a_file_below_a_folder_swapped_for_a_symlink_is_never_read_from_elsewhere(tmp_path):
+    """The walk listed a folder; before one of its files was read, a symlink to a folder
+    outside the tree took the folder's name. The file is reached by descriptor from the
+    tree's top, so the symlink is not followed: the file is skipped with a warning, and
+    nothing from outside is archived."""
+    top = tmp_path / "output"
+    (top / "sub").mkdir(parents=True)
+    (top / "sub" / "file").write_text("inside")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "file").write_text("not the tree's")
+    status = os.lstat(str(top / "sub" / "file"))
+    _swap_for_symlink(top / "sub", outside)
+    said = _Warnings()
+    tree = TreeWriter(None, said, top=str(top))
+    try:
+        assert tree.member(os.fsencode(top / "sub" / "file"), b"output/sub/file", status) == b""
+    finally:
+        tree.close()
+    assert said.said == ["%s vanished while it was backed up; skipped" % (top / "sub" / "file")]

@@ -174,7 +174,7 @@ class PathSource:
         """Walk the tree and write its archive (``lines``: a _Lines that takes its listing
         on the way); give ``(members, blocks)``."""
         top = self.name.rstrip("/")
-        tree = TreeWriter(None, reporter)  # gives each member's bytes: it writes nothing
+        tree = TreeWriter(None, reporter, top=top)  # gives each member's bytes: writes nothing
         assembler = blocked.Assembler(MemberWriter(output, config.gzip_level, config.threads),
                                       previous, progress)
 
@@ -196,6 +196,8 @@ class PathSource:
         except BaseException:
             assembler.writer.abort()
             raise
+        finally:
+            tree.close()
         what = "path %s" % self.name
         line = blocked.describe(made, previous, what)
         if line:

@@ -5,8 +5,9 @@ Headers are GNU format, byte for byte what ``tarfile`` writes
 survive, and GNU tar and busybox extract it without a warning. Modes, owners
 (with names), mtimes, symlinks (not followed), hard links, empty folders and
 FIFOs are kept; sockets and device files are skipped with a warning (restore
-refuses device files). Folders are opened by descriptor and never followed
-through a symlink.
+refuses device files). Below the top, folders are opened by descriptor, each
+from its parent, and never followed through a symlink, both to list them and to
+read what they hold.
 """
 
 import errno
@@ -25,21 +26,40 @@ READ_SIZE = 1 << 20
 RECORD_SIZE = 20 * BLOCK_SIZE  # tar and tarfile pad archives to whole 10 KiB records
 
 
-def _names(folder):
+FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _names(descriptor, shown):
+    """Give the names in the folder open at ``descriptor``, as bytes, sorted as bytes (the
+    archive's order; ``listdir`` of a descriptor gives str)."""
     try:
-        return sorted(os.listdir(folder))
+        return sorted(os.fsencode(name) for name in os.listdir(descriptor))
     except OSError as error:
         raise BackupError("cannot list folder %s: %s"
-                          % (os.fsdecode(folder), describe_os_error(error)))
+                          % (os.fsdecode(shown), describe_os_error(error)))
+
+
+def _open_top(path):
+    """Open the tree's top folder (followed if a symlink, as the source is); raises
+    BackupError."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as error:
+        raise BackupError("cannot read %s: %s" % (os.fsdecode(path), describe_os_error(error)))
 
 
 def walk(path, arcname, warn, exclusions=NONE, exclude=()):
     """Yield ``(path, arcname, status)`` for ``path`` (followed if a symlink) and everything
     below it, each folder before its content and names sorted: the order of the archive.
 
-    Excluded entries (and everything below an excluded folder), and the
-    ``(st_dev, st_ino)`` pairs in ``exclude``, are left out; an entry gone
-    before its ``lstat`` is a warning. Raises BackupError.
+    Below the top, folders are opened by descriptor, each from its parent
+    and never through a symlink, and entries are found there: a folder
+    swapped for a symlink while the tree is walked leads nowhere else (its
+    contents are skipped with a warning). Excluded entries (and everything
+    below an excluded folder), and the ``(st_dev, st_ino)`` pairs in
+    ``exclude``, are left out; an entry gone before its ``lstat`` is a
+    warning. Raises BackupError.
     """
     path, arcname = os.fsencode(path), os.fsencode(arcname)
     try:
@@ -49,33 +69,62 @@ def walk(path, arcname, warn, exclusions=NONE, exclude=()):
     yield path, arcname, status
     if not stat.S_ISDIR(status.st_mode):
         return
-    # A folder is held as the prefixes of its children's path, name and relative name
-    # (for the exclusions): each child's is then one concatenation.
-    stack = [(path if path.endswith(b"/") else path + b"/", arcname + b"/", b"",
-              iter(_names(path)))]
-    while stack:
-        folder, folder_arcname, relative, names = stack[-1]
-        for name in names:
-            child = folder + name
-            try:
-                status = os.lstat(child)
-            except FileNotFoundError:
-                warn("%s vanished while it was backed up; skipped" % os.fsdecode(child))
-                continue
-            if exclude and (status.st_dev, status.st_ino) in exclude:
-                continue
-            is_folder = stat.S_ISDIR(status.st_mode)
-            # What is above was matched already: an excluded folder is never entered.
-            if exclusions and exclusions.matches(relative + name, is_folder):
-                continue
-            child_arcname = folder_arcname + name
-            yield child, child_arcname, status
-            if is_folder:
-                stack.append((child + b"/", child_arcname + b"/", relative + name + b"/",
-                              iter(_names(child))))
-                break  # its children come first; this folder's iterator goes on after them
-        else:
-            stack.pop()
+    top = _open_top(path)
+    # A folder is held as its descriptor and the prefixes of its children's path, name and
+    # relative name (for the exclusions): each child's is then one concatenation.
+    stack = [(top, path if path.endswith(b"/") else path + b"/", arcname + b"/", b"",
+              iter(_names(top, path)))]
+    try:
+        while stack:
+            descriptor, folder, folder_arcname, relative, names = stack[-1]
+            for name in names:
+                child = folder + name
+                try:
+                    status = os.lstat(name, dir_fd=descriptor)
+                except FileNotFoundError:
+                    warn("%s vanished while it was backed up; skipped" % os.fsdecode(child))
+                    continue
+                if exclude and (status.st_dev, status.st_ino) in exclude:
+                    continue
+                is_folder = stat.S_ISDIR(status.st_mode)
+                # What is above was matched already: an excluded folder is never entered.
+                if exclusions and exclusions.matches(relative + name, is_folder):
+                    continue
+                child_arcname = folder_arcname + name
+                yield child, child_arcname, status
+                if is_folder:
+                    opened = _open_folder(descriptor, name, status, child, warn)
+                    if opened is None:
+                        continue
+                    stack.append((opened, child + b"/", child_arcname + b"/",
+                                  relative + name + b"/", iter(_names(opened, child))))
+                    break  # its children come first; this folder's iterator goes on after
+            else:
+                os.close(stack.pop()[0])
+    finally:
+        for held in stack:
+            os.close(held[0])
+
+
+def _open_folder(parent, name, status, shown, warn):
+    """Open the folder ``name`` in ``parent`` that the walk saw as ``status``; give its
+    descriptor, or None with a warning when it is gone or no longer that folder."""
+    try:
+        descriptor = os.open(name, FOLDER_FLAGS, dir_fd=parent)
+    except OSError as error:
+        if error.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+            raise BackupError("cannot read %s: %s" % (os.fsdecode(shown),
+                                                      describe_os_error(error)))
+        descriptor = None
+    else:
+        opened = os.fstat(descriptor)
+        if (opened.st_dev, opened.st_ino) != (status.st_dev, status.st_ino):
+            os.close(descriptor)
+            descriptor = None
+    if descriptor is None:
+        warn("%s vanished or changed while it was backed up; its contents are skipped"
+             % os.fsdecode(shown))
+    return descriptor
 
 
 def listing_line(arcname, status):
@@ -98,7 +147,7 @@ class TreeWriter:
     memory does not grow with the number of files.
     """
 
-    def __init__(self, output, reporter, exclude=(), progress=None, exclusions=NONE):
+    def __init__(self, output, reporter, exclude=(), progress=None, exclusions=NONE, top=None):
         self.exclude = set(exclude)
         self.exclusions = exclusions
         self.progress = progress
@@ -108,6 +157,11 @@ class TreeWriter:
         self._first_path = {}
         self._users = {}
         self._groups = {}
+        # The tree's top (a folder: paths below it are reached by descriptor, ``_place``),
+        # its descriptor once opened, and the last folder used (relative path, descriptor).
+        self._top = os.fsencode(top) if top is not None else None
+        self._top_descriptor = None
+        self._folder = (None, None)
         if output is not None:  # None: a writer asked only for members (``member``)
             self._output = BatchedWriter(output.write)
             self._emit = self._output.write
@@ -135,13 +189,52 @@ class TreeWriter:
                              status.st_mtime_ns // 1000000000, size, linkname,
                              self._user(status.st_uid), self._group(status.st_gid))
 
+    def _place(self, path):
+        """Give ``(folder descriptor, name)`` that reach ``path`` below the top without
+        following a symlink on the way (each folder opened from its parent, as the walk
+        does), or ``(None, path)`` for the top itself or with no top given. The last
+        folder stays open: entries come folder by folder. Raises OSError."""
+        top = self._top
+        if top is None or not path.startswith(top + b"/"):
+            return None, path
+        folder, _, name = path[len(top) + 1:].rpartition(b"/")
+        if self._folder[0] == folder:
+            return self._folder[1], name
+        if self._top_descriptor is None:
+            self._top_descriptor = _open_top(top)
+        descriptor = os.dup(self._top_descriptor)
+        for part in folder.split(b"/") if folder else ():
+            try:
+                child = os.open(part, FOLDER_FLAGS, dir_fd=descriptor)
+            finally:
+                os.close(descriptor)
+            descriptor = child
+        self._close_folder()
+        self._folder = (folder, descriptor)
+        return descriptor, name
+
+    def _close_folder(self):
+        if self._folder[1] is not None:
+            os.close(self._folder[1])
+        self._folder = (None, None)
+
+    def close(self):
+        """Close the folders held open for reaching entries."""
+        self._close_folder()
+        if self._top_descriptor is not None:
+            os.close(self._top_descriptor)
+            self._top_descriptor = None
+
     def open_file(self, path):
         """Open a file the walk found, for reading; give ``(descriptor, status)``, or None
         with a warning when it vanished or is no longer a regular file. Raises BackupError."""
+        # The source itself is followed if a symlink, as the walk follows it.
+        flags = FILE_FLAGS & ~os.O_NOFOLLOW if path == self._top else FILE_FLAGS
         try:
-            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            folder, name = self._place(path)
+            descriptor = os.open(name, flags, dir_fd=folder)
         except OSError as error:
-            if error.errno in (errno.ENOENT, errno.ELOOP):
+            if error.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
                 self.warn("%s vanished while it was backed up; skipped" % os.fsdecode(path))
                 return None
             raise BackupError("cannot read %s: %s" % (os.fsdecode(path), describe_os_error(error)))
@@ -216,8 +309,16 @@ class TreeWriter:
         if stat.S_ISDIR(mode):
             return self._counted(self.header_bytes(arcname, status, DIRECTORY))
         if stat.S_ISLNK(mode):
-            return self._counted(self.header_bytes(arcname, status, SYMLINK,
-                                                   linkname=os.readlink(path)))
+            try:
+                folder, name = self._place(path)
+                target = os.readlink(name, dir_fd=folder)
+            except OSError as error:
+                if error.errno not in (errno.ENOENT, errno.EINVAL, errno.ENOTDIR, errno.ELOOP):
+                    raise BackupError("cannot read %s: %s" % (os.fsdecode(path),
+                                                              describe_os_error(error)))
+                self.warn("%s vanished while it was backed up; skipped" % os.fsdecode(path))
+                return b""
+            return self._counted(self.header_bytes(arcname, status, SYMLINK, linkname=target))
         if stat.S_ISFIFO(mode):
             return self._counted(self.header_bytes(arcname, status, FIFO))  # never opened
         if stat.S_ISSOCK(mode):
@@ -262,9 +363,13 @@ class TreeWriter:
 
     def add_tree(self, path, arcname):
         """Archive ``path`` (followed if a symlink) and everything below it, as ``arcname``."""
-        for child, child_arcname, status in walk(path, arcname, self.warn, self.exclusions,
-                                                 self.exclude):
-            self.add(child, child_arcname, status)
+        self._top = os.fsencode(path).rstrip(b"/") or b"/"
+        try:
+            for child, child_arcname, status in walk(path, arcname, self.warn, self.exclusions,
+                                                     self.exclude):
+                self.add(child, child_arcname, status)
+        finally:
+            self.close()
 
     def flush(self):
         """Hand everything written so far to the output."""
