@@ -18,6 +18,7 @@ import pytest
 import testkit
 from ai_stack_backup import cli, files, hostpath, hosttree, pipeline
 from ai_stack_backup.config import Config
+from ai_stack_backup.errors import BackupError
 from ai_stack_backup.hostpath import PathSource
 from ai_stack_backup.hosttree import TreeWriter
 from ai_stack_backup.report import Reporter
@@ -726,3 +727,22 @@ def test_a_file_below_a_folder_swapped_for_a_symlink_is_never_read_from_elsewher
     finally:
         tree.close()
     assert said.said == ["%s vanished while it was backed up; skipped" % (top / "sub" / "file")]
+
+
+def test_a_folder_that_cannot_be_listed_fails_the_walk_and_leaves_nothing_open(tmp_path,
+                                                                               monkeypatch):
+    (tmp_path / "top" / "a" / "b").mkdir(parents=True)
+    real_listdir = os.listdir
+
+    def refusing(target):
+        if isinstance(target, int) and os.readlink("/proc/self/fd/%d" % target).endswith("/b"):
+            raise PermissionError(13, "Permission denied")
+        return real_listdir(target)
+    open_before = len(real_listdir("/proc/self/fd"))
+    monkeypatch.setattr(hosttree.os, "listdir", refusing)
+    with pytest.raises(BackupError) as raised:
+        list(hosttree.walk(str(tmp_path / "top"), "top", _Warnings().warn))
+    monkeypatch.undo()
+    assert str(raised.value) == "cannot list folder %s: Permission denied" % (
+        tmp_path / "top" / "a" / "b")
+    assert len(real_listdir("/proc/self/fd")) == open_before

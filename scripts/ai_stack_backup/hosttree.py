@@ -96,8 +96,13 @@ def walk(path, arcname, warn, exclusions=NONE, exclude=()):
                     opened = _open_folder(descriptor, name, status, child, warn)
                     if opened is None:
                         continue
+                    try:
+                        below = iter(_names(opened, child))
+                    except BaseException:
+                        os.close(opened)
+                        raise
                     stack.append((opened, child + b"/", child_arcname + b"/",
-                                  relative + name + b"/", iter(_names(opened, child))))
+                                  relative + name + b"/", below))
                     break  # its children come first; this folder's iterator goes on after
             else:
                 os.close(stack.pop()[0])
@@ -117,7 +122,11 @@ def _open_folder(parent, name, status, shown, warn):
                                                       describe_os_error(error)))
         descriptor = None
     else:
-        opened = os.fstat(descriptor)
+        try:
+            opened = os.fstat(descriptor)
+        except BaseException:
+            os.close(descriptor)
+            raise
         if (opened.st_dev, opened.st_ino) != (status.st_dev, status.st_ino):
             os.close(descriptor)
             descriptor = None
