@@ -644,7 +644,7 @@ def test_a_small_file_grown_large_after_its_lstat_is_streamed_not_held(tmp_path)
     walker = _Reads(None, _Warnings())
     line = hosttree.listing_line(b"replaced", seen)
     entry = hostpath._TreeEntry(line[:-1], b"replaced", os.fsencode(path), seen)
-    PathSource._add(entry, walker, Made(), seen.st_ctime + 10, _Warnings())
+    PathSource._add(entry, walker, Made(), seen.st_ctime + 10)
     assert made == [("large", len(grown), grown)]
     assert max(walker.asked) <= hosttree.READ_SIZE
 

@@ -170,9 +170,9 @@ def entries_as_written(read, exclusions, left_out):
             data = read()
             if not data:
                 break
-            lines = (rest + data).split(b"\n")
-            rest = lines.pop()
-            yield from lines
+            complete = (rest + data).split(b"\n")
+            rest = complete.pop()  # a line not yet ended
+            yield from complete
         if rest:
             yield rest
     return _kept_entries(lines(), exclusions, left_out)

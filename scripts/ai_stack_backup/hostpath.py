@@ -191,7 +191,7 @@ class PathSource:
                 if kind == blocked.REUSE:
                     assembler.copy(value)
                     continue
-                self._add(value, tree, assembler, started, reporter)
+                self._add(value, tree, assembler, started)
             made = assembler.finish()
         except BaseException:
             assembler.writer.abort()
@@ -205,7 +205,7 @@ class PathSource:
         return made.members, made.blocks
 
     @staticmethod
-    def _add(entry, tree, made, started, reporter):
+    def _add(entry, tree, made, started):
         """Write one entry the plan did not copy: a large file in pieces (read as it goes),
         anything else whole into the run."""
         status, trusted = entry.status, entry.trusted(started)
@@ -218,18 +218,12 @@ class PathSource:
         if member is not None:
             made.gone()  # vanished or skipped (a socket); tree said so
             return
-        found = tree.open_file(entry.source)
-        if found is None:
-            made.gone()
-            return
-        descriptor, opened = found
-        try:
-            tree.archived(opened, entry.name)
-            header = tree.header_bytes(entry.name, opened, FILE, size=opened.st_size)
-            made.large(entry, header, opened.st_size,
-                       tree.chunks(descriptor, entry.source, opened.st_size), trusted)
-        finally:
-            os.close(descriptor)
+        with tree.streamed(entry.source, entry.name) as found:
+            if found is None:
+                made.gone()
+                return
+            header, size, chunks = found
+            made.large(entry, header, size, chunks, trusted)
 
     def write_tar(self, output, progress, reporter, work_folder=None, exclude=(), held=None,
                   listed=None):

@@ -10,6 +10,7 @@ from its parent, and never followed through a symlink, both to list them and to
 read what they hold.
 """
 
+import contextlib
 import errno
 import grp
 import os
@@ -355,18 +356,29 @@ class TreeWriter:
         return stat.S_ISDIR(status.st_mode)
 
     def _stream_file(self, path, arcname):
+        with self.streamed(path, arcname) as found:
+            if found is not None:
+                header, size, chunks = found
+                self._emit(header)
+                for chunk in chunks:
+                    self._emit(chunk)
+                self._emit(padding(size))
+                self.data_bytes += size
+
+    @contextlib.contextmanager
+    def streamed(self, path, arcname):
+        """Open a file to be written as it is read; give ``(header, size, chunks)`` for its
+        member (``chunks``: its data, see ``chunks``), or None when it vanished or changed
+        type (said in a warning). The file is closed when the block ends."""
         found = self.open_file(path)
         if found is None:
+            yield None
             return
         descriptor, opened = found
         try:
             self.archived(opened, arcname)
-            self._emit(self._counted(self.header_bytes(arcname, opened, FILE,
-                                                       size=opened.st_size)))
-            for chunk in self.chunks(descriptor, path, opened.st_size):
-                self._emit(chunk)
-            self._emit(padding(opened.st_size))
-            self.data_bytes += opened.st_size
+            yield (self._counted(self.header_bytes(arcname, opened, FILE, size=opened.st_size)),
+                   opened.st_size, self.chunks(descriptor, path, opened.st_size))
         finally:
             os.close(descriptor)
 
