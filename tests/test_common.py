@@ -417,6 +417,30 @@ def test_skip_unchanged_is_backup_alls_default_only():
         Config.from_environment({"BACKUP_SKIP_UNCHANGED": "maybe"}, backup_all=True)
 
 
+def test_a_volume_probe_reads_free_space_size_contents_and_top_folder():
+    from ai_stack_backup.transfer import _read_probe
+    probe = _read_probe(b"/dev/vda 41152736 20576368 18463364  53% /volume\n"
+                        b"3000\t/volume\n1\n0 1000 750 1764950400\n", "measuring")
+    assert (probe.free, probe.size, probe.held, probe.empty, probe.root) == (
+        18463364 * 1024, 41152736 * 1024, 3000 * 1024, False, (0, 1000, 0o750, 1764950400))
+
+
+@pytest.mark.parametrize("free, size, staged, beside", [
+    ((1 << 30) + (10 << 20), 0, 0, True),  # the archive's 10 MiB and the 1 GiB reserve
+    ((1 << 30) + (10 << 20) - 1, 0, 0, False),
+    ((1 << 30) + (20 << 20), 0, 10 << 20, True),  # the staged archive counts as taken
+    ((1 << 30) + (20 << 20), 0, (10 << 20) + 1, False),
+    ((2 << 30) + (10 << 20), 40 << 30, 0, True),  # 5% of a 40 GiB filesystem: 2 GiB reserve
+    ((2 << 30) + (10 << 20), 41 << 30, 0, False),
+])
+def test_old_contents_are_set_aside_only_with_room_for_both(free, size, staged, beside):
+    from ai_stack_backup.archive import ArchiveSummary
+    from ai_stack_backup.transfer import VolumeProbe, space_check
+    probe = VolumeProbe(free, 5 << 30, False, (0, 0, 0o755, 0), size)
+    summary = ArchiveSummary(256, (10 << 20) - 256 * 4096, 0, 0)
+    assert space_check(probe, "owui-data", summary, staged) is beside
+
+
 @pytest.mark.parametrize("free, held, data_bytes, members, room", [
     (10 << 20, 0, 9 << 20, 256, True),  # 9 MiB and 1 MiB of blocks: just fits
     (10 << 20, 0, 9 << 20, 257, False),  # one member more: each takes a block at least

@@ -14,7 +14,7 @@ import tarfile
 import pytest
 
 import testkit
-from ai_stack_backup import cli, files, pipeline
+from ai_stack_backup import cli, files, pipeline, transfer
 from ai_stack_backup.names import archive_name
 from conftest import SCRIPTS
 from test_tarstream import HOSTILE, HOSTILE_RULES, entry, raw_tar
@@ -362,6 +362,81 @@ def test_no_safety_backup_of_an_empty_volume_or_when_declined(helper_env, small_
     assert "Safety backup" not in capsys.readouterr().out
     assert testkit.archives_in(tmp_path / "archives") == [archive]
     assert testkit.archives_in(own_backup_dir) == []  # where a safety copy would have gone
+
+
+def told_words(monkeypatch):
+    """Record every word the restore hands its waiting helper (``transfer._tell``)."""
+    told = []
+    real = transfer._tell
+
+    def tell(folder, helper, what, mode, fifo=transfer.GO):
+        told.append(mode)
+        return real(folder, helper, what, mode, fifo)
+    monkeypatch.setattr(transfer, "_tell", tell)
+    return told
+
+
+def test_a_restore_over_a_full_volume_removes_the_old_contents_while_it_extracts(
+        helper_env, make_volume, tmp_path, monkeypatch, own_backup_dir):
+    """With room for both, the old contents are set aside and removed during extraction:
+    the volume is then exactly the archive (hidden entries and the top folder's owner, mode
+    and mtime included), and nothing is left of the old contents or the folder they were
+    set aside in."""
+    old_tree = testkit.make_tricky_tree(tmp_path / "old")
+    for name in (b"stale-top-file", b".stale-hidden", b"..stale-dots"):
+        (tmp_path / "old" / os.fsdecode(name)).write_bytes(b"old " + name)
+    os.chmod(old_tree, 0o700)
+    volume = make_volume()
+    testkit.fill_volume(volume, old_tree.decode())
+    new_tree = testkit.make_tricky_tree(tmp_path / "new")
+    (tmp_path / "new" / "app" / "backend" / "data" / "added").write_text("new")
+    os.chmod(new_tree, 0o751)
+    source = make_volume()
+    testkit.fill_volume(source, new_tree.decode())
+    archive = backup_of(source, tmp_path / "archives")
+    told = told_words(monkeypatch)
+    assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet"]) == 0
+    assert told[-1] == "aside"  # the restore's own word, after the safety copy's
+    assert testkit.volume_state(volume) == testkit.volume_state(source)
+
+
+def test_a_volume_without_room_for_both_is_emptied_before_it_is_filled(
+        helper_env, make_volume, public_tmp, tmp_path, monkeypatch, own_backup_dir):
+    """On a filesystem that cannot hold the old and the new contents at once (beside the
+    staging reserve), the volume is emptied first, as before."""
+    with own_tmpfs(public_tmp, "no-room-for-both", "size=32m") as folder:
+        volume = volume_on(folder, make_volume, tmp_path)
+        other = make_volume()
+        testkit.fill_volume(other, testkit.make_tricky_tree(tmp_path / "tricky").decode())
+        archive = backup_of(other, tmp_path / "archives")
+        told = told_words(monkeypatch)
+        assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet"]) == 0
+        assert told[-1] == "go"
+        # A bind volume's Mountpoint is only its engine's view while mounted: read the folder.
+        assert testkit.tree_state(os.path.join(folder, "volume-data")) == \
+            testkit.volume_state(other)
+
+
+# The background removal of the set-aside contents fails (only in a restore told ``aside``;
+# the rollback's own wipe works).
+FAILING_REMOVAL = (b'rm() { if [ "${mode:-}" = aside ]; then case "$*" in '
+                   b'*ai_stack_backup-old-*) return 1;; esac; fi; busybox rm "$@"; }')
+
+
+def test_old_contents_that_cannot_be_removed_roll_the_restore_back(
+        helper_env, small_volume, make_volume, tmp_path, monkeypatch, own_backup_dir, capsys):
+    volume, original = small_volume
+    other = make_volume()
+    testkit.fill_volume(other, testkit.make_tricky_tree(tmp_path / "tricky").decode())
+    archive = backup_of(other, tmp_path / "archives")
+    image = testkit.build_variant_image("failing-removal", b'busybox tar "$@"', FAILING_REMOVAL)
+    monkeypatch.setenv("BACKUP_HELPER_IMAGE", image)
+    capsys.readouterr()
+    assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert "cannot remove the volume's old contents in /volume/.ai_stack_backup-old-" in error
+    assert "was rolled back to its previous contents from the safety backup" in error, error
+    assert testkit.volume_state(volume) == original
 
 
 @pytest.fixture

@@ -37,12 +37,14 @@ tars the volume for the safety copy as a backup's helper does, publishes
 
 1. fd 4 opens ``plain.tar`` if it exists, else the FIFO ``stream``;
 2. the volume is emptied, hidden entries included, up to sixteen of its top
-   folders at once (never names through xargs -P: see ``WIPE_SCRIPT``);
+   folders at once (never names through xargs -P: see ``WIPE_SCRIPT``); or,
+   told ``aside`` where there is room for both, its contents are moved into one
+   new folder there that is removed in the background (``SET_ASIDE_SCRIPT``);
 3. tar extracts fd 4 with numeric owners;
 4. without ``complete`` the stream ended early: exit 4 (the volume is then
    rolled back by the caller);
 5. symlink owners and mtimes are set, four fields per ``xargs -n 4`` call
-   (busybox tar skips them);
+   (busybox tar skips them), and the background removal must have succeeded;
 6. ``folders.tar`` is extracted: busybox sets a folder's mtime when it
    creates it, and creates hard links and absolute symlinks after the whole
    stream, which would change the folders again.
@@ -145,15 +147,36 @@ READ_BACK_AND_EMPTY_SCRIPT = """status=0
 (%s) || status=$?
 { %s; } || true
 exit $status""" % (BACKUP_SCRIPT, WIPE_SCRIPT)
+# Told ``aside`` (where the volume has room for its old and new contents at once), the
+# restore does not wait for the wipe: the old contents are moved into one folder of a fresh
+# name at the volume's top (renames, no data moves), which ``rm -rf`` removes while tar
+# extracts; both must be done before the folders' owners, modes and mtimes are set, since
+# removing that folder changes the top's mtime. The name is unknown to any archive, and
+# checked to be gone at the end (a member of that very name would have been removed).
+SET_ASIDE_SCRIPT = """old=$(mktemp -d /volume/.ai_stack_backup-old-XXXXXX) || exit 1
+find /volume -mindepth 1 -maxdepth 1 ! -path "$old" -exec mv -f -t "$old" {} + || {
+  echo "cannot move the volume's old contents aside into $old" >&2; exit 1; }
+rm -rf "$old" &
+remover=$!"""
 RESTORE_SCRIPT = """if [ -e /transfer/plain.tar ]; then source=plain.tar; else source=stream; fi
 exec 4</transfer/$source
+remover=
+if [ "$mode" = aside ]; then
 %s
+else
+%s
+fi
 tar -xf - -C /volume --numeric-owner <&4
 [ -e /transfer/complete ] || { echo "the archive stream ended early" >&2; exit %d; }
 if [ -s /transfer/symlinks ]; then
   xargs -0 -n 4 sh -c 'chown -h "$0:$1" "$3" && touch -h -d "@$2" "$3"' </transfer/symlinks
 fi
-tar -xf /transfer/folders.tar -C /volume --numeric-owner""" % (WIPE_SCRIPT, ENDED_EARLY)
+if [ -n "$remover" ]; then
+  { wait $remover && [ ! -e "$old" ] && [ ! -L "$old" ]; } || {
+    echo "cannot remove the volume's old contents in $old" >&2; exit 1; }
+fi
+tar -xf /transfer/folders.tar -C /volume --numeric-owner""" % (SET_ASIDE_SCRIPT, WIPE_SCRIPT,
+                                                               ENDED_EARLY)
 
 
 class TransferFolder:
@@ -177,6 +200,13 @@ class TransferFolder:
 
     def file(self, name):
         return os.path.join(self.path, name)
+
+    def size(self, name):
+        """The bytes the file ``name`` holds (0: there is none)."""
+        try:
+            return os.stat(self.file(name)).st_size
+        except FileNotFoundError:
+            return 0
 
     def discard(self, *names):
         for name in names:
@@ -423,11 +453,12 @@ BLOCK = 4096  # what one member takes at least on the usual filesystems
 
 
 class VolumeProbe:
-    """An existing volume as a restore finds it: ``free`` and ``held`` bytes, ``empty``, and
-    ``root`` (uid, gid, mode, mtime) of its root folder."""
+    """An existing volume as a restore finds it: ``free`` and ``held`` bytes, ``empty``,
+    ``root`` (uid, gid, mode, mtime) of its root folder, and the ``size`` of its
+    filesystem in bytes."""
 
-    def __init__(self, free, held, empty, root):
-        self.free, self.held, self.empty, self.root = free, held, empty, root
+    def __init__(self, free, held, empty, root, size=0):
+        self.free, self.held, self.empty, self.root, self.size = free, held, empty, root, size
 
 
 # A restore of an existing volume runs one helper, not a probe, a safety copy's helper and
@@ -451,7 +482,7 @@ while [ "$mode" = save ]; do
   mv /transfer/saved.part /transfer/saved
   read mode < /transfer/step
 done
-[ "$mode" = go ] || exit 0
+[ "$mode" = go ] || [ "$mode" = aside ] || exit 0
 %s""" % (PROBE_SCRIPT, PLANNED_BACKUP_SCRIPT, RESTORE_SCRIPT)
 PROBE, STEP, SAVED, SAVED_ERRORS = "probe", "step", "saved", "saved-errors"
 
@@ -560,19 +591,24 @@ def _read_probe(output, what):
     lines = output.decode("utf-8", "replace").splitlines()
     try:
         uid, gid, mode, mtime = lines[3].split()
-        return VolumeProbe(int(lines[0].split()[3]) * 1024, int(lines[1].split()[0]) * 1024,
+        filesystem = lines[0].split()
+        return VolumeProbe(int(filesystem[3]) * 1024, int(lines[1].split()[0]) * 1024,
                            lines[2].strip() == "0", (int(uid), int(gid), int(mode, 8),
-                                                     int(mtime)))
+                                                     int(mtime)), int(filesystem[1]) * 1024)
     except (IndexError, ValueError):
         raise DockerError(what, "unexpected output from the helper: %r" % output[:200])
 
 
-def space_check(probe, volume, summary):
-    """Refuse (NoRoom) unless the volume's filesystem can hold what the archive will write.
+def space_check(probe, volume, summary, staged_bytes=0):
+    """Refuse (NoRoom) unless the volume's filesystem can hold what the archive will write;
+    give whether it can hold it beside what the volume holds now (the old contents may
+    then be set aside and removed while the archive is extracted: ``RESTORE_SCRIPT``).
 
     What the volume holds now is counted as free: it goes before extraction.
     The need is each member's data plus one block, so a tree of small files is
-    not underestimated. Sparse files are written out in full by tar.
+    not underestimated. Sparse files are written out in full by tar. Beside the old
+    contents, the need leaves the staging's reserve free, and counts ``staged_bytes`` (the
+    staged archive, which may be on the same filesystem) as taken.
     """
     free, held = probe.free, probe.held
     need = summary.data_bytes + summary.members * BLOCK
@@ -580,6 +616,8 @@ def space_check(probe, volume, summary):
         raise NoRoom("volume %s has room for about %d MiB (%d MiB free and %d MiB it holds now), "
                      "but the archive needs about %d MiB; nothing was changed"
                      % (volume, (free + held) >> 20, free >> 20, held >> 20, need >> 20))
+    reserve = max(SPOOL_RESERVE_MIN, probe.size * SPOOL_RESERVE_SHARE)
+    return need + staged_bytes + reserve <= free
 
 
 def stream_chunks(descriptor, progress=None):
@@ -718,10 +756,11 @@ def stage(archive, transfer, progress, shape=None):
 
 
 def fill_volume(image, volume, archive, transfer, staged, reporter, checked_before=True,
-                shape=None, waiting=None, seen=None):
+                shape=None, waiting=None, seen=None, aside=False):
     """Empty the volume and extract the checked archive (staged, or streamed) with the
     helper ``waiting`` in ``probed_restore`` (else with one of its own); a streamed archive
-    is shown to ``seen`` as ``emit_checked_stream`` says.
+    is shown to ``seen`` as ``emit_checked_stream`` says. With ``aside`` (the volume has
+    room, ``space_check``), the old contents are removed while the archive is extracted.
 
     Streamed after a checking pass (``checked_before``), the second pass must
     be exactly what was checked, or ArchiveError is raised (with
@@ -733,10 +772,11 @@ def fill_volume(image, volume, archive, transfer, staged, reporter, checked_befo
     """
     what = "restoring volume %s" % volume
     # Left in any way, the helper is stopped: a rollback must never meet it still extracting.
-    with waiting or Helper(image, volume, RESTORE_SCRIPT, transfer_path=transfer.path) \
-            as helper:
+    mode = "aside" if aside else "go"
+    with waiting or Helper(image, volume, "mode=%s\n%s" % (mode, RESTORE_SCRIPT),
+                           transfer_path=transfer.path) as helper:
         if waiting is not None:
-            _tell(transfer, helper, what, "go", STEP)
+            _tell(transfer, helper, what, mode, STEP)
         if not staged:
             with reporter.progress("Restoring %s" % volume, total=archive.size) as progress:
                 descriptor = _open_fifo_for_writing(transfer.fifo, helper, what)

@@ -334,8 +334,10 @@ class VolumeTarget:
             yield _Staged(folder, staged, work_folder, summary, helper)
 
     def apply(self, staged, archive, reporter, save_copy):
+        aside = False
         if staged.summary is not None:
-            transfer.space_check(self.probe, self.name, staged.summary)
+            aside = transfer.space_check(self.probe, self.name, staged.summary,
+                                         staged.folder.size(transfer.PLAIN))
         users = docker.containers_using_volume(self.name, staged.helper) if self.existed else []
         if users and not self.stop_containers:
             names = " ".join(container.name for container in users)
@@ -359,7 +361,7 @@ class VolumeTarget:
                 transfer.fill_volume(self.image, self.name, archive, staged.folder,
                                      staged.staged, reporter, not staged.one_pass,
                                      VolumeShape() if staged.one_pass else None, waiting,
-                                     self.seen)
+                                     self.seen, aside)
             except BaseException as error:
                 if staged.one_pass and isinstance(error, ArchiveError):
                     outcome = self._roll_back(staged.work_folder, None, reporter)
