@@ -433,12 +433,13 @@ def test_a_volume_probe_reads_free_space_size_contents_and_top_folder():
     ((2 << 30) + (10 << 20), 40 << 30, 0, True),  # 5% of a 40 GiB filesystem: 2 GiB reserve
     ((2 << 30) + (10 << 20), 41 << 30, 0, False),
 ])
-def test_old_contents_are_set_aside_only_with_room_for_both(free, size, staged, beside):
+def test_the_room_beside_the_old_contents_leaves_the_reserve_and_the_staged_archive(
+        free, size, staged, beside):
     from ai_stack_backup.archive import ArchiveSummary
     from ai_stack_backup.transfer import VolumeProbe, space_check
     probe = VolumeProbe(free, 5 << 30, False, (0, 0, 0o755, 0), size)
     summary = ArchiveSummary(256, (10 << 20) - 256 * 4096, 0, 0)
-    assert space_check(probe, "owui-data", summary, staged) is beside
+    assert (space_check(probe, "owui-data", summary, staged) >= 0) is beside
 
 
 @pytest.mark.parametrize("free, held, data_bytes, members, room", [

@@ -425,6 +425,34 @@ def test_a_volume_without_room_for_both_is_emptied_before_it_is_filled(
         assert bound_state(folder) == testkit.volume_state(other)
 
 
+def test_the_safety_copy_counts_against_the_room_for_both(
+        helper_env, make_volume, public_tmp, tmp_path, monkeypatch, own_backup_dir):
+    """1200 MiB, 60 MiB of it the volume's: 116 MiB beside a 1 GiB reserve, for 40 MiB of
+    archive and its 40 MiB staged. The safety copy (60 MiB, written after the volume was
+    measured) leaves no room for both: the volume is emptied first. Without a safety copy
+    there is room, and the old contents are set aside."""
+    with own_tmpfs(public_tmp, "room-for-both", "size=1200m") as folder:
+        volume = volume_on(folder, make_volume, tmp_path)
+        (tmp_path / "old").mkdir()
+        (tmp_path / "old" / "old-data").write_bytes(os.urandom(60 << 20))
+        testkit.fill_volume(volume, tmp_path / "old")
+        source = make_volume()
+        (tmp_path / "new").mkdir()
+        (tmp_path / "new" / "new-data").write_bytes(os.urandom(40 << 20))
+        testkit.fill_volume(source, tmp_path / "new")
+        archive = backup_of(source, tmp_path / "archives")
+        told = told_words(monkeypatch)
+        assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet"]) == 0
+        assert told[-1] == "go"
+        assert bound_state(folder) == testkit.volume_state(source)
+        os.unlink(os.path.join(folder, "volume-data", "new-data"))  # the same 60 MiB again
+        testkit.fill_volume(volume, tmp_path / "old")
+        assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet",
+                                               "--no-safety-backup"]) == 0
+        assert told[-1] == "aside"
+        assert bound_state(folder) == testkit.volume_state(source)
+
+
 # The background removal of the set-aside contents fails (only in a restore told ``aside``;
 # the rollback's own wipe works).
 FAILING_REMOVAL = (b'rm() { if [ "${mode:-}" = aside ]; then case "$*" in '

@@ -601,14 +601,15 @@ def _read_probe(output, what):
 
 def space_check(probe, volume, summary, staged_bytes=0):
     """Refuse (NoRoom) unless the volume's filesystem can hold what the archive will write;
-    give whether it can hold it beside what the volume holds now (the old contents may
-    then be set aside and removed while the archive is extracted: ``RESTORE_SCRIPT``).
+    give the bytes to spare were it written beside what the volume holds now (negative:
+    no room for both). With room for both, the old contents may be set aside and removed
+    while the archive is extracted (``RESTORE_SCRIPT``).
 
     What the volume holds now is counted as free: it goes before extraction.
     The need is each member's data plus one block, so a tree of small files is
     not underestimated. Sparse files are written out in full by tar. Beside the old
-    contents, the need leaves the staging's reserve free, and counts ``staged_bytes`` (the
-    staged archive, which may be on the same filesystem) as taken.
+    contents, the staging's reserve stays free, and ``staged_bytes`` (the staged archive,
+    which may be on the same filesystem) count as taken.
     """
     free, held = probe.free, probe.held
     need = summary.data_bytes + summary.members * BLOCK
@@ -616,8 +617,8 @@ def space_check(probe, volume, summary, staged_bytes=0):
         raise NoRoom("volume %s has room for about %d MiB (%d MiB free and %d MiB it holds now), "
                      "but the archive needs about %d MiB; nothing was changed"
                      % (volume, (free + held) >> 20, free >> 20, held >> 20, need >> 20))
-    reserve = max(SPOOL_RESERVE_MIN, probe.size * SPOOL_RESERVE_SHARE)
-    return need + staged_bytes + reserve <= free
+    reserve = max(SPOOL_RESERVE_MIN, int(probe.size * SPOOL_RESERVE_SHARE))
+    return free - need - staged_bytes - reserve
 
 
 def stream_chunks(descriptor, progress=None):

@@ -334,9 +334,9 @@ class VolumeTarget:
             yield _Staged(folder, staged, work_folder, summary, helper)
 
     def apply(self, staged, archive, reporter, save_copy):
-        aside = False
+        spare = -1  # bytes free beside the old contents and the new: none known
         if staged.summary is not None:
-            aside = transfer.space_check(self.probe, self.name, staged.summary,
+            spare = transfer.space_check(self.probe, self.name, staged.summary,
                                          staged.folder.size(transfer.PLAIN))
         users = docker.containers_using_volume(self.name, staged.helper) if self.existed else []
         if users and not self.stop_containers:
@@ -351,6 +351,9 @@ class VolumeTarget:
             snapshot = None
             if not self._nothing_to_lose and self.safety_copy:
                 snapshot = self._save_current(reporter, save_copy, archive.name, staged)
+            # The safety copy was written after the volume was measured, perhaps to the
+            # same filesystem (a hard link to an archive counts too: it costs no more).
+            aside = spare - (os.path.getsize(snapshot) if snapshot else 0) >= 0
             if not self.existed:
                 docker.create_volume(self.name, self.labels)
             reporter.status("WARNING: deleting existing volume data")
