@@ -153,8 +153,10 @@ exit $status""" % (BACKUP_SCRIPT, WIPE_SCRIPT)
 # extracts; both must be done before the folders' owners, modes and mtimes are set, since
 # removing that folder changes the top's mtime. The name is unknown to any archive, and
 # checked to be gone at the end (a member of that very name would have been removed).
+# ``mv -t`` is not in every busybox: the folder goes last, through a shell.
 SET_ASIDE_SCRIPT = """old=$(mktemp -d /volume/.ai_stack_backup-old-XXXXXX) || exit 1
-find /volume -mindepth 1 -maxdepth 1 ! -path "$old" -exec mv -f -t "$old" {} + || {
+find /volume -mindepth 1 -maxdepth 1 ! -path "$old" \\
+  -exec sh -c 'into=$1; shift; mv -f "$@" "$into"' sh "$old" {} + || {
   echo "cannot move the volume's old contents aside into $old" >&2; exit 1; }
 rm -rf "$old" &
 remover=$!"""
