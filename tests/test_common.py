@@ -419,10 +419,15 @@ def test_skip_unchanged_is_backup_alls_default_only():
 
 def test_a_volume_probe_reads_free_space_size_contents_and_top_folder():
     from ai_stack_backup.transfer import _read_probe
-    probe = _read_probe(b"/dev/vda 41152736 20576368 18463364  53% /volume\n"
-                        b"3000\t/volume\n1\n0 1000 750 1764950400\n", "measuring")
-    assert (probe.free, probe.size, probe.held, probe.empty, probe.root) == (
-        18463364 * 1024, 41152736 * 1024, 3000 * 1024, False, (0, 1000, 0o750, 1764950400))
+    lines = (b"/dev/vda 41152736 20576368 18463364  53% /volume\n"
+             b"3000\t/volume\n1\n0 1000 750 1764950400\n")
+    probe = _read_probe(lines + b"/dev/vda 2621440 848140 1773300 33% /volume\n", "measuring")
+    assert (probe.free, probe.size, probe.held, probe.empty, probe.root, probe.inodes) == (
+        18463364 * 1024, 41152736 * 1024, 3000 * 1024, False, (0, 1000, 0o750, 1764950400),
+        (1773300, 2621440))
+    assert _read_probe(lines, "measuring").inodes is None  # a df without -i
+
+
 
 
 @pytest.mark.parametrize("free, size, staged, beside", [
@@ -437,9 +442,23 @@ def test_the_room_beside_the_old_contents_leaves_the_reserve_and_the_staged_arch
         free, size, staged, beside):
     from ai_stack_backup.archive import ArchiveSummary
     from ai_stack_backup.transfer import VolumeProbe, space_check
-    probe = VolumeProbe(free, 5 << 30, False, (0, 0, 0o755, 0), size)
+    probe = VolumeProbe(free, 5 << 30, False, (0, 0, 0o755, 0), size, (10 ** 6, 2 * 10 ** 6))
     summary = ArchiveSummary(256, (10 << 20) - 256 * 4096, 0, 0)
     assert (space_check(probe, "owui-data", summary, staged) >= 0) is beside
+
+
+@pytest.mark.parametrize("inodes, beside", [
+    ((1255, 20000), False),  # 256 members, and 5% of the inodes (1000) kept free
+    ((1256, 20000), True),
+    ((0, 0), True),  # inodes made as needed (btrfs says 0 of 0)
+    (None, False),  # not known: the volume is emptied first
+])
+def test_the_room_beside_the_old_contents_counts_inodes(inodes, beside):
+    from ai_stack_backup.archive import ArchiveSummary
+    from ai_stack_backup.transfer import VolumeProbe, space_check
+    probe = VolumeProbe(8 << 30, 1 << 20, False, (0, 0, 0o755, 0), 10 << 30, inodes)
+    summary = ArchiveSummary(256, 10 << 20, 0, 0)
+    assert (space_check(probe, "owui-data", summary) >= 0) is beside
 
 
 @pytest.mark.parametrize("free, held, data_bytes, members, room", [

@@ -453,6 +453,28 @@ def test_the_safety_copy_counts_against_the_room_for_both(
         assert bound_state(folder) == testkit.volume_state(source)
 
 
+def test_a_volume_without_inodes_for_both_is_emptied_before_it_is_filled(
+        helper_env, make_volume, public_tmp, tmp_path, monkeypatch, own_backup_dir):
+    """Bytes to spare, but 200 inodes: 151 files there and 100 in the archive fit one after
+    the other, not side by side."""
+    with own_tmpfs(public_tmp, "few-inodes-for-both", "size=1200m,nr_inodes=200") as folder:
+        volume = volume_on(folder, make_volume, tmp_path)
+        (tmp_path / "old").mkdir()
+        for index in range(150):
+            (tmp_path / "old" / ("old-%03d" % index)).write_text("old %d" % index)
+        testkit.fill_volume(volume, tmp_path / "old")
+        source = make_volume()
+        (tmp_path / "new").mkdir()
+        for index in range(99):
+            (tmp_path / "new" / ("new-%03d" % index)).write_text("new %d" % index)
+        testkit.fill_volume(source, tmp_path / "new")
+        archive = backup_of(source, tmp_path / "archives")
+        told = told_words(monkeypatch)
+        assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet"]) == 0
+        assert told[-1] == "go"
+        assert bound_state(folder) == testkit.volume_state(source)
+
+
 # The background removal of the set-aside contents fails (only in a restore told ``aside``;
 # the rollback's own wipe works).
 FAILING_REMOVAL = (b'rm() { if [ "${mode:-}" = aside ]; then case "$*" in '

@@ -450,17 +450,20 @@ def planned_tar_stream(image, volume, work_folder, what):
 PROBE_SCRIPT = """df -P -k /volume | tail -n 1
 du -s -k /volume
 ls -A /volume | head -n 1 | wc -l
-stat -c '%u %g %a %Y' /volume"""
+stat -c '%u %g %a %Y' /volume
+df -P -i /volume | tail -n 1"""
 BLOCK = 4096  # what one member takes at least on the usual filesystems
 
 
 class VolumeProbe:
     """An existing volume as a restore finds it: ``free`` and ``held`` bytes, ``empty``,
-    ``root`` (uid, gid, mode, mtime) of its root folder, and the ``size`` of its
-    filesystem in bytes."""
+    ``root`` (uid, gid, mode, mtime) of its root folder, the ``size`` of its filesystem in
+    bytes, and its ``inodes`` as ``(free, total)`` (total 0: made as needed, as btrfs
+    says; None: not known)."""
 
-    def __init__(self, free, held, empty, root, size=0):
+    def __init__(self, free, held, empty, root, size=0, inodes=None):
         self.free, self.held, self.empty, self.root, self.size = free, held, empty, root, size
+        self.inodes = inodes
 
 
 # A restore of an existing volume runs one helper, not a probe, a safety copy's helper and
@@ -594,24 +597,30 @@ def _read_probe(output, what):
     try:
         uid, gid, mode, mtime = lines[3].split()
         filesystem = lines[0].split()
-        return VolumeProbe(int(filesystem[3]) * 1024, int(lines[1].split()[0]) * 1024,
-                           lines[2].strip() == "0", (int(uid), int(gid), int(mode, 8),
-                                                     int(mtime)), int(filesystem[1]) * 1024)
+        probe = VolumeProbe(int(filesystem[3]) * 1024, int(lines[1].split()[0]) * 1024,
+                            lines[2].strip() == "0", (int(uid), int(gid), int(mode, 8),
+                                                      int(mtime)), int(filesystem[1]) * 1024)
     except (IndexError, ValueError):
         raise DockerError(what, "unexpected output from the helper: %r" % output[:200])
+    # A df without -i (some helper image's) only costs setting the old contents aside.
+    with contextlib.suppress(IndexError, ValueError):
+        inodes = lines[4].split()
+        probe.inodes = (int(inodes[3]), int(inodes[1]))
+    return probe
 
 
 def space_check(probe, volume, summary, staged_bytes=0):
     """Refuse (NoRoom) unless the volume's filesystem can hold what the archive will write;
     give the bytes to spare were it written beside what the volume holds now (negative:
-    no room for both). With room for both, the old contents may be set aside and removed
-    while the archive is extracted (``RESTORE_SCRIPT``).
+    no room for both, in bytes or in inodes). With room for both, the old contents may be
+    set aside and removed while the archive is extracted (``RESTORE_SCRIPT``).
 
     What the volume holds now is counted as free: it goes before extraction.
     The need is each member's data plus one block, so a tree of small files is
     not underestimated. Sparse files are written out in full by tar. Beside the old
-    contents, the staging's reserve stays free, and ``staged_bytes`` (the staged archive,
-    which may be on the same filesystem) count as taken.
+    contents, the staging's reserve stays free (of bytes, and a share of the inodes),
+    and ``staged_bytes`` (the staged archive, which may be on the same filesystem)
+    count as taken.
     """
     free, held = probe.free, probe.held
     need = summary.data_bytes + summary.members * BLOCK
@@ -619,6 +628,11 @@ def space_check(probe, volume, summary, staged_bytes=0):
         raise NoRoom("volume %s has room for about %d MiB (%d MiB free and %d MiB it holds now), "
                      "but the archive needs about %d MiB; nothing was changed"
                      % (volume, (free + held) >> 20, free >> 20, held >> 20, need >> 20))
+    if probe.inodes is None:
+        return -1
+    free_inodes, inodes = probe.inodes
+    if inodes and summary.members > free_inodes - inodes * SPOOL_RESERVE_SHARE:
+        return -1
     reserve = max(SPOOL_RESERVE_MIN, int(probe.size * SPOOL_RESERVE_SHARE))
     return free - need - staged_bytes - reserve
 
