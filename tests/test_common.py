@@ -124,10 +124,10 @@ def test_a_link_to_another_file_that_took_the_path_is_removed_and_the_archive_wr
     read = os.stat(str(old))
     os.utime(str(decoy), ns=(read.st_atime_ns, read.st_mtime_ns))
     readlink = os.readlink
-    monkeypatch.setattr(os, "readlink", lambda path: str(decoy)
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "readlink", lambda path: str(decoy)
                         if str(path).startswith("/proc/self/fd/") else readlink(path))
-    path, archive = _written(tmp_path, "new.tar.gz", [("copy", 0, 8192)])
-    monkeypatch.undo()
+        path, archive = _written(tmp_path, "new.tar.gz", [("copy", 0, 8192)])
     assert archive.linked is None and os.stat(str(path)).st_nlink == 1
     assert os.stat(str(decoy)).st_nlink == 1 and os.stat(str(old)).st_nlink == 1
     assert path.read_bytes() == data and _checksum_is_right(path)

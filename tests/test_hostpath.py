@@ -505,10 +505,11 @@ def test_path_entries_the_walk_cannot_vouch_for_are_read_again(tmp_path, monkeyp
             super().__init__()
             self.started = os.stat(racy).st_ctime_ns // 1000000000
 
-    monkeypatch.setattr(hostpath, "_Lines", ListedInTheSecondOfTheChange)
     folder = tmp_path / "backups"
-    assert cli.backup_path_main([source, str(folder), "--quiet"]) == 0
-    monkeypatch.undo()
+    # Only for this backup: undo() would also take back the test's own HOME and BACKUP_DIR.
+    with monkeypatch.context() as patched:
+        patched.setattr(hostpath, "_Lines", ListedInTheSecondOfTheChange)
+        assert cli.backup_path_main([source, str(folder), "--quiet"]) == 0
     first = testkit.archives_in(folder)[-1]
     with open(first + ".listing") as file:
         saved = json.load(file)
@@ -739,10 +740,9 @@ def test_a_folder_that_cannot_be_listed_fails_the_walk_and_leaves_nothing_open(t
             raise PermissionError(13, "Permission denied")
         return real_listdir(target)
     open_before = len(real_listdir("/proc/self/fd"))
-    monkeypatch.setattr(hosttree.os, "listdir", refusing)
-    with pytest.raises(BackupError) as raised:
+    with monkeypatch.context() as patched, pytest.raises(BackupError) as raised:
+        patched.setattr(hosttree.os, "listdir", refusing)
         list(hosttree.walk(str(tmp_path / "top"), "top", _Warnings().warn))
-    monkeypatch.undo()
     assert str(raised.value) == "cannot list folder %s: Permission denied" % (
         tmp_path / "top" / "a" / "b")
     assert len(real_listdir("/proc/self/fd")) == open_before

@@ -1,5 +1,6 @@
 """Rules the test suite keeps (issue 27): speed lives in `make bench`, never in a test; tests
-remove only what they created, never by a filter that anything else can match."""
+remove only what they created, never by a filter that anything else can match, and never
+take back the HOME and BACKUP_DIR of their own that conftest gives them."""
 
 import ast
 import os
@@ -51,8 +52,25 @@ def test_nothing_is_removed_by_a_filter():
     assert found == [], "removal by filter: %s" % found
 
 
+def _undoes_every_patch(tree):
+    """The lines that call ``monkeypatch.undo()``: it takes back every patch of the test,
+    conftest's own HOME and BACKUP_DIR too, so that what follows writes to the real ones
+    (``monkeypatch.context()`` takes back only its own)."""
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and
+            node.func.attr == "undo" and isinstance(node.func.value, ast.Name) and
+            node.func.value.id == "monkeypatch"]
+
+
+def test_no_test_takes_back_its_own_home_and_backup_folder():
+    found = ["%s:%d" % (path, line) for path, text in _sources() if path.startswith("tests")
+             for line in _undoes_every_patch(ast.parse(text))]
+    assert found == [], "monkeypatch.undo() (use monkeypatch.context()): %s" % found
+
+
 def test_the_rules_catch_what_they_forbid():
     duration = ast.parse("assert time.monotonic() - started < 60").body[0].test
     assert any(_is_clock(side) for side in [duration.left] + duration.comparators)
     pattern = re.compile(r'"(rm|rmi|kill|prune)",[^\n]*"--filter"')
     assert pattern.search('docker("rmi", "-f", "--filter", "label=x")')
+    assert _undoes_every_patch(ast.parse("x = 1\nmonkeypatch.undo()\n")) == [2]
