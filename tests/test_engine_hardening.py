@@ -405,9 +405,30 @@ def test_a_restore_over_a_full_volume_removes_the_old_contents_while_it_extracts
     testkit.fill_volume(source, new_tree.decode())
     archive = backup_of(source, tmp_path / "archives")
     told = told_words(monkeypatch)
-    assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet"]) == 0
-    assert told[-1] == "aside"  # the restore's own word, after the safety copy's
+    # The restore's own word comes last, after the safety copy's.
+    assert word_of_restore(volume, archive, told) == "aside"
     assert testkit.volume_state(volume) == testkit.volume_state(source)
+
+
+def word_of_restore(volume, archive, told, *options):
+    """Restore ``archive`` into ``volume``; give the word its helper was told last."""
+    assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet"] +
+                                          list(options)) == 0
+    return told[-1]
+
+
+def bound_restore(folder, make_volume, tmp_path, old, new):
+    """A volume kept in ``folder`` holding the files ``old`` (name: bytes, also left in
+    tmp_path/old), and an archive of another volume holding ``new``; gives (the volume,
+    the other volume, the archive)."""
+    volume = volume_on(folder, make_volume, tmp_path)
+    source = make_volume()
+    for name, contents, target in (("old", old, volume), ("new", new, source)):
+        (tmp_path / name).mkdir()
+        for file_name, data in contents.items():
+            (tmp_path / name / file_name).write_bytes(data)
+        testkit.fill_volume(target, tmp_path / name)
+    return volume, source, backup_of(source, tmp_path / "archives")
 
 
 def test_a_volume_without_room_for_both_is_emptied_before_it_is_filled(
@@ -419,9 +440,7 @@ def test_a_volume_without_room_for_both_is_emptied_before_it_is_filled(
         other = make_volume()
         testkit.fill_volume(other, testkit.make_tricky_tree(tmp_path / "tricky").decode())
         archive = backup_of(other, tmp_path / "archives")
-        told = told_words(monkeypatch)
-        assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet"]) == 0
-        assert told[-1] == "go"
+        assert word_of_restore(volume, archive, told_words(monkeypatch)) == "go"
         assert bound_state(folder) == testkit.volume_state(other)
 
 
@@ -432,24 +451,15 @@ def test_the_safety_copy_counts_against_the_room_for_both(
     measured) leaves no room for both: the volume is emptied first. Without a safety copy
     there is room, and the old contents are set aside."""
     with own_tmpfs(public_tmp, "room-for-both", "size=1200m") as folder:
-        volume = volume_on(folder, make_volume, tmp_path)
-        (tmp_path / "old").mkdir()
-        (tmp_path / "old" / "old-data").write_bytes(os.urandom(60 << 20))
-        testkit.fill_volume(volume, tmp_path / "old")
-        source = make_volume()
-        (tmp_path / "new").mkdir()
-        (tmp_path / "new" / "new-data").write_bytes(os.urandom(40 << 20))
-        testkit.fill_volume(source, tmp_path / "new")
-        archive = backup_of(source, tmp_path / "archives")
+        volume, source, archive = bound_restore(
+            folder, make_volume, tmp_path, {"old-data": os.urandom(60 << 20)},
+            {"new-data": os.urandom(40 << 20)})
         told = told_words(monkeypatch)
-        assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet"]) == 0
-        assert told[-1] == "go"
+        assert word_of_restore(volume, archive, told) == "go"
         assert bound_state(folder) == testkit.volume_state(source)
         os.unlink(os.path.join(folder, "volume-data", "new-data"))  # the same 60 MiB again
         testkit.fill_volume(volume, tmp_path / "old")
-        assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet",
-                                               "--no-safety-backup"]) == 0
-        assert told[-1] == "aside"
+        assert word_of_restore(volume, archive, told, "--no-safety-backup") == "aside"
         assert bound_state(folder) == testkit.volume_state(source)
 
 
@@ -458,20 +468,11 @@ def test_a_volume_without_inodes_for_both_is_emptied_before_it_is_filled(
     """Bytes to spare, but 200 inodes: 151 files there and 100 in the archive fit one after
     the other, not side by side."""
     with own_tmpfs(public_tmp, "few-inodes-for-both", "size=1200m,nr_inodes=200") as folder:
-        volume = volume_on(folder, make_volume, tmp_path)
-        (tmp_path / "old").mkdir()
-        for index in range(150):
-            (tmp_path / "old" / ("old-%03d" % index)).write_text("old %d" % index)
-        testkit.fill_volume(volume, tmp_path / "old")
-        source = make_volume()
-        (tmp_path / "new").mkdir()
-        for index in range(99):
-            (tmp_path / "new" / ("new-%03d" % index)).write_text("new %d" % index)
-        testkit.fill_volume(source, tmp_path / "new")
-        archive = backup_of(source, tmp_path / "archives")
-        told = told_words(monkeypatch)
-        assert cli.restore_docker_volume_main([volume, archive, "--force", "--quiet"]) == 0
-        assert told[-1] == "go"
+        volume, source, archive = bound_restore(
+            folder, make_volume, tmp_path,
+            {"old-%03d" % index: b"old %d" % index for index in range(150)},
+            {"new-%03d" % index: b"new %d" % index for index in range(99)})
+        assert word_of_restore(volume, archive, told_words(monkeypatch)) == "go"
         assert bound_state(folder) == testkit.volume_state(source)
 
 
