@@ -260,6 +260,10 @@ def bench_peers(work, where):
     testkit.build_helper_image()
     os.environ["BACKUP_HELPER_IMAGE"] = bench.IMAGE
     os.environ["BACKUP_DIR"] = os.path.join(work, "backup-dir")
+    # restic's cache and borg's cache, config and keys go with the work folder, not into
+    # the HOME of whoever runs the bench.
+    os.environ["RESTIC_CACHE_DIR"] = os.path.join(work, "restic-cache")
+    os.environ["BORG_BASE_DIR"] = os.path.join(work, "borg-base")
     bench.compiled_as_on_a_host(work)
     volume_name = "aisb-bench-peers-%d" % os.getpid()
     versions = [subprocess.run(command, capture_output=True, text=True).stdout.split("\n")[0]
