@@ -164,18 +164,24 @@ def entries_as_written(read, exclusions, left_out):
     ``read()`` gives its next bytes, b"" once it is complete. Raises ValueError or
     ArchiveError at a line no Entry is made of (a name with a line break: such a listing is
     unusable, ``read_listing`` says so)."""
-    def lines():
-        rest = b""
-        while True:
-            data = read()
-            if not data:
-                break
-            complete = (rest + data).split(b"\n")
-            rest = complete.pop()  # a line not yet ended
-            yield from complete
-        if rest:
-            yield rest
-    return _kept_entries(lines(), exclusions, left_out)
+    lines = (line for written in _lines_as_written(read) for line in written)
+    return _kept_entries(lines, exclusions, left_out)
+
+
+def _lines_as_written(read):
+    """Yield the lines of a file still being written, as lists, each list the lines that
+    ``read()``'s next bytes ended (b"": the file is complete); then its last line if no
+    line break ends it."""
+    rest = b""
+    while True:
+        data = read()
+        if not data:
+            break
+        complete = (rest + data).split(b"\n")
+        rest = complete.pop()  # a line not yet ended
+        yield complete
+    if rest:
+        yield [rest]
 
 
 def _kept_entries(lines, exclusions, left_out):
@@ -627,18 +633,15 @@ class GrowingListing:
     WINDOW = 256
 
     def __init__(self, more):
-        self._more = more
-        self._rest = b""
+        self._written = _lines_as_written(more)
         self._window = collections.OrderedDict()  # path -> Entry, in listing order
         self._ended = False
 
     def _read(self):
-        data = self._more()
-        if not data:
+        lines = next(self._written, None)
+        if lines is None:
             self._ended = True
             return
-        lines = (self._rest + data).split(b"\n")
-        self._rest = lines.pop()
         for line in lines:
             try:
                 entry = Entry(line)
