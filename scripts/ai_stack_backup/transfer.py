@@ -72,6 +72,11 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; fcntl has the name
 SPOOL_CHECK_EVERY = 64 << 20
 SPOOL_RESERVE_MIN = 1 << 30  # staging never leaves less free space than this...
 SPOOL_RESERVE_SHARE = 0.05  # ...or than this share of the filesystem
+
+
+def _reserve(size):
+    """The bytes to keep free on a filesystem of ``size`` bytes."""
+    return max(SPOOL_RESERVE_MIN, size * SPOOL_RESERVE_SHARE)
 ENDED_EARLY = 4  # the restore script's exit code when ``complete`` is missing
 
 BACKUP_SCRIPT = "tar -C /volume -cf /transfer/stream ."
@@ -633,8 +638,7 @@ def space_check(probe, volume, summary, staged_bytes=0):
     free_inodes, inodes = probe.inodes
     if inodes and summary.members > free_inodes - inodes * SPOOL_RESERVE_SHARE:
         return -1
-    reserve = max(SPOOL_RESERVE_MIN, int(probe.size * SPOOL_RESERVE_SHARE))
-    return free - need - staged_bytes - reserve
+    return free - need - staged_bytes - _reserve(probe.size)
 
 
 def stream_chunks(descriptor, progress=None):
@@ -689,8 +693,8 @@ class _StagingWriter:
 
     def _check(self):
         status = os.fstatvfs(self.file.fileno())
-        reserve = max(SPOOL_RESERVE_MIN, status.f_blocks * status.f_frsize * SPOOL_RESERVE_SHARE)
-        if status.f_bavail * status.f_frsize - SPOOL_CHECK_EVERY < reserve:
+        if status.f_bavail * status.f_frsize - SPOOL_CHECK_EVERY < \
+                _reserve(status.f_blocks * status.f_frsize):
             raise StagingFull()
 
     def write(self, data):
