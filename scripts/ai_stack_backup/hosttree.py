@@ -41,13 +41,18 @@ def _names(descriptor, shown):
                           % (os.fsdecode(shown), describe_os_error(error)))
 
 
+def _cannot_read(path, error):
+    """Give the BackupError for ``path`` (bytes) that could not be opened or read."""
+    return BackupError("cannot read %s: %s" % (os.fsdecode(path), describe_os_error(error)))
+
+
 def _open_top(path):
     """Open the tree's top folder (followed if a symlink, as the source is); raises
     BackupError."""
     try:
         return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as error:
-        raise BackupError("cannot read %s: %s" % (os.fsdecode(path), describe_os_error(error)))
+        raise _cannot_read(path, error)
 
 
 def walk(path, arcname, warn, exclusions=NONE, exclude=()):
@@ -66,7 +71,7 @@ def walk(path, arcname, warn, exclusions=NONE, exclude=()):
     try:
         status = os.stat(path)
     except OSError as error:
-        raise BackupError("cannot read %s: %s" % (os.fsdecode(path), describe_os_error(error)))
+        raise _cannot_read(path, error)
     yield path, arcname, status
     if not stat.S_ISDIR(status.st_mode):
         return
@@ -119,8 +124,7 @@ def _open_folder(parent, name, status, shown, warn):
         descriptor = os.open(name, FOLDER_FLAGS, dir_fd=parent)
     except OSError as error:
         if error.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
-            raise BackupError("cannot read %s: %s" % (os.fsdecode(shown),
-                                                      describe_os_error(error)))
+            raise _cannot_read(shown, error)
         descriptor = None
     else:
         try:
@@ -247,7 +251,7 @@ class TreeWriter:
             if error.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
                 self.warn("%s vanished while it was backed up; skipped" % os.fsdecode(path))
                 return None
-            raise BackupError("cannot read %s: %s" % (os.fsdecode(path), describe_os_error(error)))
+            raise _cannot_read(path, error)
         try:
             opened = os.fstat(descriptor)
         except BaseException:
@@ -263,7 +267,7 @@ class TreeWriter:
         try:
             return os.read(descriptor, size)
         except OSError as error:
-            raise BackupError("cannot read %s: %s" % (os.fsdecode(path), describe_os_error(error)))
+            raise _cannot_read(path, error)
 
     def chunks(self, descriptor, path, size):
         """Yield ``size`` bytes of an open file, READ_SIZE at most at a time; a file that
@@ -324,8 +328,7 @@ class TreeWriter:
                 target = os.readlink(name, dir_fd=folder)
             except OSError as error:
                 if error.errno not in (errno.ENOENT, errno.EINVAL, errno.ENOTDIR, errno.ELOOP):
-                    raise BackupError("cannot read %s: %s" % (os.fsdecode(path),
-                                                              describe_os_error(error)))
+                    raise _cannot_read(path, error)
                 self.warn("%s vanished while it was backed up; skipped" % os.fsdecode(path))
                 return b""
             return self._counted(self.header_bytes(arcname, status, SYMLINK, linkname=target))
