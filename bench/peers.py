@@ -8,8 +8,10 @@ small files) and backed up again; each restores the second night into an
 empty target (three rounds, the tools taking turns to go first; medians
 shown). Then fourteen such nights in a row, on the machine's own
 filesystem and on a loop-mounted XFS (where our copied members share
-blocks), and one day of 24 hourly runs of ours. Prints seconds, disk and
-ratios; nothing here asserts a time. restic and borg are bench-only needs.
+blocks); two nights of a volume of 200,000 small files (the second after
+one new file); and one day of 24 hourly runs of each tool, against its own
+full backup. Prints seconds, disk and ratios; nothing here asserts a time.
+restic and borg are bench-only needs.
 """
 
 import os
@@ -224,12 +226,42 @@ def many_nights(work, source, volume_name, rows):
     return disks
 
 
-def hourly_day(work, source, volume_name):
-    """HOURS runs of ours with a small change before each, on XFS, against one full backup."""
-    xfs = Xfs(work, "xfs-hourly")
+def many_files(work, volume_name, rows):
+    """A volume of bench.MANY_FILES small files: night 1, then night 2 after one new file,
+    each tool once (a first backup of many files moves less between runs than the stack's)."""
+    source = os.path.join(work, "many")
+    bench.make_many_files(source, bench.MANY_FILES)
+    taken = {}
+    try:
+        for name in ("ours", "restic", "borg"):
+            volume = fresh_volume(source, volume_name)
+            tool = Tool(name, os.path.join(work, "many-" + name), volume)
+            tool.init()
+            first, _ = tool.backup()
+            with open(os.path.join(tool.data, "d000", "new.txt"), "w") as file:
+                file.write("one new file\n")
+            testkit.next_second()
+            second, _ = tool.backup()
+            taken[name] = first, second
+            print("  %d files, %s: night 1 %.2f s, night 2 %.2f s" % (
+                bench.MANY_FILES, name, first, second), flush=True)
+            shutil.rmtree(tool.store)
+    finally:
+        shutil.rmtree(source)
+    label = "%dk small files" % (bench.MANY_FILES // 1000)
+    rows.append((label + ": night 1 (s)",) + tuple(taken[name][0] for name in
+                                                   ("ours", "restic", "borg")))
+    rows.append((label + ": night 2, one new file (s)",) + tuple(
+        taken[name][1] for name in ("ours", "restic", "borg")))
+
+
+def hourly_day(work, source, volume_name, name):
+    """HOURS runs of tool ``name`` with a small change before each, on XFS, against its own
+    first (full) backup; give the ratios of time and disk."""
+    xfs = Xfs(work, "xfs-hourly-" + name)
     try:
         volume = fresh_volume(source, volume_name)
-        tool = Tool("ours", os.path.join(xfs.path, "hourly"), volume)
+        tool = Tool(name, os.path.join(xfs.path, "hourly"), volume)
         tool.init()
         full, _ = tool.backup()
         full_disk = xfs.used() - xfs.empty
@@ -240,9 +272,9 @@ def hourly_day(work, source, volume_name):
             taken, _ = tool.backup()
             seconds += taken
         disk = xfs.used() - xfs.empty - full_disk
-        print("  ours, %d hourly runs after a full one on XFS: %.2f s and %.0f MiB; the full "
+        print("  %s, %d hourly runs after a full one on XFS: %.2f s and %.0f MiB; the full "
               "one %.2f s and %.0f MiB: time %.2fx, disk %.2fx of one full backup"
-              % (HOURS, seconds, disk / MiB, full, full_disk / MiB, seconds / full,
+              % (name, HOURS, seconds, disk / MiB, full, full_disk / MiB, seconds / full,
                  disk / full_disk), flush=True)
         return seconds / full, disk / full_disk
     finally:
@@ -276,18 +308,22 @@ def bench_peers(work, where):
             len(os.sched_getaffinity(0)), size / 1e6, *versions, where), flush=True)
         results = two_nights(work, source, volume_name, rows)
         disks = many_nights(work, source, volume_name, rows)
-        hourly_time, hourly_disk = hourly_day(work, source, volume_name)
+        many_files(work, volume_name, rows)
+        hourly = {name: hourly_day(work, source, volume_name, name)
+                  for name in ("ours", "restic", "borg")}
         print("\n%-40s %10s %10s %10s %8s %8s" % (
             "peers (one run; two nights: medians)", "ours", "restic", "borg", "ours/restic",
             "ours/borg"))
         for label, ours, restic, borg in rows:
             print("%-40s %10.2f %10.2f %10.2f %7.2fx %7.2fx" % (
                 label, ours, restic, borg, ours / restic, ours / borg))
-        print("%-40s %10.2fx (time)  %.2fx (disk, XFS)" % (
-            "%d hourly runs / one full backup" % HOURS, hourly_time, hourly_disk))
-        print("ours night 2 / ours night 1: %.2fx; ours on XFS / restic, %d nights: %.2fx"
-              % (results["ours"][1] / results["ours"][0], NIGHTS,
-                 disks["xfs", "ours"] / disks["xfs", "restic"]))
+        for name in ("ours", "restic", "borg"):
+            print("%-40s %10.2fx (time)  %.2fx (disk, XFS)" % (
+                "%s: %d hourly runs / one full backup" % (name, HOURS), *hourly[name]))
+        print("night 2 / night 1: ours %.2fx, restic %.2fx, borg %.2fx; ours on XFS / restic, "
+              "%d nights: %.2fx" % (*(results[name][1] / results[name][0]
+                                      for name in ("ours", "restic", "borg")), NIGHTS,
+                                    disks["xfs", "ours"] / disks["xfs", "restic"]))
     finally:
         bench.volume_remove(volume_name)
 

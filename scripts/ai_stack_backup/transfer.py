@@ -72,12 +72,13 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; fcntl has the name
 SPOOL_CHECK_EVERY = 64 << 20
 SPOOL_RESERVE_MIN = 1 << 30  # staging never leaves less free space than this...
 SPOOL_RESERVE_SHARE = 0.05  # ...or than this share of the filesystem
+ENDED_EARLY = 4  # the restore script's exit code when ``complete`` is missing
 
 
 def _reserve(size):
     """The bytes to keep free on a filesystem of ``size`` bytes."""
     return max(SPOOL_RESERVE_MIN, size * SPOOL_RESERVE_SHARE)
-ENDED_EARLY = 4  # the restore script's exit code when ``complete`` is missing
+
 
 BACKUP_SCRIPT = "tar -C /volume -cf /transfer/stream ."
 # The planned backup (``blocked``): first a listing with enough of every entry that any write
