@@ -428,6 +428,24 @@ def test_a_volume_probe_reads_free_space_size_contents_and_top_folder():
     assert _read_probe(lines, "measuring").inodes is None  # a df without -i
 
 
+def test_a_backup_takes_only_mktemps_names_as_contents_a_restore_set_aside(tmp_path):
+    """The helper names whatever folder at the top matches the prefix; only the prefix and
+    mktemp's six letters or digits make a folder a restore left."""
+    from ai_stack_backup import transfer
+    folder = transfer.TransferFolder(str(tmp_path))
+    try:
+        planned = transfer.PlannedStream(folder, None, "backing up volume v")
+        assert planned.set_aside() == []  # a helper that ended before it looked
+        with open(folder.file(transfer.SET_ASIDE), "wb") as file:
+            file.write(b".ai_stack_backup-old-Ab12Cd\n.ai_stack_backup-old-*\n"
+                       b".ai_stack_backup-old-Ab12C\n.ai_stack_backup-old-Ab12Cde\n"
+                       b".ai_stack_backup-old-Ab1-Cd\n.ai_stack_backup-old-Ab\xff2Cd\n"
+                       b"x.ai_stack_backup-old-Ab12Cd\n.ai_stack_backup-old-0000zZ\n")
+        assert planned.set_aside() == [".ai_stack_backup-old-Ab12Cd",
+                                       ".ai_stack_backup-old-0000zZ"]
+        assert transfer.SET_ASIDE_PREFIX + "XXXXXX" in transfer.SET_ASIDE_SCRIPT
+    finally:
+        folder.close()
 
 
 @pytest.mark.parametrize("free, size, staged, beside", [

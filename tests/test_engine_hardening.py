@@ -476,6 +476,48 @@ def test_a_volume_without_inodes_for_both_is_emptied_before_it_is_filled(
         assert bound_state(folder) == testkit.volume_state(source)
 
 
+def test_a_backup_names_the_old_contents_an_interrupted_restore_left(
+        helper_env, make_volume, tmp_path, capsys, own_backup_dir):
+    """A folder set aside by a restore that was stopped before it removed it is backed up
+    with the rest and named in a warning with the command that removes it; names that only
+    look like one (a file, a symlink, another length) are not. A restore over the volume
+    removes it without that warning (its safety copy holds it)."""
+    tree = tmp_path / "tree"
+    left = tree / ".ai_stack_backup-old-Ab12Cd"
+    (left / "app").mkdir(parents=True)
+    (left / "app" / "webui.db").write_bytes(b"the contents before the restore")
+    (tree / ".ai_stack_backup-old-toolong").mkdir()
+    (tree / ".ai_stack_backup-old-File01").write_bytes(b"a file")
+    os.symlink("/", str(tree / ".ai_stack_backup-old-Link01"))
+    (tree / "webui.db").write_bytes(b"the restored contents")
+    volume = make_volume()
+    testkit.fill_volume(volume, tree)
+    capsys.readouterr()
+    archive = backup_of(volume, tmp_path / "archives")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
+    image = os.environ["BACKUP_HELPER_IMAGE"]
+    command = "docker run --rm --network none -v %s:/volume %s rm -rf /volume/%s" % (
+        volume, image, left.name)
+    assert len(warnings) == 1, warnings
+    assert "volume %s holds %s, the old contents a restore set aside" % (
+        volume, left.name) in warnings[0]
+    assert warnings[0].endswith(command)
+    with tarfile.open(archive) as opened:
+        assert opened.extractfile("./%s/app/webui.db" % left.name).read() == \
+            b"the contents before the restore"
+    subprocess.run(command.split(), check=True, capture_output=True)
+    backup_of(volume, tmp_path / "after")
+    assert "WARNING" not in capsys.readouterr().err
+    testkit.fill_volume(volume, tree)  # left behind again
+    source = make_volume()
+    testkit.fill_volume(source, testkit.make_tricky_tree(tmp_path / "tricky").decode())
+    other = backup_of(source, tmp_path / "other")
+    capsys.readouterr()
+    assert cli.restore_docker_volume_main([volume, other, "--force", "--quiet"]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+    assert testkit.volume_state(volume) == testkit.volume_state(source)
+
+
 # The background removal of the set-aside contents fails (only in a restore told ``aside``;
 # the rollback's own wipe works).
 FAILING_REMOVAL = (b'rm() { if [ "${mode:-}" = aside ]; then case "$*" in '

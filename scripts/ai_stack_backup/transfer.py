@@ -54,6 +54,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import select
 import shutil
 import tempfile
@@ -91,6 +92,12 @@ BACKUP_SCRIPT = "tar -C /volume -cf /transfer/stream ."
 LISTING, LISTING_STARTED, LISTING_ERRORS, GO, PLAN = \
     "listing", "listing-started", "listing-errors", "go", "plan"
 LISTING_FORMAT = "%Z %i %h %s %f %u %g %Y %n"
+# A restore stopped by SIGKILL or a reboot while the old contents were set aside
+# (``SET_ASIDE_SCRIPT``) leaves their folder in the volume; a backup's helper names any such
+# folder at the top in the file SET_ASIDE, so that the backup can say it holds one.
+SET_ASIDE_PREFIX = ".ai_stack_backup-old-"
+SET_ASIDE = "set-aside"
+_SET_ASIDE_NAME = re.compile(re.escape(SET_ASIDE_PREFIX.encode()) + rb"[A-Za-z0-9]{6}")
 # A name with a line break could forge a listing line. The listing's one find gives such
 # an entry no line of its own but this one, which no stat line can be, and one is enough
 # to distrust the whole listing (a second find only for such names cost a third more).
@@ -104,6 +111,9 @@ ODD_NAME_LINE = b"?"
 # end would interrupt a blocked open(), which busybox's redirections do not retry (and ash
 # opens a command's redirections before it forks), so subshells open them.
 PLANNED_BACKUP_SCRIPT = """cd /volume
+for left in %s*; do
+  if [ -d "$left" ] && [ ! -L "$left" ]; then echo "$left"; fi
+done > /transfer/%s
 date +%%s > /transfer/listing-started
 errors=/transfer/listing-errors
 {
@@ -124,7 +134,7 @@ else
   [ $status = 123 ] && status=1
 fi
 wait
-exit $status""" % (ODD_NAME_LINE.decode(), LISTING_FORMAT)
+exit $status""" % (SET_ASIDE_PREFIX, SET_ASIDE, ODD_NAME_LINE.decode(), LISTING_FORMAT)
 HELPER_POLL = 0.01  # how often a file the helper publishes is looked for
 LISTING_READ = 1 << 16  # how much of a growing listing is read at a time
 BACKUP_TO_STDOUT_SCRIPT = "tar -C /volume -cf - ."
@@ -160,12 +170,12 @@ exit $status""" % (BACKUP_SCRIPT, WIPE_SCRIPT)
 # removing that folder changes the top's mtime. The name is unknown to any archive, and
 # checked to be gone at the end (a member of that very name would have been removed).
 # ``mv -t`` is not in every busybox: the folder goes last, through a shell.
-SET_ASIDE_SCRIPT = """old=$(mktemp -d /volume/.ai_stack_backup-old-XXXXXX) || exit 1
+SET_ASIDE_SCRIPT = """old=$(mktemp -d /volume/%sXXXXXX) || exit 1
 find /volume -mindepth 1 -maxdepth 1 ! -path "$old" \\
   -exec sh -c 'into=$1; shift; mv -f "$@" "$into"' sh "$old" {} + || {
   echo "cannot move the volume's old contents aside into $old" >&2; exit 1; }
 rm -rf "$old" &
-remover=$!"""
+remover=$!""" % SET_ASIDE_PREFIX
 RESTORE_SCRIPT = """if [ -e /transfer/plain.tar ]; then source=plain.tar; else source=stream; fi
 exec 4</transfer/$source
 remover=
@@ -392,6 +402,16 @@ class PlannedStream:
         if names is not None:
             self.write_plan(names)
         _tell(self.folder, self.helper, self.what, mode)
+
+    def set_aside(self):
+        """Give the names of the folders an interrupted restore left at the volume's top
+        (``SET_ASIDE_PREFIX`` and mktemp's six letters), as the helper found them."""
+        try:
+            with open(self.folder.file(SET_ASIDE), "rb") as file:
+                lines = file.read(1 << 16).splitlines()
+        except FileNotFoundError:  # a helper that ended before it looked
+            return []
+        return [line.decode("ascii") for line in lines if _SET_ASIDE_NAME.fullmatch(line)]
 
     @contextlib.contextmanager
     def opened(self):

@@ -139,6 +139,14 @@ class VolumeSource:
             stream = transfer.planned_tar_stream(self.image, self.name, work_folder, what)
         with stream as planned:
             yield planned
+            if self.waiting is None:  # a restore's safety copy: that restore removes them
+                for name in planned.set_aside():
+                    reporter.warn(
+                        "volume %s holds %s, the old contents a restore set aside and was "
+                        "stopped before it removed them; they are in this backup too. Once the "
+                        "volume is as it should be, remove that folder: docker run --rm "
+                        "--network none -v %s:/volume %s rm -rf /volume/%s"
+                        % (self.name, name, self.name, self.image, name))
 
     def listing(self, planned, previous=None, held=None):
         """Give the helper's listing (a ``blocked.Listing``) once it is complete.
