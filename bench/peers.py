@@ -33,6 +33,7 @@ NIGHTS = int(os.environ.get("BENCH_NIGHTS", "14"))
 HOURS = int(os.environ.get("BENCH_HOURS", "24"))
 # One run of each swings by a third between runs minutes apart on this kind of disk.
 PEER_ROUNDS = int(os.environ.get("BENCH_PEER_ROUNDS", "3"))
+TOOLS = ("ours", "restic", "borg")  # in the columns' order
 PEER_ENV = {"RESTIC_PASSWORD": "bench", "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
             "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes"}
 
@@ -164,10 +165,9 @@ def fresh_volume(source, name):
 def two_nights(work, source, volume_name, rows):
     """Night 1, night 2 after a small change, disk after both, restore: each tool, in
     PEER_ROUNDS rounds that take the tools in turn (each goes first once); the medians."""
-    names = ("ours", "restic", "borg")
-    taken = {name: [] for name in names}
+    taken = {name: [] for name in TOOLS}
     for round_number in range(PEER_ROUNDS):
-        for name in names[round_number % 3:] + names[:round_number % 3]:
+        for name in TOOLS[round_number % 3:] + TOOLS[:round_number % 3]:
             volume = fresh_volume(source, volume_name)
             tool = Tool(name, os.path.join(work, "two-" + name), volume)
             tool.init()
@@ -184,7 +184,7 @@ def two_nights(work, source, volume_name, rows):
             shutil.rmtree(tool.store)
     results = {name: tuple(statistics.median(run[field] for run in taken[name])
                            for field in range(4)) + (max(run[4] for run in taken[name]),)
-               for name in names}
+               for name in TOOLS}
     ours, restic, borg = results["ours"], results["restic"], results["borg"]
     rows.append(("night 1, full backup (s)", ours[0], restic[0], borg[0]))
     rows.append(("night 2, after a small change (s)", ours[1], restic[1], borg[1]))
@@ -199,7 +199,7 @@ def many_nights(work, source, volume_name, rows):
     """NIGHTS small-change nights, retention off: disk at the end, ext4 (here) and XFS."""
     disks = {}
     for place in ("here", "xfs"):
-        for name in ("ours", "restic", "borg"):
+        for name in TOOLS:
             xfs = Xfs(work, "xfs-%s" % name) if place == "xfs" else None
             store = os.path.join(xfs.path if xfs else work, "nights-" + name)
             try:
@@ -233,7 +233,7 @@ def many_files(work, volume_name, rows):
     bench.make_many_files(source, bench.MANY_FILES)
     taken = {}
     try:
-        for name in ("ours", "restic", "borg"):
+        for name in TOOLS:
             volume = fresh_volume(source, volume_name)
             tool = Tool(name, os.path.join(work, "many-" + name), volume)
             tool.init()
@@ -249,10 +249,8 @@ def many_files(work, volume_name, rows):
     finally:
         shutil.rmtree(source)
     label = "%dk small files" % (bench.MANY_FILES // 1000)
-    rows.append((label + ": night 1 (s)",) + tuple(taken[name][0] for name in
-                                                   ("ours", "restic", "borg")))
-    rows.append((label + ": night 2, one new file (s)",) + tuple(
-        taken[name][1] for name in ("ours", "restic", "borg")))
+    rows.append((label + ": night 1 (s)",) + tuple(taken[name][0] for name in TOOLS))
+    rows.append((label + ": night 2, one new file (s)",) + tuple(taken[name][1] for name in TOOLS))
 
 
 def hourly_day(work, source, volume_name, name):
@@ -310,19 +308,19 @@ def bench_peers(work, where):
         disks = many_nights(work, source, volume_name, rows)
         many_files(work, volume_name, rows)
         hourly = {name: hourly_day(work, source, volume_name, name)
-                  for name in ("ours", "restic", "borg")}
+                  for name in TOOLS}
         print("\n%-40s %10s %10s %10s %8s %8s" % (
             "peers (one run; two nights: medians)", "ours", "restic", "borg", "ours/restic",
             "ours/borg"))
         for label, ours, restic, borg in rows:
             print("%-40s %10.2f %10.2f %10.2f %7.2fx %7.2fx" % (
                 label, ours, restic, borg, ours / restic, ours / borg))
-        for name in ("ours", "restic", "borg"):
+        for name in TOOLS:
             print("%-40s %10.2fx (time)  %.2fx (disk, XFS)" % (
                 "%s: %d hourly runs / one full backup" % (name, HOURS), *hourly[name]))
         print("night 2 / night 1: ours %.2fx, restic %.2fx, borg %.2fx; ours on XFS / restic, "
               "%d nights: %.2fx" % (*(results[name][1] / results[name][0]
-                                      for name in ("ours", "restic", "borg")), NIGHTS,
+                                      for name in TOOLS), NIGHTS,
                                     disks["xfs", "ours"] / disks["xfs", "restic"]))
     finally:
         bench.volume_remove(volume_name)
